@@ -1,0 +1,45 @@
+# Two commands work on a fresh machine with python3 + make:  `make run`  and  `make test`.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+FMNIST  := /usr/share/datasets/fashion-mnist
+RUN_ARGS ?=
+
+.PHONY: run test install install-dev fashion-mnist bench clean
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist (IDX files). Installed when missing and
+# apt-get can run as root; otherwise the loader explains how to get the files.
+fashion-mnist:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing dataset-fashion-mnist (Debian package)"; \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+	   echo "warning: could not install dataset-fashion-mnist; see README"; \
+	fi
+
+run: install fashion-mnist
+	$(VPY) -m fedjax_sim run $(RUN_ARGS)
+
+test: install-dev fashion-mnist
+	$(VPY) -m pytest -q tests
+
+bench: install
+	$(VPY) benchmarks/w1_w2.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

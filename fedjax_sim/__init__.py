@@ -1,0 +1,26 @@
+"""fedjax_sim: a vectorized federated-learning simulator on JAX.
+
+Every client is one slice of a leading batch axis: a whole cohort's local training is one
+``vmap``-ed, ``jit``-compiled ``lax.scan``; aggregation is a weighted reduction over that axis;
+the server applies an optax optimizer to the aggregated update.
+
+>>> import optax, fedjax_sim as fs
+>>> train, test = fs.datasets.digits()
+>>> data = fs.FederatedData.from_partition(train, fs.partition.dirichlet(train["y"], 20, 0.5), num_classes=10)
+>>> algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16)
+>>> result = fs.run(algo, fs.models.logistic_regression(64, 10), data, rounds=3, cohort_size=5,
+...                 eval_data=test, progress=False)
+>>> sorted(result.history)[:3]
+['num_clients', 'num_nonfinite', 'round']
+"""
+
+from fedjax_sim import aggregators, algorithms, engine, models, server, testing, tree
+from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
+from fedjax_sim.history import History, plot_histories
+from fedjax_sim.loop import RunResult, run
+
+__version__ = "0.1.0"
+
+__all__ = ["ClientBatches", "FederatedData", "History", "LocalWork", "RunResult", "aggregators",
+           "algorithms", "datasets", "engine", "models", "partition", "plot_histories", "run",
+           "server", "testing", "tree"]

@@ -1,0 +1,48 @@
+"""The aggregator interface and the weighted mean."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim import tree
+
+PyTree = Any
+
+
+class Aggregator(NamedTuple):
+  """A streaming reduction over the client axis.
+
+  Attributes:
+    init: ``params_template -> state`` (called inside the compiled round).
+    accumulate: ``(state, deltas [K, ...], weights [K]) -> state`` for one chunk of K clients.
+      Weights are already 0 for padding and non-finite clients (whose deltas are zeroed).
+    finalize: ``state -> (update [...], total_weight scalar)``.
+  """
+  init: Callable[[PyTree], Any]
+  accumulate: Callable[[Any, PyTree, jax.Array], Any]
+  finalize: Callable[[Any], tuple[PyTree, jax.Array]]
+
+
+class MeanState(NamedTuple):
+  weighted_sum: PyTree
+  total_weight: jax.Array
+
+
+def mean() -> Aggregator:
+  """Weighted mean ``sum_c w_c d_c / sum_c w_c`` as a running sum (memory of one update)."""
+
+  def init(params):
+    return MeanState(tree.zeros_like(params), jnp.zeros((), jnp.float32))
+
+  def accumulate(state, deltas, weights):
+    s = jax.tree.map(jnp.add, state.weighted_sum, tree.weighted_sum(deltas, weights))
+    return MeanState(s, state.total_weight + jnp.sum(weights))
+
+  def finalize(state):
+    denom = jnp.maximum(state.total_weight, 1e-30)
+    return jax.tree.map(lambda s: s / denom.astype(s.dtype), state.weighted_sum), state.total_weight
+
+  return Aggregator(init, accumulate, finalize)

@@ -1,0 +1,39 @@
+"""FedAvg: Communication-Efficient Learning of Deep Networks from Decentralized Data
+(McMahan, Moore, Ramage, Hampson, Agüera y Arcas, AISTATS 2017).
+
+Clients run local SGD from the global model; the server averages the models weighted by
+example counts. Written as a server optimizer on the pseudo-gradient ``mean(global - local)``
+(Reddi et al. 2021): ``server_optimizer=optax.sgd(1.0)`` is FedAvg exactly, server momentum is
+FedAvgM, ``optax.adam``/``yogi``/``adagrad`` give FedAdam/FedYogi/FedAdagrad.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.data.federated import LocalWork
+
+
+def fedavg(client_optimizer: optax.GradientTransformation | None = None,
+           server_optimizer: optax.GradientTransformation | None = None, *,
+           local_epochs: int | None = 1, local_steps: int | None = None, batch_size: int = 32,
+           weighting: str = "examples") -> Algorithm:
+  """FedAvg.
+
+  Args:
+    client_optimizer: local optimizer (default ``optax.sgd(0.05)``), state reset every round.
+    server_optimizer: applied to the averaged ``global - local`` (default ``optax.sgd(1.0)``).
+    local_epochs: passes over the client's data per round (or give ``local_steps``).
+    local_steps: fixed number of local steps per round instead of epochs.
+    batch_size: local batch size B.
+    weighting: ``"examples"`` (weight = client's example count, the FedAvg paper) or ``"uniform"``.
+  """
+  if local_steps is not None:
+    local_epochs = None
+  return Algorithm(
+      name="fedavg",
+      client_optimizer=client_optimizer if client_optimizer is not None else optax.sgd(0.05),
+      server_optimizer=server_optimizer if server_optimizer is not None else optax.sgd(1.0),
+      work=LocalWork(batch_size, local_epochs, local_steps),
+      weighting=weighting)

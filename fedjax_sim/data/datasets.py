@@ -1,0 +1,152 @@
+"""Built-in offline datasets. Nothing here downloads anything.
+
+* :func:`fashion_mnist` reads the IDX files of Debian's ``dataset-fashion-mnist`` package (or any
+  folder holding the four standard files, gzipped or not).
+* :func:`digits` is scikit-learn's bundled 8x8 digits (1,797 images, no download).
+* :func:`synthetic` is the Synthetic(alpha, beta) generator of FedProx (Li et al., MLSys 2020,
+  section 5.1 and ``data/synthetic_*/generate_synthetic.py`` of their code).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_sim.data.federated import FederatedData
+
+FASHION_MNIST_ENV = "FEDJAX_SIM_FASHION_MNIST_DIR"
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """A built-in dataset's files are not on this machine (the message says how to get them)."""
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+  """Reads one IDX file (the MNIST format), gzipped or not, into a numpy array."""
+  path = Path(path)
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as f:
+    data = f.read()
+  if len(data) < 4 or data[0] != 0 or data[1] != 0:
+    raise ValueError(f"{path} is not an IDX file (bad magic number)")
+  dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+  if data[2] not in dtypes:
+    raise ValueError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
+  ndim = data[3]
+  shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+  arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
+  if arr.size != int(np.prod(shape)):
+    raise ValueError(f"{path}: expected {int(np.prod(shape))} values, found {arr.size} (truncated?)")
+  return arr.reshape(shape)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+  for name in (stem + ".gz", stem):
+    if (folder / name).is_file():
+      return folder / name
+  return None
+
+
+def fashion_mnist(data_dir: str | os.PathLike | None = None, flatten: bool = True):
+  """Fashion-MNIST as ``(train, test)`` dicts of arrays ``{"x": float32 [N, 784] in [0, 1], "y": int32 [N]}``.
+
+  ``flatten=False`` gives ``x`` of shape ``[N, 28, 28, 1]`` (for the CNN).
+
+  The files are looked for in ``data_dir``, then ``$FEDJAX_SIM_FASHION_MNIST_DIR``, then
+  ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package).
+  """
+  candidates = [Path(p) for p in
+                ([data_dir] if data_dir else []) +
+                ([os.environ[FASHION_MNIST_ENV]] if os.environ.get(FASHION_MNIST_ENV) else []) +
+                list(FASHION_MNIST_DIRS)]
+  stems = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+           "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+  for folder in candidates:
+    files = {k: _find(folder, s) for k, s in stems.items()}
+    if all(files.values()):
+      break
+  else:
+    raise DatasetNotFoundError(
+        "Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz] and the other three) not found in "
+        f"{', '.join(str(c) for c in candidates)}. Install them with "
+        "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four files in a "
+        f"folder and pass it as data_dir= / --data-dir, or set ${FASHION_MNIST_ENV}.")
+
+  def load(prefix):
+    x = read_idx(files[prefix + "_x"]).astype(np.float32) / 255.0
+    y = read_idx(files[prefix + "_y"]).astype(np.int32)
+    if x.shape[0] != y.shape[0]:
+      raise ValueError(f"{files[prefix + '_x']} and {files[prefix + '_y']} disagree on the "
+                       f"number of examples ({x.shape[0]} vs {y.shape[0]})")
+    x = x.reshape(len(x), -1) if flatten else x[..., None]
+    return {"x": x, "y": y}
+
+  return load("train"), load("test")
+
+
+def digits(test_fraction: float = 0.25, seed: int = 0, flatten: bool = True):
+  """scikit-learn's bundled 8x8 digits as ``(train, test)`` dicts; ``x`` scaled to [0, 1].
+
+  ``x`` is ``[N, 64]`` float32 (``[N, 8, 8, 1]`` with ``flatten=False``), ``y`` int32 in [0, 10).
+  """
+  try:
+    from sklearn.datasets import load_digits
+  except ImportError as e:   # pragma: no cover - depends on the environment
+    raise ImportError("digits() needs scikit-learn: pip install 'fedjax_sim[datasets]'") from e
+  d = load_digits()
+  x = (d.data / 16.0).astype(np.float32)
+  y = d.target.astype(np.int32)
+  if not flatten:
+    x = x.reshape(-1, 8, 8, 1)
+  perm = np.random.default_rng(seed).permutation(len(y))
+  n_test = int(round(test_fraction * len(y)))
+  te, tr = perm[:n_test], perm[n_test:]
+  return {"x": x[tr], "y": y[tr]}, {"x": x[te], "y": y[te]}
+
+
+def synthetic(alpha: float = 1.0, beta: float = 1.0, iid: bool = False, num_clients: int = 30,
+              seed: int = 0, test_fraction: float = 0.1):
+  """FedProx's Synthetic(alpha, beta) federated data, as ``(train, test)`` FederatedData.
+
+  Definition (Li et al. 2020, section 5.1; their generator, reproduced here with a seed): device
+  k has ``lognormal(4, 2) + 50`` samples; ``u_k ~ N(0, alpha)``, ``B_k ~ N(0, beta)``;
+  ``W_k ~ N(u_k, 1)`` of shape [60, 10], ``b_k ~ N(u_k, 1)`` of shape [10]; features
+  ``x ~ N(v_k, Sigma)`` with ``v_k ~ N(B_k, 1)`` per coordinate and ``Sigma = diag(j^-1.2)``;
+  label ``y = argmax(softmax(W_k^T x + b_k))``. ``iid=True`` is their Synthetic-IID: one shared
+  ``W, b ~ N(0, 1)`` and ``v_k = B_k`` (all zero when ``beta = 0``). Each device keeps
+  ``test_fraction`` of its samples (the last ones) for its test set.
+  """
+  if alpha < 0 or beta < 0:
+    raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+  rng = np.random.default_rng(seed)
+  dim, num_classes = 60, 10
+  sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50
+  mean_w = rng.normal(0, alpha, num_clients)
+  b_dev = rng.normal(0, beta, num_clients)
+  std_x = np.sqrt(np.power(np.arange(1, dim + 1, dtype=np.float64), -1.2))
+  if iid:
+    w_global = rng.normal(0, 1, (dim, num_classes))
+    b_global = rng.normal(0, 1, num_classes)
+  train, test = [], []
+  for k in range(num_clients):
+    mean_x = np.full(dim, b_dev[k]) if iid else rng.normal(b_dev[k], 1, dim)
+    if iid:
+      w, b = w_global, b_global
+    else:
+      w = rng.normal(mean_w[k], 1, (dim, num_classes))
+      b = rng.normal(mean_w[k], 1, num_classes)
+    x = mean_x + std_x * rng.standard_normal((sizes[k], dim))
+    y = np.argmax(x @ w + b, axis=1)
+    n_train = max(1, int(round((1 - test_fraction) * sizes[k])))
+    train.append({"x": x[:n_train].astype(np.float32), "y": y[:n_train].astype(np.int32)})
+    test.append({"x": x[n_train:].astype(np.float32), "y": y[n_train:].astype(np.int32)})
+  ids = np.arange(num_clients)
+  return (FederatedData.from_clients(train, ids, num_classes),
+          FederatedData.from_clients(test, ids, num_classes))

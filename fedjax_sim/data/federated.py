@@ -1,0 +1,297 @@
+"""Ragged per-client storage and the batching of a cohort into ``[C, S, B, ...]`` arrays.
+
+Storage is flat: every named feature is one array ``[N, ...]`` whose rows are ordered by client,
+plus ``offsets[P + 1]`` (client ``p`` owns rows ``offsets[p]:offsets[p + 1]``). There is no Python
+object per client, so a population of a million clients costs two small index arrays on top of
+the examples, and gathering a cohort costs time proportional to the cohort.
+
+Batching is a pure JAX function of a PRNG key (:func:`batch_indices`), so it can run inside the
+compiled round, next to local training, one chunk of clients at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class ClientBatches(NamedTuple):
+  """A cohort's local data, cut into local steps.
+
+  Attributes:
+    x: ``[C, S, B, ...]`` features.
+    y: ``[C, S, B]`` integer labels.
+    mask: ``[C, S, B]`` bool; False marks padding (ragged clients, the last partial batch).
+  """
+  x: jax.Array
+  y: jax.Array
+  mask: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalWork:
+  """How much each client trains per round: a batch size and either epochs or steps.
+
+  With ``local_epochs`` every client makes ``local_epochs`` passes over its own data, each pass a
+  fresh shuffle, the last batch of a pass possibly partial (masked). Clients smaller than the
+  largest get trailing all-masked steps, which change nothing. With ``local_steps`` every client
+  makes exactly that many steps of ``batch_size`` examples, cycling through reshuffled passes.
+  """
+  batch_size: int = 32
+  local_epochs: int | None = 1
+  local_steps: int | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size <= 0:
+      raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+    if (self.local_epochs is None) == (self.local_steps is None):
+      raise ValueError("give exactly one of local_epochs and local_steps "
+                       f"(got local_epochs={self.local_epochs!r}, local_steps={self.local_steps!r})")
+    for name in ("local_epochs", "local_steps"):
+      v = getattr(self, name)
+      if v is not None and (not isinstance(v, (int, np.integer)) or v <= 0):
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+  def steps_per_epoch(self, max_client_size: int) -> int:
+    return max(1, math.ceil(max_client_size / self.batch_size))
+
+  def num_steps(self, max_client_size: int) -> int:
+    """Static number of local steps S for clients of at most ``max_client_size`` examples."""
+    if self.local_steps is not None:
+      return int(self.local_steps)
+    return int(self.local_epochs) * self.steps_per_epoch(max_client_size)
+
+
+def _client_indices(key, offset, size, work: LocalWork, max_client_size: int):
+  """One client's example rows ``[S, B]`` and mask ``[S, B]`` (see :func:`batch_indices`)."""
+  b = work.batch_size
+  span = work.steps_per_epoch(max_client_size) * b   # padded length of one pass
+  pos = jnp.arange(span)
+  valid = pos < size
+
+  def one_pass(k):
+    # Valid positions get a random key in [0, 1), padding sorts last: the first `size` entries
+    # of the argsort are a uniform permutation of the client's own rows.
+    u = jnp.where(valid, jax.random.uniform(k, (span,)), 2.0)
+    return jnp.argsort(u)
+
+  if work.local_steps is None:
+    perms = jax.vmap(one_pass)(jax.random.split(key, work.local_epochs))   # [E, span]
+    rows = perms.reshape(-1, b)
+    mask = jnp.tile(valid, work.local_epochs).reshape(-1, b)
+  else:
+    # Exactly K full batches: slot t belongs to pass t // size; shuffle within each pass by sorting
+    # on (pass + u), then map through one random permutation so a last partial pass is a random
+    # subset of the client's examples.
+    k_perm, k_order = jax.random.split(key)
+    total = work.local_steps * b
+    n = jnp.maximum(size, 1)
+    t = jnp.arange(total)
+    order = jnp.argsort(t // n + jax.random.uniform(k_order, (total,)))
+    rows = one_pass(k_perm)[(t % n)[order]].reshape(work.local_steps, b)
+    mask = jnp.broadcast_to(size > 0, rows.shape)
+  return offset + rows, mask
+
+
+def batch_indices(key: jax.Array, client_ids: jax.Array, offsets: jax.Array, sizes: jax.Array,
+                  work: LocalWork, max_client_size: int):
+  """Per-client shuffled example rows for one round of local training.
+
+  Args:
+    key: the round's PRNG key. Client ``i`` uses ``fold_in(key, client_ids[i])``, so its shuffle
+      does not depend on its position in the cohort, the chunk size or the device count.
+    client_ids: ``[C]`` int ids (positions in the population).
+    offsets: ``[C]`` first row of each client in the flat arrays.
+    sizes: ``[C]`` number of examples per client (0 for padding clients).
+    work: batch size and local epochs/steps.
+    max_client_size: static bound on ``sizes`` (fixes the number of steps S).
+
+  Returns:
+    ``rows [C, S, B]`` int32 rows of the flat arrays and ``mask [C, S, B]`` bool.
+  """
+  keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(client_ids)
+  rows, mask = jax.vmap(lambda k, o, n: _client_indices(k, o, n, work, max_client_size))(
+      keys, offsets, sizes)
+  return rows.astype(jnp.int32), mask
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FederatedData:
+  """A population of P clients, stored ragged.
+
+  Attributes:
+    arrays: named features, each ``[N, ...]`` with rows grouped by client. The simulator's models
+      read ``"x"`` (features) and ``"y"`` (integer labels).
+    offsets: ``[P + 1]`` int64; client ``p`` owns rows ``offsets[p]:offsets[p+1]``.
+    client_ids: ``[P]`` the clients' names (ints or strings), for reports.
+    num_classes: number of label classes (labels are checked to lie in ``[0, num_classes)``).
+  """
+  arrays: Mapping[str, np.ndarray]
+  offsets: np.ndarray
+  client_ids: np.ndarray
+  num_classes: int | None = None
+
+  def __post_init__(self):
+    offsets = np.asarray(self.offsets, dtype=np.int64)
+    object.__setattr__(self, "offsets", offsets)
+    object.__setattr__(self, "client_ids", np.asarray(self.client_ids))
+    object.__setattr__(self, "arrays", {k: np.asarray(v) for k, v in self.arrays.items()})
+    if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0:
+      raise ValueError("offsets must be a 1-D array [P+1] starting at 0")
+    sizes = np.diff(offsets)
+    if np.any(sizes < 0):
+      raise ValueError("offsets must be non-decreasing")
+    empty = np.flatnonzero(sizes == 0)
+    if empty.size:
+      raise ValueError(f"client {self.client_ids[empty[0]]!r} (index {empty[0]}) has no examples; "
+                       f"{empty.size} empty client(s) in all. Drop them or change the partition.")
+    if self.client_ids.shape != (sizes.size,):
+      raise ValueError(f"client_ids has shape {self.client_ids.shape}, expected ({sizes.size},)")
+    n = int(offsets[-1])
+    for name, a in self.arrays.items():
+      if a.ndim == 0 or a.shape[0] != n:
+        raise ValueError(f"feature {name!r} has shape {a.shape}, expected a leading axis of {n} "
+                         "(the total number of examples)")
+    _check_features(self.arrays, self.num_classes, self._client_of_row)
+
+  def _client_of_row(self, row: int):
+    return self.client_ids[np.searchsorted(self.offsets, row, side="right") - 1]
+
+  # --- construction ---------------------------------------------------------------------------
+  @classmethod
+  def from_partition(cls, arrays: Mapping[str, np.ndarray], partition: Sequence[np.ndarray],
+                     client_ids: Sequence | None = None, num_classes: int | None = None):
+    """Builds the population from flat arrays and one index array per client.
+
+    Args:
+      arrays: named features, each ``[N, ...]`` (same N).
+      partition: P index arrays into ``[0, N)``, e.g. from :mod:`fedjax_sim.partition`. An example
+        may appear in at most one client.
+      client_ids: optional names, default ``0..P-1``.
+      num_classes: if given, labels ``arrays["y"]`` are checked against it.
+    """
+    lengths = {k: np.shape(v)[0] for k, v in arrays.items()}
+    if len(set(lengths.values())) > 1:
+      raise ValueError(f"features have different numbers of examples: {lengths}")
+    parts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in partition]
+    if not parts:
+      raise ValueError("the partition has no clients")
+    order = np.concatenate(parts)
+    n = next(iter(lengths.values()))
+    if order.size and (order.min() < 0 or order.max() >= n):
+      raise ValueError(f"partition indices must lie in [0, {n})")
+    if np.unique(order).size != order.size:
+      raise ValueError("the partition assigns some example to more than one client")
+    offsets = np.concatenate([[0], np.cumsum([p.size for p in parts])])
+    ids = np.arange(len(parts)) if client_ids is None else np.asarray(client_ids)
+    return cls({k: np.asarray(v)[order] for k, v in arrays.items()}, offsets, ids, num_classes)
+
+  @classmethod
+  def from_clients(cls, clients: Sequence[Mapping[str, np.ndarray]], client_ids=None,
+                   num_classes: int | None = None):
+    """Builds the population from one dict of arrays per client."""
+    if not clients:
+      raise ValueError("no clients given")
+    names = set(clients[0])
+    for i, c in enumerate(clients):
+      if set(c) != names:
+        raise ValueError(f"client {i} has features {sorted(c)}, expected {sorted(names)}")
+    sizes = [len(c[next(iter(names))]) for c in clients]
+    arrays = {k: np.concatenate([np.asarray(c[k]) for c in clients]) for k in names}
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    ids = np.arange(len(clients)) if client_ids is None else np.asarray(client_ids)
+    return cls(arrays, offsets, ids, num_classes)
+
+  # --- views ----------------------------------------------------------------------------------
+  @property
+  def num_clients(self) -> int:
+    return self.offsets.size - 1
+
+  @property
+  def sizes(self) -> np.ndarray:
+    """``[P]`` examples per client."""
+    return np.diff(self.offsets)
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.offsets[-1])
+
+  @property
+  def max_client_size(self) -> int:
+    return int(self.sizes.max())
+
+  def client(self, p: int) -> dict[str, np.ndarray]:
+    """Client ``p``'s examples (by position, not by id)."""
+    lo, hi = self.offsets[p], self.offsets[p + 1]
+    return {k: v[lo:hi] for k, v in self.arrays.items()}
+
+  def subset(self, positions: Sequence[int]) -> "FederatedData":
+    """A new population made of the given clients (by position)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    parts = [np.arange(self.offsets[p], self.offsets[p + 1]) for p in positions]
+    return FederatedData.from_partition(self.arrays, parts, self.client_ids[positions],
+                                        self.num_classes)
+
+  def centralized(self) -> dict[str, np.ndarray]:
+    """All examples as flat arrays (e.g. for central evaluation)."""
+    return dict(self.arrays)
+
+  def label_histogram(self) -> np.ndarray:
+    """``[P, num_classes]`` label counts per client (for non-IID heat maps)."""
+    k = self.num_classes or int(self.arrays["y"].max()) + 1
+    client_of_row = np.repeat(np.arange(self.num_clients), self.sizes)
+    h = np.zeros((self.num_clients, k), np.int64)
+    np.add.at(h, (client_of_row, self.arrays["y"].astype(np.int64)), 1)
+    return h
+
+  def cohort_batches(self, key: jax.Array, positions: Sequence[int], work: LocalWork,
+                     max_client_size: int | None = None) -> ClientBatches:
+    """A cohort's data as ``[C, S, B, ...]`` arrays with masks, shuffled per client from ``key``.
+
+    This is the same batching the compiled round does internally, one chunk at a time; it is
+    exposed for inspection and for the sequential reference.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.ndim != 1 or positions.size == 0:
+      raise ValueError("positions must be a non-empty 1-D array of client positions")
+    if positions.min() < 0 or positions.max() >= self.num_clients:
+      raise ValueError(f"client positions must lie in [0, {self.num_clients})")
+    m = self.max_client_size if max_client_size is None else max_client_size
+    rows, mask = batch_indices(key, jnp.asarray(positions), jnp.asarray(self.offsets[positions]),
+                               jnp.asarray(self.sizes[positions]), work, m)
+    rows = np.clip(np.asarray(rows), 0, self.num_examples - 1)
+    return ClientBatches(self.arrays["x"][rows], self.arrays["y"][rows], np.asarray(mask))
+
+  def __repr__(self):
+    s = self.sizes
+    feats = ", ".join(f"{k}: {v.dtype}{list(v.shape[1:])}" for k, v in self.arrays.items())
+    return (f"FederatedData({self.num_clients} clients, {self.num_examples} examples, "
+            f"sizes {s.min()}..{s.max()} (mean {s.mean():.1f}), {{{feats}}})")
+
+
+def _check_features(arrays, num_classes, client_of_row):
+  """Raises a ValueError naming the feature, row and client of the first bad value."""
+  for name, a in arrays.items():
+    if np.issubdtype(a.dtype, np.floating):
+      bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+      if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"feature {name!r} has non-finite values (NaN/inf) in {int(bad.sum())} "
+                         f"example(s), first at row {r} (client {client_of_row(r)!r})")
+  if "y" in arrays:
+    y = arrays["y"]
+    if not np.issubdtype(y.dtype, np.integer):
+      raise ValueError(f"labels 'y' must be integers, got dtype {y.dtype}")
+    if y.ndim != 1:
+      raise ValueError(f"labels 'y' must have shape [N], got {y.shape}")
+    hi = num_classes if num_classes is not None else np.iinfo(np.int32).max
+    bad = (y < 0) | (y >= hi)
+    if bad.any():
+      r = int(np.flatnonzero(bad)[0])
+      raise ValueError(f"label {int(y[r])} at row {r} (client {client_of_row(r)!r}) is outside "
+                       f"[0, {num_classes}); {int(bad.sum())} bad label(s) in all")

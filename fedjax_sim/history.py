@@ -1,0 +1,95 @@
+"""Per-round metric history: a plain dict of equal-length numpy arrays, with export and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+class History(dict):
+  """``{metric name: np.ndarray [rounds]}``; rounds without a value (e.g. no evaluation) are NaN.
+
+  Always has ``"round"`` (1-based round number).
+  """
+
+  @classmethod
+  def from_records(cls, records: Sequence[Mapping[str, float]]) -> "History":
+    keys: list[str] = []
+    for r in records:
+      keys += [k for k in r if k not in keys]
+    return cls({k: np.asarray([r.get(k, math.nan) for r in records], dtype=np.float64)
+                for k in keys})
+
+  @property
+  def num_rounds(self) -> int:
+    return len(self.get("round", ()))
+
+  def last(self, key: str) -> float:
+    """Last non-NaN value of ``key``."""
+    v = self[key][~np.isnan(self[key])]
+    if v.size == 0:
+      raise KeyError(f"no recorded value for {key!r}")
+    return float(v[-1])
+
+  def to_dict(self) -> dict[str, list]:
+    return {k: [None if (isinstance(x, float) and math.isnan(x)) else x for x in v.tolist()]
+            for k, v in self.items()}
+
+  def to_json(self, path: str | Path | None = None) -> str:
+    """JSON text (NaN -> null); also written to ``path`` if given."""
+    text = json.dumps(self.to_dict())
+    if path is not None:
+      Path(path).write_text(text)
+    return text
+
+  @classmethod
+  def from_json(cls, text_or_path: str | Path) -> "History":
+    p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+    d = json.loads(p.read_text() if p else str(text_or_path))
+    return cls({k: np.asarray([math.nan if x is None else x for x in v], np.float64)
+                for k, v in d.items()})
+
+  def to_pandas(self):
+    import pandas as pd   # optional dependency
+    return pd.DataFrame(dict(self)).set_index("round")
+
+  def plot(self, path: str | Path | None = None, label: str | None = None, axes=None):
+    """Loss and accuracy by round (train per round, test where evaluated). Returns the figure."""
+    return plot_histories({label or "run": self}, path=path, axes=axes)
+
+
+def plot_histories(histories: Mapping[str, History], path: str | Path | None = None, axes=None):
+  """Compares several runs on one figure: loss (left) and accuracy (right) by round."""
+  import matplotlib
+  if path is not None:
+    matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt
+
+  if axes is None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  else:
+    fig = axes[0].figure
+  for i, (name, h) in enumerate(histories.items()):
+    color = f"C{i}"
+    r = h["round"]
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+      if f"train_{metric}" in h:
+        ax.plot(r, h[f"train_{metric}"], color=color, alpha=0.35, lw=1,
+                label=f"{name} train")
+      if f"test_{metric}" in h:
+        ok = ~np.isnan(h[f"test_{metric}"])
+        ax.plot(r[ok], h[f"test_{metric}"][ok], color=color, marker="o", ms=3, lw=1.8,
+                label=f"{name} test")
+  for ax, metric in zip(axes, ("loss", "accuracy")):
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  if path is not None:
+    fig.savefig(path, dpi=120)
+  return fig

@@ -1,0 +1,186 @@
+"""``run()``: the experiment driver (rounds, evaluation, progress, history, timing)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedjax_sim import engine, server
+from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.history import History
+from fedjax_sim.models.core import Model
+
+
+@dataclasses.dataclass
+class RunResult:
+  """Outcome of :func:`run`.
+
+  Attributes:
+    params: final global model.
+    state: final :class:`~fedjax_sim.server.ServerState`.
+    history: per-round metrics (:class:`~fedjax_sim.history.History`).
+    compile_seconds: time to compile the round (not included in ``seconds`` of the history).
+  """
+  params: Any
+  state: server.ServerState
+  history: History
+  compile_seconds: float
+
+
+def _positive_int(name: str, v):
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def resolve_client_weights(data: FederatedData, weighting: str,
+                   custom: Sequence[float] | None = None) -> np.ndarray:
+  """``[P]`` aggregation weights p_i: example counts, uniform, or user-given (checked)."""
+  if custom is not None:
+    w = np.asarray(custom, dtype=np.float64)
+    if w.shape != (data.num_clients,):
+      raise ValueError(f"client_weights has shape {w.shape}, expected ({data.num_clients},), "
+                       "one weight per client")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+      bad = int(np.flatnonzero(~np.isfinite(w) | (w < 0))[0])
+      raise ValueError(f"client_weights must be finite and >= 0; client {data.client_ids[bad]!r} "
+                       f"has {w[bad]}")
+    if w.sum() <= 0:
+      raise ValueError("client_weights sum to zero: no client would count in the average")
+    return w.astype(np.float32)
+  if weighting == "examples":
+    return data.sizes.astype(np.float32)
+  return np.ones(data.num_clients, np.float32)
+
+
+def check_eval_data(model: Model, arrays: dict[str, np.ndarray], where: str = "eval_data"):
+  x, y = arrays["x"], arrays["y"]
+  if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+    raise ValueError(f"{where}: x has {x.shape[0]} examples and y has {y.shape[0]}; need the "
+                     "same non-zero number")
+  model.check_input(x.shape[1:], where)
+  if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+    raise ValueError(f"{where}: x has non-finite values (NaN/inf)")
+  if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= model.num_classes:
+    raise ValueError(f"{where}: labels must be integers in [0, {model.num_classes}), found "
+                     f"range [{y.min()}, {y.max()}] ({y.dtype})")
+
+
+def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds: int,
+             cohort_size: int, eval_every: int, chunk_size: int | None):
+  """All the checks :func:`run` makes before any compilation or training."""
+  if not isinstance(algorithm, Algorithm):
+    raise ValueError(f"algorithm must be an Algorithm (e.g. fedjax_sim.algorithms.fedavg()), "
+                     f"got {type(algorithm).__name__}")
+  if not isinstance(train_data, FederatedData):
+    raise ValueError(f"train_data must be a FederatedData, got {type(train_data).__name__}")
+  _positive_int("rounds", rounds)
+  _positive_int("cohort_size", cohort_size)
+  _positive_int("eval_every", eval_every)
+  if chunk_size is not None:
+    _positive_int("chunk_size", chunk_size)
+  if cohort_size > train_data.num_clients:
+    raise ValueError(f"cohort_size {cohort_size} is larger than the population of "
+                     f"{train_data.num_clients} clients")
+  for name in ("x", "y"):
+    if name not in train_data.arrays:
+      raise ValueError(f"train_data has no feature {name!r} (has {sorted(train_data.arrays)})")
+  model.check_input(train_data.arrays["x"].shape[1:], "train_data")
+  out = jax.eval_shape(lambda p, x: model.apply(p, x), jax.eval_shape(model.init, jax.random.key(0)),
+                       jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32))
+  if out.shape != (1, model.num_classes):
+    raise ValueError(f"model {model.name!r} returns logits of shape {out.shape[1:]} per example, "
+                     f"expected ({model.num_classes},)")
+  y = train_data.arrays["y"]
+  if y.max() >= model.num_classes:
+    r = int(np.argmax(y >= model.num_classes))
+    raise ValueError(f"train_data label {int(y[r])} (client {train_data._client_of_row(r)!r}) is "
+                     f"outside the model's {model.num_classes} classes")
+
+
+def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds: int,
+        cohort_size: int, eval_data: Any = None, eval_every: int = 10, seed: int = 0,
+        chunk_size: int | None = None, init_params: Any = None,
+        client_weights: Sequence[float] | None = None, progress: bool = True,
+        eval_batch_size: int = 1000,
+        callback: Callable[[int, server.ServerState, engine.RoundOutput], None] | None = None,
+        ) -> RunResult:
+  """Runs federated training and returns the final model with a per-round history.
+
+  Args:
+    algorithm: e.g. ``fedjax_sim.algorithms.fedavg(...)``.
+    model: a :class:`~fedjax_sim.models.Model`.
+    train_data: the client population.
+    rounds: number of rounds R.
+    cohort_size: clients sampled (without replacement) each round C.
+    eval_data: optional test set (dict with ``x``, ``y`` or FederatedData), evaluated every
+      ``eval_every`` rounds and after the last round.
+    seed: all randomness (init, cohorts, shuffles) derives from it: same seed, same numbers.
+    chunk_size: clients per vmapped chunk (bounded memory); default
+      :data:`fedjax_sim.engine.DEFAULT_CHUNK_SIZE`.
+    init_params: start from these global params instead of ``model.init``.
+    client_weights: optional ``[P]`` weights p_i of the objective ``sum_i p_i f_i`` (default:
+      example counts, or uniform if the algorithm says so).
+    progress: show a progress bar.
+    callback: called after every round with ``(round, state, RoundOutput)``.
+
+  History keys: ``round``, ``train_loss``, ``train_accuracy`` (during local training),
+  ``num_nonfinite`` (clients dropped for NaN/inf updates), ``update_norm``, ``seconds``,
+  ``test_loss``/``test_accuracy`` (NaN on rounds without evaluation).
+  """
+  validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
+           eval_every=eval_every, chunk_size=chunk_size)
+  eval_arrays = None
+  if eval_data is not None:
+    eval_arrays = engine.as_arrays(eval_data)
+    check_eval_data(model, eval_arrays)
+  weights = resolve_client_weights(train_data, algorithm.weighting, client_weights)
+
+  key_init, key_rounds = jax.random.split(jax.random.key(seed))
+  params = init_params if init_params is not None else model.init(key_init)
+  state = server.init(params, algorithm.server_optimizer)
+  data = engine.to_device(train_data, weights)
+  round_fn = engine.make_round(algorithm, model, population=train_data.num_clients,
+                               cohort_size=cohort_size, max_client_size=train_data.max_client_size,
+                               chunk_size=chunk_size)
+  t0 = time.perf_counter()
+  compiled = jax.jit(round_fn).lower(state, data, key_rounds).compile()
+  compile_seconds = time.perf_counter() - t0
+  evaluate = None
+  if eval_arrays is not None:
+    evaluate = engine.make_evaluate(model, eval_batch_size)
+    ex, ey = jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)
+
+  records = []
+  bar = tqdm(total=rounds, desc=f"{algorithm.name}", disable=not progress, leave=True)
+  try:
+    for r in range(1, rounds + 1):
+      t = time.perf_counter()
+      state, out = compiled(state, data, jax.random.fold_in(key_rounds, r))
+      metrics = jax.device_get(out.metrics)
+      rec = {"round": r, **{k: float(v) for k, v in metrics.items()},
+             "seconds": time.perf_counter() - t}
+      if evaluate is not None and (r % eval_every == 0 or r == rounds):
+        ev = jax.device_get(evaluate(state.params, ex, ey))
+        rec["test_loss"], rec["test_accuracy"] = float(ev["loss"]), float(ev["accuracy"])
+      records.append(rec)
+      if callback is not None:
+        callback(r, state, out)
+      post = {"loss": f"{rec['train_loss']:.4f}"}
+      if "test_accuracy" in rec:
+        post["test_acc"] = f"{rec['test_accuracy']:.4f}"
+      if rec["num_nonfinite"]:
+        post["nonfinite"] = int(rec["num_nonfinite"])
+      bar.set_postfix(post, refresh=False)
+      bar.update(1)
+  finally:
+    bar.close()
+  history = History.from_records(records)
+  return RunResult(state.params, state, history, compile_seconds)

@@ -1,0 +1,93 @@
+"""Reference models of the FL literature, as Flax linen modules wrapped into :class:`Model`."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fedjax_sim.models.core import Model, from_flax
+
+
+class LogisticRegressionModule(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+class MLPModule(nn.Module):
+  hidden: tuple[int, ...]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for h in self.hidden:
+      x = nn.relu(nn.Dense(h)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
+class CNNModule(nn.Module):
+  """McMahan et al. 2017 CNN: conv5x5(32)-pool-conv5x5(64)-pool-dense(512)-dense(K)."""
+  image_shape: tuple[int, int, int]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0],) + tuple(self.image_shape))
+    for ch in (32, 64):
+      x = nn.relu(nn.Conv(ch, (5, 5), padding="SAME")(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.relu(nn.Dense(512)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.num_classes)(x)
+
+
+def logistic_regression(input_dim: int = 784, num_classes: int = 10) -> Model:
+  """Multinomial logistic regression ``input_dim -> num_classes``."""
+  return from_flax(LogisticRegressionModule(num_classes), (input_dim,), num_classes,
+                   name="logistic_regression")
+
+
+def mlp(input_dim: int = 784, hidden: tuple[int, ...] = (200, 200), num_classes: int = 10) -> Model:
+  """MLP with ReLU; the defaults are the "2NN" of McMahan et al. 2017 (199,210 parameters)."""
+  return from_flax(MLPModule(tuple(hidden), num_classes), (input_dim,), num_classes,
+                   name="mlp_" + "_".join(map(str, hidden)))
+
+
+def mlp_2nn(input_dim: int = 784, num_classes: int = 10) -> Model:
+  """The 2NN of McMahan et al. 2017: 784-200-200-10."""
+  return mlp(input_dim, (200, 200), num_classes)
+
+
+def cnn(input_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10) -> Model:
+  """The CNN of McMahan et al. 2017. Accepts images ``[H, W, C]`` or flat vectors of H*W*C
+  (given as ``input_shape=(784,)`` with ``image_shape`` inferred as square, one channel)."""
+  if len(input_shape) == 1:
+    side = int(round(math.sqrt(input_shape[0])))
+    if side * side != input_shape[0]:
+      raise ValueError(f"cannot view flat input of size {input_shape[0]} as a square image")
+    image_shape = (side, side, 1)
+  elif len(input_shape) == 3:
+    image_shape = tuple(input_shape)
+  else:
+    raise ValueError(f"cnn input_shape must be (H, W, C) or (H*W,), got {input_shape}")
+  return from_flax(CNNModule(image_shape, num_classes), tuple(input_shape), num_classes, name="cnn")
+
+
+MODELS = {"logistic_regression": logistic_regression, "mlp_2nn": mlp_2nn, "cnn": cnn}
+
+
+def make(name: str, input_shape: tuple[int, ...], num_classes: int) -> Model:
+  """Model by name for the CLI: ``logistic_regression``, ``mlp_2nn`` or ``cnn``."""
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+  if name == "cnn":
+    return cnn(input_shape, num_classes)
+  if len(input_shape) != 1:
+    input_dim = int(jnp.prod(jnp.array(input_shape)))
+  else:
+    input_dim = input_shape[0]
+  return MODELS[name](input_dim, num_classes=num_classes)
