@@ -28,10 +28,13 @@ from fedjax_sim.client import make_client_train
 from fedjax_sim.data.federated import FederatedData, batch_indices
 from fedjax_sim.models.core import Model
 
-# Clients per chunk of the vmapped client axis on CPU. Measured on the 2-core CPU with W1
-# (benchmarks/w1_w2.py --chunk-sweep): chunks of 8-32 clients keep one chunk's activations and
-# parameter copies in cache and ran ~2x faster than a single vmap over 1000 clients.
-DEFAULT_CHUNK_SIZE = 16
+# Clients per chunk of the vmapped client axis on CPU. Measured on the 2-core CPU with W1 at
+# C=1000 (`python benchmarks/w1_w2.py --chunk-sweep W1:1000`): K=2..8 ran at 1.3-1.5 s/round,
+# K=16 at 2.0 s, K=32..64 at 2.2-2.4 s. Per step, a chunk holds K copies of the parameters, their
+# gradients and activations; at K=8 the 2NN's are ~13 MB and stay in cache, larger chunks spill
+# to memory. Small batched matmuls (the weight gradient contracts over only B=20 examples) are
+# bandwidth-bound, so cache residency matters more than batching more clients.
+DEFAULT_CHUNK_SIZE = 8
 
 
 class DeviceData(NamedTuple):
@@ -88,8 +91,8 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     max_client_size: largest client (fixes the number of local steps S, a static shape).
     chunk_size: clients per vmapped chunk K (default :data:`DEFAULT_CHUNK_SIZE`).
   """
-  k = min(cohort_size, chunk_size or DEFAULT_CHUNK_SIZE)
-  num_chunks = math.ceil(cohort_size / k)
+  num_chunks = math.ceil(cohort_size / min(cohort_size, chunk_size or DEFAULT_CHUNK_SIZE))
+  k = math.ceil(cohort_size / num_chunks)   # balanced: C=10, K=8 -> 2 chunks of 5, not 8 + 2
   padded = num_chunks * k
   work = algorithm.work
   client_train = jax.vmap(make_client_train(model, algorithm.client_optimizer,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from fedjax_sim.models.core import Model, from_flax
 
@@ -87,7 +86,6 @@ def make(name: str, input_shape: tuple[int, ...], num_classes: int) -> Model:
   if name == "cnn":
     return cnn(input_shape, num_classes)
   if len(input_shape) != 1:
-    input_dim = int(jnp.prod(jnp.array(input_shape)))
-  else:
-    input_dim = input_shape[0]
-  return MODELS[name](input_dim, num_classes=num_classes)
+    raise ValueError(f"model {name!r} takes flat feature vectors, got examples of shape "
+                     f"{tuple(input_shape)}; flatten them or use 'cnn'")
+  return MODELS[name](input_shape[0], num_classes=num_classes)

@@ -1,0 +1,78 @@
+"""Shared pieces of the benchmark scripts: the workloads of ../shared/WORKLOAD.md, timing, memory."""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fedjax_sim as fs
+
+WORKLOADS = {
+    # name: (input dim, hidden layers, examples per client, batch size, lr)
+    "W1": dict(dim=784, hidden=(200, 200), per_client=100, batch_size=20, lr=0.1),
+    "W2": dict(dim=60, hidden=(), per_client=50, batch_size=10, lr=0.1),
+}
+
+
+def workload(name: str, num_clients: int, seed: int = 0):
+  """(FederatedData, Model, Algorithm, flops per round) of workload W1 or W2 with C clients.
+
+  x ~ N(0, 1), y = argmax(x @ W_true) with one fixed W_true; every client holds the same number
+  of examples; 1 local epoch of plain SGD; FedAvg with example weighting.
+  """
+  w = WORKLOADS[name]
+  rng = np.random.default_rng(seed)
+  w_true = rng.standard_normal((w["dim"], 10)).astype(np.float32)
+  n = num_clients * w["per_client"]
+  x = rng.standard_normal((n, w["dim"]), dtype=np.float32)
+  y = np.argmax(x @ w_true, axis=1).astype(np.int32)
+  offsets = np.arange(num_clients + 1, dtype=np.int64) * w["per_client"]
+  data = fs.FederatedData({"x": x, "y": y}, offsets, np.arange(num_clients), 10)
+  model = fs.models.mlp(w["dim"], w["hidden"], 10) if w["hidden"] else \
+      fs.models.logistic_regression(w["dim"], 10)
+  algo = fs.algorithms.fedavg(optax.sgd(w["lr"]), optax.sgd(1.0), local_epochs=1,
+                              batch_size=w["batch_size"])
+  n_params = fs.tree.num_params(model.init(jax.random.key(0)))
+  return data, model, algo, 6.0 * n_params * n
+
+
+def peak_rss_gb() -> float:
+  """Peak resident memory of this process so far (GB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t)
+  return statistics.median(ts), ts
+
+
+def matmul_roofline(n: int = 2048, repeats: int = 10) -> float:
+  """GFLOP/s of a large jitted float32 matmul: the machine's practical compute roof."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  t, _ = median_time(lambda: f(a, b).block_until_ready(), repeats)
+  return 2 * n ** 3 / t / 1e9
+
+
+def device_info() -> dict:
+  d = jax.devices()[0]
+  return {"backend": jax.default_backend(), "device": d.device_kind, "num_devices": jax.device_count(),
+          "cpu": platform.processor() or platform.machine(), "jax": jax.__version__}
+
+
+def emit(record: dict):
+  print(json.dumps(record), flush=True)

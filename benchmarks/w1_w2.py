@@ -1,0 +1,130 @@
+"""Workloads W1 and W2 (../shared/WORKLOAD.md): vectorized engine vs a sequential baseline.
+
+Prints one JSON line per (workload, client count): seconds per round (median after a warm-up
+round, compile time apart), achieved GFLOP/s, peak memory, and the same for the sequential
+baseline (a Python loop over clients with one jitted step per batch, FedJAX's default backend
+style: ``fedjax_sim.testing.sequential_round``); then one line with a large jitted matmul's
+GFLOP/s as the roofline. Each configuration runs in a fresh subprocess so peak memory is its own.
+
+  python benchmarks/w1_w2.py                        # W1 C=10,100,1000,10000; W2 C=1000,10000,100000
+  python benchmarks/w1_w2.py --only W1:1000 W2:10000
+  python benchmarks/w1_w2.py --chunk-sweep W1:1000  # seconds per round by chunk size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+DEFAULT = ["W1:10", "W1:100", "W1:1000", "W1:10000", "W2:1000", "W2:10000", "W2:100000"]
+
+
+def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: int,
+        baseline: bool) -> dict:
+  import jax
+  import numpy as np
+  from common import emit, median_time, peak_rss_gb, workload
+  from fedjax_sim import engine, server, testing
+
+  name, c = spec.split(":")
+  c = int(c)
+  data, model, algo, flops = workload(name, c)
+  state = server.init(model.init(jax.random.key(0)), algo.server_optimizer)
+  dev = engine.to_device(data)
+  rf = engine.make_round(algo, model, population=c, cohort_size=c,
+                         max_client_size=data.max_client_size, chunk_size=chunk_size)
+  t = time.perf_counter()
+  compiled = jax.jit(rf).lower(state, dev, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - t
+  holder = [state]
+
+  def step(r=[0]):
+    r[0] += 1
+    holder[0], out = compiled(holder[0], dev, jax.random.key(r[0]))
+    jax.block_until_ready(out.metrics)
+
+  step()   # warm-up
+  sec, _ = median_time(step, rounds)
+  rec = {"workload": name, "clients": c, "engine": "vectorized",
+         "chunk_size": min(c, chunk_size or engine.DEFAULT_CHUNK_SIZE),
+         "sec_per_round": sec, "sec_per_client": sec / c, "gflops": flops / sec / 1e9,
+         "compile_sec": compile_s, "peak_rss_gb": peak_rss_gb()}
+  if baseline:
+    # The baseline is timed on at most `baseline_max_clients` clients (a subset population with
+    # the same per-client work) and scaled linearly: its cost is exactly per-client.
+    nb = min(c, baseline_max_clients)
+    sub = data.subset(np.arange(nb)) if nb < c else data
+    bstate = server.init(model.init(jax.random.key(0)), algo.server_optimizer)
+    testing.sequential_round(algo, model, sub, bstate, jax.random.key(0), min(nb, 10))  # warm-up
+    bsec, _ = median_time(lambda: testing.sequential_round(algo, model, sub, bstate,
+                                                           jax.random.key(1), nb), 1 if nb >= 1000 else 3)
+    bsec_full = bsec * c / nb
+    rec.update({"baseline_sec_per_round": bsec_full, "baseline_sec_per_client": bsec / nb,
+                "baseline_measured_clients": nb, "baseline_gflops": flops / bsec_full / 1e9,
+                "speedup": bsec_full / sec})
+  return rec
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--only", nargs="*", default=DEFAULT, help="WORKLOAD:CLIENTS items")
+  p.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up")
+  p.add_argument("--chunk-size", type=int, default=None)
+  p.add_argument("--chunk-sweep", default=None, help="WORKLOAD:CLIENTS to sweep chunk sizes on")
+  p.add_argument("--baseline-max-clients", type=int, default=1000)
+  p.add_argument("--no-baseline", action="store_true")
+  p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+  p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+  a = p.parse_args()
+  if a._one:
+    print(json.dumps(one(a._one, a.rounds, a.chunk_size, a.baseline_max_clients,
+                         not a.no_baseline)), flush=True)
+    return
+  from common import device_info, emit, matmul_roofline
+
+  def sub(spec, extra):
+    cmd = [sys.executable, __file__, "--_one", spec, "--rounds", str(a.rounds),
+           "--baseline-max-clients", str(a.baseline_max_clients)] + extra
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+      return {"spec": spec, "error": res.stderr.strip().splitlines()[-1:]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+  out = open(a.out, "a") if a.out else None
+  records = []
+  if a.chunk_sweep:
+    jobs = [(a.chunk_sweep, ["--chunk-size", str(k), "--no-baseline"]) for k in
+            (1, 4, 8, 16, 32, 64, 128, 1000)]
+  else:
+    extra = (["--chunk-size", str(a.chunk_size)] if a.chunk_size else []) + \
+        (["--no-baseline"] if a.no_baseline else [])
+    jobs = [(s, extra) for s in a.only]
+  for spec, extra in jobs:
+    rec = sub(spec, extra)
+    records.append(rec)
+    emit(rec)
+    if out:
+      out.write(json.dumps(rec) + "\n")
+  roof = {"roofline_matmul_gflops": matmul_roofline(), **device_info()}
+  for r in records:
+    if "gflops" in r:
+      r["fraction_of_roofline"] = r["gflops"] / roof["roofline_matmul_gflops"]
+  emit(roof)
+  for r in records:
+    if "fraction_of_roofline" in r:
+      emit({"workload": r["workload"], "clients": r["clients"], "chunk_size": r["chunk_size"],
+            "fraction_of_roofline": round(r["fraction_of_roofline"], 3),
+            "speedup_vs_sequential": round(r.get("speedup", math.nan), 2)})
+  if out:
+    out.write(json.dumps(roof) + "\n")
+
+
+if __name__ == "__main__":
+  main()
