@@ -39,7 +39,8 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
   state = server.init(model.init(jax.random.key(0)), algo.server_optimizer)
   dev = engine.to_device(data)
   rf = engine.make_round(algo, model, population=c, cohort_size=c,
-                         max_client_size=data.max_client_size, chunk_size=chunk_size)
+                         max_client_size=data.max_client_size, chunk_size=chunk_size,
+                         mesh=engine.client_mesh() if jax.device_count() > 1 else None)
   t = time.perf_counter()
   compiled = jax.jit(rf).lower(state, dev, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t
@@ -52,7 +53,7 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
 
   step()   # warm-up
   sec, _ = median_time(step, rounds)
-  rec = {"workload": name, "clients": c, "engine": "vectorized",
+  rec = {"workload": name, "clients": c, "engine": "vectorized", "devices": jax.device_count(),
          "chunk_size": min(c, chunk_size or engine.DEFAULT_CHUNK_SIZE),
          "sec_per_round": sec, "sec_per_client": sec / c, "gflops": flops / sec / 1e9,
          "compile_sec": compile_s, "peak_rss_gb": peak_rss_gb()}

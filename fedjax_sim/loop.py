@@ -74,7 +74,8 @@ def check_eval_data(model: Model, arrays: dict[str, np.ndarray], where: str = "e
 
 
 def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds: int,
-             cohort_size: int, eval_every: int, chunk_size: int | None):
+             cohort_size: int, eval_every: int, chunk_size: int | None,
+             num_devices: int | None = None):
   """All the checks :func:`run` makes before any compilation or training."""
   if not isinstance(algorithm, Algorithm):
     raise ValueError(f"algorithm must be an Algorithm (e.g. fedjax_sim.algorithms.fedavg()), "
@@ -86,6 +87,10 @@ def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, r
   _positive_int("eval_every", eval_every)
   if chunk_size is not None:
     _positive_int("chunk_size", chunk_size)
+  if num_devices is not None:
+    _positive_int("num_devices", num_devices)
+    if num_devices > jax.device_count():
+      raise ValueError(f"num_devices={num_devices} but only {jax.device_count()} device(s) exist")
   if cohort_size > train_data.num_clients:
     raise ValueError(f"cohort_size {cohort_size} is larger than the population of "
                      f"{train_data.num_clients} clients")
@@ -107,7 +112,7 @@ def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, r
 
 def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds: int,
         cohort_size: int, eval_data: Any = None, eval_every: int = 10, seed: int = 0,
-        chunk_size: int | None = None, init_params: Any = None,
+        chunk_size: int | None = None, num_devices: int | None = None, init_params: Any = None,
         client_weights: Sequence[float] | None = None, progress: bool = True,
         eval_batch_size: int = 1000,
         callback: Callable[[int, server.ServerState, engine.RoundOutput], None] | None = None,
@@ -125,6 +130,9 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     seed: all randomness (init, cohorts, shuffles) derives from it: same seed, same numbers.
     chunk_size: clients per vmapped chunk (bounded memory); default
       :data:`fedjax_sim.engine.DEFAULT_CHUNK_SIZE`.
+    num_devices: split each cohort's client axis over this many devices (default: all of
+      them; on a CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` makes N devices, one
+      per core). Results equal the single-device run to float summation order (~1e-6).
     init_params: start from these global params instead of ``model.init``.
     client_weights: optional ``[P]`` weights p_i of the objective ``sum_i p_i f_i`` (default:
       example counts, or uniform if the algorithm says so).
@@ -136,7 +144,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   ``test_loss``/``test_accuracy`` (NaN on rounds without evaluation).
   """
   validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
-           eval_every=eval_every, chunk_size=chunk_size)
+           eval_every=eval_every, chunk_size=chunk_size, num_devices=num_devices)
   eval_arrays = None
   if eval_data is not None:
     eval_arrays = engine.as_arrays(eval_data)
@@ -147,9 +155,11 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   params = init_params if init_params is not None else model.init(key_init)
   state = server.init(params, algorithm.server_optimizer)
   data = engine.to_device(train_data, weights)
+  n_dev = num_devices or jax.device_count()
+  mesh = engine.client_mesh(n_dev) if n_dev > 1 else None
   round_fn = engine.make_round(algorithm, model, population=train_data.num_clients,
                                cohort_size=cohort_size, max_client_size=train_data.max_client_size,
-                               chunk_size=chunk_size)
+                               chunk_size=chunk_size, mesh=mesh)
   t0 = time.perf_counter()
   compiled = jax.jit(round_fn).lower(state, data, key_rounds).compile()
   compile_seconds = time.perf_counter() - t0

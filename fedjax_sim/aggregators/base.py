@@ -20,10 +20,13 @@ class Aggregator(NamedTuple):
     accumulate: ``(state, deltas [K, ...], weights [K]) -> state`` for one chunk of K clients.
       Weights are already 0 for padding and non-finite clients (whose deltas are zeroed).
     finalize: ``state -> (update [...], total_weight scalar)``.
+    combine: ``states stacked on a leading device axis [D, ...] -> state``: merges the partial
+      states of D devices that each folded a share of the cohort.
   """
   init: Callable[[PyTree], Any]
   accumulate: Callable[[Any, PyTree, jax.Array], Any]
   finalize: Callable[[Any], tuple[PyTree, jax.Array]]
+  combine: Callable[[Any], Any]
 
 
 class MeanState(NamedTuple):
@@ -45,4 +48,7 @@ def mean() -> Aggregator:
     denom = jnp.maximum(state.total_weight, 1e-30)
     return jax.tree.map(lambda s: s / denom.astype(s.dtype), state.weighted_sum), state.total_weight
 
-  return Aggregator(init, accumulate, finalize)
+  def combine(states):
+    return jax.tree.map(lambda a: jnp.sum(a, axis=0), states)
+
+  return Aggregator(init, accumulate, finalize, combine)
