@@ -50,7 +50,7 @@ def resolve_client_weights(data: FederatedData, weighting: str,
                        "one weight per client")
     if not np.all(np.isfinite(w)) or np.any(w < 0):
       bad = int(np.flatnonzero(~np.isfinite(w) | (w < 0))[0])
-      raise ValueError(f"client_weights must be finite and >= 0; client {data.client_ids[bad]!r} "
+      raise ValueError(f"client_weights must be finite and >= 0; client {data._client_name(bad)!r} "
                        f"has {w[bad]}")
     if w.sum() <= 0:
       raise ValueError("client_weights sum to zero: no client would count in the average")

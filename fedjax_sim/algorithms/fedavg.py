@@ -17,20 +17,21 @@ from fedjax_sim.data.federated import LocalWork
 
 def fedavg(client_optimizer: optax.GradientTransformation | None = None,
            server_optimizer: optax.GradientTransformation | None = None, *,
-           local_epochs: int | None = 1, local_steps: int | None = None, batch_size: int = 32,
+           local_epochs: int | None = None, local_steps: int | None = None, batch_size: int = 32,
            weighting: str = "examples") -> Algorithm:
   """FedAvg.
 
   Args:
     client_optimizer: local optimizer (default ``optax.sgd(0.05)``), state reset every round.
     server_optimizer: applied to the averaged ``global - local`` (default ``optax.sgd(1.0)``).
-    local_epochs: passes over the client's data per round (or give ``local_steps``).
+    local_epochs: passes over the client's data per round (default 1 unless ``local_steps``
+      is given; giving both is an error).
     local_steps: fixed number of local steps per round instead of epochs.
     batch_size: local batch size B.
     weighting: ``"examples"`` (weight = client's example count, the FedAvg paper) or ``"uniform"``.
   """
-  if local_steps is not None:
-    local_epochs = None
+  if local_epochs is None and local_steps is None:
+    local_epochs = 1
   return Algorithm(
       name="fedavg",
       client_optimizer=client_optimizer if client_optimizer is not None else optax.sgd(0.05),

@@ -32,18 +32,27 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   """Reads one IDX file (the MNIST format), gzipped or not, into a numpy array."""
   path = Path(path)
   opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (EOFError, gzip.BadGzipFile) as e:   # a truncated or corrupt .gz
+    raise ValueError(f"{path}: cannot decompress ({e}); truncated or corrupt file?") from e
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
     raise ValueError(f"{path} is not an IDX file (bad magic number)")
   dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
   if data[2] not in dtypes:
     raise ValueError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
   ndim = data[3]
-  shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-  arr = np.frombuffer(data, dtype=dtypes[data[2]], offset=4 + 4 * ndim)
-  if arr.size != int(np.prod(shape)):
-    raise ValueError(f"{path}: expected {int(np.prod(shape))} values, found {arr.size} (truncated?)")
+  header = 4 + 4 * ndim
+  if len(data) < header:
+    raise ValueError(f"{path}: header of {header} bytes, file has only {len(data)} (truncated?)")
+  shape = struct.unpack(">" + "I" * ndim, data[4:header])
+  dtype = np.dtype(dtypes[data[2]])
+  expected = int(np.prod(shape))
+  if len(data) - header != expected * dtype.itemsize:
+    raise ValueError(f"{path}: expected {expected} values ({expected * dtype.itemsize} bytes), "
+                     f"found {len(data) - header} bytes (truncated?)")
+  arr = np.frombuffer(data, dtype=dtype, offset=header)
   return arr.reshape(shape)
 
 

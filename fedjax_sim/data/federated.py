@@ -146,12 +146,13 @@ class FederatedData:
     sizes = np.diff(offsets)
     if np.any(sizes < 0):
       raise ValueError("offsets must be non-decreasing")
-    empty = np.flatnonzero(sizes == 0)
-    if empty.size:
-      raise ValueError(f"client {self.client_ids[empty[0]]!r} (index {empty[0]}) has no examples; "
-                       f"{empty.size} empty client(s) in all. Drop them or change the partition.")
     if self.client_ids.shape != (sizes.size,):
       raise ValueError(f"client_ids has shape {self.client_ids.shape}, expected ({sizes.size},)")
+    empty = np.flatnonzero(sizes == 0)
+    if empty.size:
+      raise ValueError(f"client {self._client_name(empty[0])!r} (index {empty[0]}) has no "
+                       f"examples; {empty.size} empty client(s) in all. Drop them or change the "
+                       "partition.")
     n = int(offsets[-1])
     for name, a in self.arrays.items():
       if a.ndim == 0 or a.shape[0] != n:
@@ -159,8 +160,12 @@ class FederatedData:
                          "(the total number of examples)")
     _check_features(self.arrays, self.num_classes, self._client_of_row)
 
+  def _client_name(self, p: int):
+    """Client ``p``'s id as a plain Python value, so messages read ``'b'``, not ``np.str_('b')``."""
+    return self.client_ids[p:p + 1].tolist()[0]
+
   def _client_of_row(self, row: int):
-    return self.client_ids[np.searchsorted(self.offsets, row, side="right") - 1]
+    return self._client_name(int(np.searchsorted(self.offsets, row, side="right")) - 1)
 
   # --- construction ---------------------------------------------------------------------------
   @classmethod
@@ -293,5 +298,6 @@ def _check_features(arrays, num_classes, client_of_row):
     bad = (y < 0) | (y >= hi)
     if bad.any():
       r = int(np.flatnonzero(bad)[0])
-      raise ValueError(f"label {int(y[r])} at row {r} (client {client_of_row(r)!r}) is outside "
-                       f"[0, {num_classes}); {int(bad.sum())} bad label(s) in all")
+      where = "negative" if num_classes is None and y[r] < 0 else f"outside [0, {hi})"
+      raise ValueError(f"label {int(y[r])} at row {r} (client {client_of_row(r)!r}) is {where}; "
+                       f"{int(bad.sum())} bad label(s) in all")

@@ -1,0 +1,452 @@
+"""Data layer: partitions, ragged storage, batching/masking, the IDX reader, built-in datasets."""
+
+import gzip
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fedjax_sim as fs
+from fedjax_sim.data import batch_indices, datasets, partition
+
+PROPERTY = settings(max_examples=25, deadline=None, derandomize=True)
+
+# name -> extra parameters, for the seeded partitions
+SEEDED = {
+    "iid": {},
+    "dirichlet": {"alpha": 0.5},
+    "shards": {"shards_per_client": 2},
+    "quantity_skew": {"exponent": 1.5},
+}
+
+
+def _labels(n=2000, k=10, seed=0):
+  return np.random.default_rng(seed).integers(0, k, n)
+
+
+def _assert_exact_cover(parts, n):
+  """Every example in [0, n) is in exactly one part, and no part is empty."""
+  assert all(len(p) > 0 for p in parts), [len(p) for p in parts]
+  allidx = np.sort(np.concatenate(parts))
+  np.testing.assert_array_equal(allidx, np.arange(n))
+
+
+def _same(a, b):
+  return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+# --- partitions -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(SEEDED))
+def test_partition_exact_cover_and_deterministic(name):
+  labels = _labels()
+  parts = partition.make(name, labels, 40, seed=3, **SEEDED[name])
+  assert len(parts) == 40
+  _assert_exact_cover(parts, len(labels))
+  assert _same(parts, partition.make(name, labels, 40, seed=3, **SEEDED[name]))
+  assert not _same(parts, partition.make(name, labels, 40, seed=4, **SEEDED[name]))
+  # the named function and make() agree
+  assert _same(parts, getattr(partition, name)(labels, 40, seed=3, **SEEDED[name]))
+
+
+@pytest.mark.parametrize("name", sorted(SEEDED))
+def test_partition_small_population_no_empty_client(name):
+  """Many clients for few examples: still a non-empty exact cover."""
+  labels = _labels(n=60, k=3, seed=1)
+  # 2 shards each need 2 examples per client; Dirichlet(0.5) over 3 classes rarely fills 30
+  num_clients = {"shards": 15, "dirichlet": 8}.get(name, 30)
+  for seed in range(3):
+    _assert_exact_cover(partition.make(name, labels, num_clients, seed=seed, **SEEDED[name]), 60)
+
+
+def test_natural_partition():
+  keys = np.random.default_rng(0).integers(0, 37, 1000) * 7 + 100     # 37 writers, odd ids
+  parts = partition.natural(keys)
+  assert len(parts) == len(np.unique(keys))
+  _assert_exact_cover(parts, len(keys))
+  client_keys = [np.unique(keys[p]) for p in parts]
+  assert all(k.size == 1 for k in client_keys)                       # one writer per client
+  np.testing.assert_array_equal([k[0] for k in client_keys], np.unique(keys))   # sorted order
+  assert _same(parts, partition.natural(keys))
+  # string keys
+  skeys = np.array(["bob", "alice", "bob", "carol", "alice"])
+  sp = partition.natural(skeys)
+  assert [sorted(p.tolist()) for p in sp] == [[1, 4], [0, 2], [3]]
+
+
+def _mean_tv(labels, parts, k):
+  glob = np.bincount(labels, minlength=k) / len(labels)
+  tvs = [0.5 * np.abs(np.bincount(labels[p], minlength=k) / len(p) - glob).sum() for p in parts]
+  return float(np.mean(tvs))
+
+
+def test_dirichlet_skew_grows_as_alpha_falls():
+  labels = np.repeat(np.arange(10), 500)
+  tv = {a: _mean_tv(labels, partition.dirichlet(labels, 20, a, seed=0), 10)
+        for a in (0.1, 1.0, 100.0)}
+  assert tv[0.1] > tv[1.0] > tv[100.0], tv
+  assert tv[100.0] < 0.1 and tv[0.1] > 0.5, tv
+
+
+def test_dirichlet_min_size_respected():
+  labels = _labels(1000)
+  parts = partition.dirichlet(labels, 20, 0.3, seed=1, min_size=10)
+  assert min(len(p) for p in parts) >= 10
+  _assert_exact_cover(parts, 1000)
+
+
+def test_shards_few_labels_per_client():
+  labels = np.sort(np.random.default_rng(0).integers(0, 10, 6000))      # label-sorted, ~600/class
+  parts = partition.shards(labels, 100, shards_per_client=2, seed=0)
+  distinct = np.array([np.unique(labels[p]).size for p in parts])
+  assert np.mean(distinct <= 2) >= 0.9, np.bincount(distinct)
+  assert distinct.max() <= 4
+  assert {len(p) for p in parts} <= {60, 61, 62}                      # equal shards
+  # and the IID split of the same labels is far more mixed
+  iid_distinct = [np.unique(labels[p]).size for p in partition.iid(labels, 100, seed=0)]
+  assert np.mean(iid_distinct) > 8
+
+
+def test_quantity_skew_unequal_sizes():
+  labels = _labels(10000)
+  parts = partition.quantity_skew(labels, 50, exponent=1.5, seed=0)
+  sizes = np.array([len(p) for p in parts])
+  assert sizes.sum() == 10000
+  assert sizes.min() >= 1
+  assert sizes.max() / sizes.min() > 5, sizes
+  iid_sizes = [len(p) for p in partition.iid(labels, 50)]
+  assert max(iid_sizes) - min(iid_sizes) <= 1
+
+
+# --- batching (properties) ------------------------------------------------------------------------
+# Every distinct (cohort size, batch size, epochs/steps, max client size) is a new XLA compile
+# (~1 s on 2 cores), so the static configuration comes from a short list; Hypothesis varies the
+# client sizes (ragged, any value up to the bound), the client ids and the key freely.
+_batch_indices = jax.jit(batch_indices, static_argnames=("work", "max_client_size"))
+COHORT = 4
+EPOCH_CONFIGS = [(1, 1, 6), (4, 2, 23), (7, 1, 20), (5, 3, 10)]      # (batch, epochs, max size)
+STEP_CONFIGS = [(1, 5, 6), (4, 3, 23), (7, 6, 20), (3, 11, 9)]       # (batch, steps, max size)
+
+
+@st.composite
+def _cohort(draw, configs):
+  batch, amount, max_size = draw(st.sampled_from(configs))
+  sizes = draw(st.lists(st.integers(1, max_size), min_size=COHORT, max_size=COHORT))
+  ids = draw(st.lists(st.integers(0, 10**6), min_size=COHORT, max_size=COHORT, unique=True))
+  seed = draw(st.integers(0, 2**31 - 1))
+  return batch, amount, max_size, np.array(sizes), np.array(ids), seed
+
+
+def _rows(sizes, ids, work, max_size, seed):
+  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  rows, mask = _batch_indices(jax.random.key(seed), ids, offsets, sizes, work=work,
+                              max_client_size=max_size)
+  return np.asarray(rows), np.asarray(mask), offsets
+
+
+@PROPERTY
+@given(_cohort(EPOCH_CONFIGS))
+def test_epoch_mode_each_example_once_per_epoch(cohort):
+  batch, epochs, max_size, sizes, ids, seed = cohort
+  work = fs.LocalWork(batch, local_epochs=epochs)
+  rows, mask, offsets = _rows(sizes, ids, work, max_size, seed)
+  steps = work.num_steps(max_size)
+  assert steps == epochs * -(-max_size // batch)
+  assert rows.shape == mask.shape == (COHORT, steps, batch)
+  assert rows.dtype == np.int32 and mask.dtype == np.bool_
+  span = steps // epochs * batch                      # padded slots per pass
+  for c, (off, n) in enumerate(zip(offsets, sizes)):
+    r = rows[c].reshape(epochs, span)
+    m = mask[c].reshape(epochs, span)
+    for e in range(epochs):
+      # the valid slots of each pass are the client's own rows, each exactly once
+      np.testing.assert_array_equal(np.sort(r[e][m[e]]), np.arange(off, off + n))
+    assert (~m).sum() == epochs * (span - n)           # masked slots are exactly the padding
+    # padding sits at the end of each pass: valid slots come first
+    assert all(m[e][:n].all() for e in range(epochs))
+
+
+@PROPERTY
+@given(_cohort(STEP_CONFIGS))
+def test_step_mode_rows_belong_to_client(cohort):
+  batch, steps, max_size, sizes, ids, seed = cohort
+  work = fs.LocalWork(batch, local_epochs=None, local_steps=steps)
+  rows, mask, offsets = _rows(sizes, ids, work, max_size, seed)
+  assert work.num_steps(max_size) == steps
+  assert rows.shape == mask.shape == (COHORT, steps, batch)
+  assert mask.all()
+  for c, (off, n) in enumerate(zip(offsets, sizes)):
+    r = rows[c].reshape(-1)
+    assert r.min() >= off and r.max() < off + n
+    # passes are reshuffled but complete: every example used floor or ceil of (slots / n) times
+    counts = np.bincount(r - off, minlength=n)
+    assert counts.max() - counts.min() <= 1, counts
+
+
+@PROPERTY
+@given(st.integers(1, 60), st.data())
+def test_from_partition_random_partitions(n, data):
+  rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+  num_clients = data.draw(st.integers(1, n))
+  keep = data.draw(st.integers(num_clients, n))      # the other examples belong to no client
+  perm = rng.permutation(n)[:keep]
+  cuts = np.sort(rng.choice(np.arange(1, keep), num_clients - 1, replace=False)) if keep > 1 else []
+  parts = np.split(perm, cuts)
+  x = np.stack([np.arange(n), -np.arange(n)], 1).astype(np.float32)
+  y = (np.arange(n) % 3).astype(np.int32)
+  d = fs.FederatedData.from_partition({"x": x, "y": y}, parts, num_classes=3)
+  assert d.num_clients == num_clients and d.num_examples == keep
+  np.testing.assert_array_equal(d.sizes, [len(p) for p in parts])
+  for p, idx in enumerate(parts):
+    c = d.client(p)
+    np.testing.assert_array_equal(c["x"][:, 0], idx)     # the client's own rows, in order
+    np.testing.assert_array_equal(c["y"], idx % 3)
+  got = np.sort(d.arrays["x"][:, 0]).astype(np.int64)
+  np.testing.assert_array_equal(got, np.sort(perm))        # each kept example exactly once
+  # the full pipeline: one epoch of cohort batches covers each client's examples once (fixed
+  # shapes, so one compile: 3 positions drawn with replacement, batch 8, size bound 60)
+  cohort = rng.integers(0, num_clients, 3)
+  b = d.cohort_batches(jax.random.key(data.draw(st.integers(0, 99))), cohort,
+                       fs.LocalWork(8, local_epochs=1), max_client_size=60)
+  assert b.x.shape == (3, 8, 8, 2)
+  for i, p in enumerate(cohort):
+    np.testing.assert_array_equal(np.sort(b.x[i][b.mask[i]][:, 0]), np.sort(parts[p]))
+    np.testing.assert_array_equal(b.y[i][b.mask[i]], b.x[i][b.mask[i]][:, 0].astype(int) % 3)
+
+
+def test_shuffles_depend_on_key_not_cohort_position(ragged_data):
+  work = fs.LocalWork(16, local_epochs=2)
+  k1, k2 = jax.random.key(1), jax.random.key(2)
+  a = ragged_data.cohort_batches(k1, [3, 5, 11], work)
+  b = ragged_data.cohort_batches(k1, [3, 5, 11], work)
+  c = ragged_data.cohort_batches(k2, [3, 5, 11], work)
+  for f in ("x", "y", "mask"):
+    np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+  assert not np.array_equal(a.x, c.x)
+  np.testing.assert_array_equal(a.mask, c.mask)     # masks depend only on sizes
+  # the two epochs within one round are shuffled differently (client 11 has 200 examples)
+  spe = fs.LocalWork(16).steps_per_epoch(ragged_data.max_client_size)
+  assert not np.array_equal(a.x[2, :spe], a.x[2, spe:])
+  # client 5's rows do not depend on its place in the cohort or on its companions
+  for cohort, i in (([3, 5], 1), ([5, 3], 0), ([11, 0, 5], 2)):
+    o = ragged_data.cohort_batches(k1, cohort, work)
+    np.testing.assert_array_equal(o.x[i], a.x[1])
+    np.testing.assert_array_equal(o.mask[i], a.mask[1])
+
+
+def test_step_mode_reshuffles_each_pass(ragged_data):
+  """Client 3 has 20 examples; 10 steps of 4 are two full passes, in different orders."""
+  b = ragged_data.cohort_batches(jax.random.key(0), [3], fs.LocalWork(4, None, 10))
+  ids = b.x[0].reshape(40, 8)[:, 0]
+  first, second = ids[:20], ids[20:]
+  np.testing.assert_array_equal(np.sort(first), np.sort(second))    # each pass is complete
+  assert np.unique(first).size == 20
+  assert not np.array_equal(first, second)
+
+
+def test_cohort_batches_shapes_and_bad_positions(ragged_data):
+  work = fs.LocalWork(16, local_epochs=1)
+  b = ragged_data.cohort_batches(jax.random.key(0), [0, 11], work)
+  steps = work.num_steps(200)
+  assert b.x.shape == (2, steps, 16, 8) and b.y.shape == b.mask.shape == (2, steps, 16)
+  assert b.mask[0].sum() == 1 and b.mask[1].sum() == 200
+  with pytest.raises(ValueError, match="positions"):
+    ragged_data.cohort_batches(jax.random.key(0), [12], work)
+  with pytest.raises(ValueError, match="positions"):
+    ragged_data.cohort_batches(jax.random.key(0), [], work)
+
+
+def test_local_work_num_steps():
+  assert fs.LocalWork(10, 1).num_steps(25) == 3
+  assert fs.LocalWork(10, 2).num_steps(25) == 6
+  assert fs.LocalWork(10, 1).num_steps(30) == 3
+  assert fs.LocalWork(100, 1).num_steps(5) == 1
+  assert fs.LocalWork(10, None, 7).num_steps(1000) == 7
+
+
+def test_federated_data_views():
+  clients = [{"x": np.full((n, 2), i, np.float32), "y": np.full(n, i % 3, np.int32)}
+             for i, n in enumerate([4, 1, 6])]
+  d = fs.FederatedData.from_clients(clients, client_ids=["a", "b", "c"], num_classes=3)
+  assert d.num_clients == 3 and d.num_examples == 11 and d.max_client_size == 6
+  np.testing.assert_array_equal(d.offsets, [0, 4, 5, 11])
+  np.testing.assert_array_equal(d.client(2)["x"], np.full((6, 2), 2))
+  s = d.subset([2, 0])
+  assert list(s.client_ids) == ["c", "a"]
+  np.testing.assert_array_equal(s.sizes, [6, 4])
+  np.testing.assert_array_equal(s.client(1)["x"], np.zeros((4, 2)))
+  np.testing.assert_array_equal(d.label_histogram(), [[4, 0, 0], [0, 1, 0], [0, 0, 6]])
+  assert "3 clients" in repr(d)
+
+
+# --- IDX reader and Fashion-MNIST -----------------------------------------------------------------
+def _idx_bytes(arr):
+  header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+  return header + arr.tobytes()
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_roundtrip(tmp_path, gz):
+  arr = np.random.default_rng(0).integers(0, 256, (7, 5, 3)).astype(np.uint8)
+  path = tmp_path / ("a-idx3-ubyte" + (".gz" if gz else ""))
+  (gzip.open if gz else open)(path, "wb").write(_idx_bytes(arr))
+  out = datasets.read_idx(path)
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, arr)
+  labels = np.arange(9, dtype=np.uint8)
+  (tmp_path / "l").write_bytes(_idx_bytes(labels))
+  np.testing.assert_array_equal(datasets.read_idx(str(tmp_path / "l")), labels)
+
+
+def test_read_idx_other_dtype(tmp_path):
+  arr = (np.arange(6).reshape(2, 3) - 3).astype(">i4")
+  (tmp_path / "f").write_bytes(bytes([0, 0, 0x0C, 2]) + struct.pack(">II", 2, 3) + arr.tobytes())
+  np.testing.assert_array_equal(datasets.read_idx(tmp_path / "f"), arr)
+
+
+@pytest.mark.parametrize("keep", [-1, -30, 7, 10])
+def test_read_idx_truncated_raises(tmp_path, keep):
+  """Truncated in the body (keep=-1, -30) or inside the header's dimensions (keep=7, 10 of 16)."""
+  data = _idx_bytes(np.zeros((4, 5, 6), np.uint8))
+  path = tmp_path / "t-idx3-ubyte"
+  path.write_bytes(data[:keep])
+  with pytest.raises(ValueError, match="t-idx3-ubyte.*truncated"):
+    datasets.read_idx(path)
+
+
+def test_read_idx_truncated_multibyte_and_trailing(tmp_path):
+  arr = np.arange(6, dtype=">i4")
+  data = bytes([0, 0, 0x0C, 1]) + struct.pack(">I", 6) + arr.tobytes()
+  (tmp_path / "cut").write_bytes(data[:-1])            # mid-element
+  with pytest.raises(ValueError, match="cut.*truncated"):
+    datasets.read_idx(tmp_path / "cut")
+  (tmp_path / "long").write_bytes(data + b"\0" * 4)    # one value too many
+  with pytest.raises(ValueError, match="long.*expected 6 values"):
+    datasets.read_idx(tmp_path / "long")
+
+
+def test_read_idx_truncated_gz_raises(tmp_path):
+  raw = gzip.compress(_idx_bytes(np.arange(200, dtype=np.uint8).reshape(10, 20)))
+  path = tmp_path / "t.gz"
+  path.write_bytes(raw[: len(raw) // 2])
+  with pytest.raises(ValueError, match=r"t\.gz.*truncated"):
+    datasets.read_idx(path)
+
+
+def test_read_idx_bad_magic(tmp_path):
+  (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
+  with pytest.raises(ValueError, match="magic"):
+    datasets.read_idx(tmp_path / "bad")
+  (tmp_path / "bad2").write_bytes(b"\x00\x00\x42\x01" + b"\x00" * 8)
+  with pytest.raises(ValueError, match="element type"):
+    datasets.read_idx(tmp_path / "bad2")
+
+
+def test_fashion_mnist_missing_says_how_to_install(tmp_path, monkeypatch):
+  monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", ())
+  monkeypatch.delenv(datasets.FASHION_MNIST_ENV, raising=False)
+  with pytest.raises(datasets.DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    datasets.fashion_mnist(data_dir=tmp_path)
+  assert issubclass(datasets.DatasetNotFoundError, FileNotFoundError)
+  # the env var is looked at too (and named in the message)
+  monkeypatch.setenv(datasets.FASHION_MNIST_ENV, str(tmp_path / "nowhere"))
+  with pytest.raises(datasets.DatasetNotFoundError, match="nowhere"):
+    datasets.fashion_mnist()
+
+
+def test_fashion_mnist_from_folder(tmp_path, monkeypatch):
+  """A folder with the four files (mixed gz / plain) is found via the env var."""
+  monkeypatch.setattr(datasets, "FASHION_MNIST_DIRS", ())
+  rng = np.random.default_rng(0)
+  files = {"train-images-idx3-ubyte": rng.integers(0, 256, (6, 28, 28)).astype(np.uint8),
+           "train-labels-idx1-ubyte": rng.integers(0, 10, 6).astype(np.uint8),
+           "t10k-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28)).astype(np.uint8),
+           "t10k-labels-idx1-ubyte": rng.integers(0, 10, 3).astype(np.uint8)}
+  for i, (name, arr) in enumerate(files.items()):
+    if i % 2:
+      gzip.open(tmp_path / (name + ".gz"), "wb").write(_idx_bytes(arr))
+    else:
+      (tmp_path / name).write_bytes(_idx_bytes(arr))
+  monkeypatch.setenv(datasets.FASHION_MNIST_ENV, str(tmp_path))
+  train, test = datasets.fashion_mnist()
+  assert train["x"].shape == (6, 784) and test["x"].shape == (3, 784)
+  assert train["x"].dtype == np.float32 and train["y"].dtype == np.int32
+  np.testing.assert_allclose(train["x"] * 255, files["train-images-idx3-ubyte"].reshape(6, -1))
+  np.testing.assert_array_equal(test["y"], files["t10k-labels-idx1-ubyte"])
+  train, _ = datasets.fashion_mnist(flatten=False)
+  assert train["x"].shape == (6, 28, 28, 1)
+  # mismatched image / label counts
+  (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+  (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(4, np.uint8)))
+  with pytest.raises(ValueError, match="disagree"):
+    datasets.fashion_mnist()
+
+
+@pytest.mark.skipif(not os.path.isdir(datasets.FASHION_MNIST_DIRS[0]),
+                    reason="dataset-fashion-mnist is not installed")
+def test_fashion_mnist_installed(monkeypatch):
+  monkeypatch.delenv(datasets.FASHION_MNIST_ENV, raising=False)
+  train, test = datasets.fashion_mnist()
+  assert train["x"].shape == (60000, 784) and test["x"].shape == (10000, 784)
+  assert train["y"].shape == (60000,) and test["y"].shape == (10000,)
+  for d in (train, test):
+    assert d["x"].dtype == np.float32
+    assert d["x"].min() >= 0.0 and d["x"].max() <= 1.0 and d["x"].max() > 0.99
+    np.testing.assert_array_equal(np.unique(d["y"]), np.arange(10))
+  assert np.all(np.bincount(train["y"]) == 6000)
+
+
+def test_digits():
+  pytest.importorskip("sklearn")
+  train, test = datasets.digits()
+  assert train["x"].shape[1] == 64 and len(train["y"]) + len(test["y"]) == 1797
+  assert 0 <= train["x"].min() and train["x"].max() <= 1
+  np.testing.assert_array_equal(np.unique(train["y"]), np.arange(10))
+
+
+# --- synthetic ------------------------------------------------------------------------------------
+def test_synthetic():
+  train, test = datasets.synthetic(1, 1, seed=0)
+  assert train.num_clients == test.num_clients == 30
+  assert train.num_classes == test.num_classes == 10
+  assert train.arrays["x"].shape[1:] == (60,) and test.arrays["x"].shape[1:] == (60,)
+  assert train.arrays["x"].dtype == np.float32
+  for d in (train, test):
+    y = d.arrays["y"]
+    assert y.min() >= 0 and y.max() < 10
+  assert np.all(train.sizes + test.sizes >= 50)
+  assert np.all(test.sizes >= 1) and np.all(train.sizes > test.sizes)
+  np.testing.assert_array_equal(train.client_ids, test.client_ids)
+  # sizes are log-normal: very unequal
+  assert train.sizes.max() > 5 * train.sizes.min()
+  # label histogram: one row per client, counts add up
+  h = train.label_histogram()
+  assert h.shape == (30, 10)
+  np.testing.assert_array_equal(h.sum(1), train.sizes)
+  # deterministic per seed
+  again, _ = datasets.synthetic(1, 1, seed=0)
+  np.testing.assert_array_equal(again.arrays["x"], train.arrays["x"])
+  np.testing.assert_array_equal(again.offsets, train.offsets)
+  other, _ = datasets.synthetic(1, 1, seed=1)
+  assert (other.num_examples != train.num_examples
+          or not np.array_equal(other.arrays["x"], train.arrays["x"]))
+
+
+def test_synthetic_iid_and_heterogeneity():
+  train, test = datasets.synthetic(0, 0, iid=True, num_clients=10, seed=0)
+  assert train.num_clients == 10 and train.arrays["x"].shape[1] == 60
+  assert train.label_histogram().shape == (10, 10)
+  # Synthetic(1,1) clients have their own models -> label distributions differ more than IID's
+  het, _ = datasets.synthetic(1, 1, num_clients=10, seed=0)
+
+  def mean_tv(d):
+    h = d.label_histogram().astype(float)
+    glob = h.sum(0) / h.sum()
+    return np.mean(0.5 * np.abs(h / h.sum(1, keepdims=True) - glob).sum(1))
+
+  assert mean_tv(het) > mean_tv(train)
+  with pytest.raises(ValueError, match="alpha"):
+    datasets.synthetic(-1, 1)
