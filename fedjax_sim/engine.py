@@ -126,7 +126,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       rows, mask = batch_indices(k_batch, cids, data.offsets[cids], sizes, work, max_client_size)
       rows = jnp.clip(rows, 0, data.y.shape[0] - 1)
       out = client_train(params, data.x[rows], data.y[rows], mask)
-      finite = jax.vmap(tree.all_finite)(out.delta) & jnp.isfinite(out.metrics["loss_sum"])
+      finite = jax.vmap(tree.sum_is_finite)(out.delta) & jnp.isfinite(out.metrics["loss_sum"])
       w = jnp.where(finite & cvalid, data.weights[cids], 0.0)
       # Zero the deltas of dropped clients: 0 * NaN would still be NaN in the sum.
       delta = jax.tree.map(

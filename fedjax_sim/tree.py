@@ -43,6 +43,15 @@ def all_finite(tree: PyTree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def sum_is_finite(tree: PyTree) -> jax.Array:
+  """Scalar bool: the sum of all elements is finite. One cheap reduction that is False whenever
+  any element is NaN or +-inf (and also when finite values overflow float32, which for a model
+  update is as unusable as NaN)."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.isfinite(sum(jnp.sum(x.astype(jnp.float32)) for x in leaves)) if leaves else \
+      jnp.array(True)
+
+
 def num_params(tree: PyTree) -> int:
   """Total number of scalars in a pytree."""
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
