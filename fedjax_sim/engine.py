@@ -115,6 +115,8 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
   client_train = jax.vmap(make_client_train(model, algorithm.client_optimizer,
                                             algorithm.regularizer), in_axes=(None, 0, 0, 0))
   agg = algorithm.aggregator
+  if agg.validate is not None:
+    agg.validate(cohort_size)
 
   def fold_cohort(params, data, k_batch, ids, valid):
     """One device's share: ids/valid ``[1, num_chunks, k]`` -> (aggregator state [1, ...],
@@ -133,7 +135,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
           lambda d: jnp.where(jnp.reshape(w > 0, (-1,) + (1,) * (d.ndim - 1)), d, 0), out.delta)
       return agg.accumulate(acc, delta, w), dict(out.metrics, finite=finite)
 
-    acc, clients = jax.lax.scan(chunk, agg.init(params), (ids[0], valid[0]))
+    acc, clients = jax.lax.scan(chunk, agg.init(params, num_chunks * k), (ids[0], valid[0]))
     return jax.tree.map(lambda a: a[None], acc), jax.tree.map(lambda a: a[None], clients)
 
   if mesh is not None:

@@ -16,17 +16,25 @@ class Aggregator(NamedTuple):
   """A streaming reduction over the client axis.
 
   Attributes:
-    init: ``params_template -> state`` (called inside the compiled round).
+    init: ``(params_template, num_clients) -> state`` (called inside the compiled round, once per
+      device before its scan over chunks). ``num_clients`` (a static Python int) is how many
+      client slots (valid or padding) this state will be fed through ``accumulate``: buffering
+      aggregators (:mod:`fedjax_sim.aggregators.robust`) size their buffer with it; streaming ones
+      ignore it.
     accumulate: ``(state, deltas [K, ...], weights [K]) -> state`` for one chunk of K clients.
       Weights are already 0 for padding and non-finite clients (whose deltas are zeroed).
     finalize: ``state -> (update [...], total_weight scalar)``.
     combine: ``states stacked on a leading device axis [D, ...] -> state``: merges the partial
       states of D devices that each folded a share of the cohort.
+    validate: optional ``cohort_size -> None``, called by :func:`fedjax_sim.engine.make_round`
+      (so at ``run`` start) to reject cohort sizes the aggregator cannot work with (e.g. Krum
+      needs ``C > 2f + 2``) with a ``ValueError``.
   """
-  init: Callable[[PyTree], Any]
+  init: Callable[[PyTree, int], Any]
   accumulate: Callable[[Any, PyTree, jax.Array], Any]
   finalize: Callable[[Any], tuple[PyTree, jax.Array]]
   combine: Callable[[Any], Any]
+  validate: Callable[[int], None] | None = None
 
 
 class MeanState(NamedTuple):
@@ -37,7 +45,8 @@ class MeanState(NamedTuple):
 def mean() -> Aggregator:
   """Weighted mean ``sum_c w_c d_c / sum_c w_c`` as a running sum (memory of one update)."""
 
-  def init(params):
+  def init(params, num_clients=None):
+    del num_clients
     return MeanState(tree.zeros_like(params), jnp.zeros((), jnp.float32))
 
   def accumulate(state, deltas, weights):
