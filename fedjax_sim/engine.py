@@ -69,8 +69,16 @@ def sample_cohort(key: jax.Array, population: int, cohort_size: int) -> jax.Arra
 
 
 def round_keys(key: jax.Array):
-  """Splits a round's key into (cohort sampling key, local batching key)."""
-  return jax.random.split(key)
+  """Derives (cohort sampling key, local batching key, update-transform key) from a round's key."""
+  k_sample, k_batch = jax.random.split(key)
+  return k_sample, k_batch, jax.random.fold_in(key, 0x7F)
+
+
+def transform_updates(transform, key: jax.Array, client_ids: jax.Array, deltas):
+  """Applies a per-client update transform to stacked deltas ``[K, ...]``; client i uses
+  ``fold_in(key, client_ids[i])``."""
+  keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(client_ids)
+  return jax.vmap(transform.apply)(deltas, keys, client_ids)
 
 
 class RoundOutput(NamedTuple):
@@ -118,7 +126,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
   if agg.validate is not None:
     agg.validate(cohort_size)
 
-  def fold_cohort(params, data, k_batch, ids, valid):
+  def fold_cohort(params, data, k_batch, k_transform, ids, valid):
     """One device's share: ids/valid ``[1, num_chunks, k]`` -> (aggregator state [1, ...],
     per-client outputs ``[1, num_chunks, k]``)."""
 
@@ -128,6 +136,9 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       rows, mask = batch_indices(k_batch, cids, data.offsets[cids], sizes, work, max_client_size)
       rows = jnp.clip(rows, 0, data.y.shape[0] - 1)
       out = client_train(params, data.x[rows], data.y[rows], mask)
+      if algorithm.update_transform is not None:
+        out = out._replace(delta=transform_updates(algorithm.update_transform, k_transform, cids,
+                                                   out.delta))
       finite = jax.vmap(tree.sum_is_finite)(out.delta) & jnp.isfinite(out.metrics["loss_sum"])
       w = jnp.where(finite & cvalid, data.weights[cids], 0.0)
       # Zero the deltas of dropped clients: 0 * NaN would still be NaN in the sum.
@@ -143,16 +154,16 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     rep = jax.sharding.PartitionSpec()
     # check_vma=False: the replicated global params seed per-device (varying) scan carries; the
     # varying-axis type check would demand a pcast on every carry for no behavioural difference.
-    fold_cohort = jax.shard_map(fold_cohort, mesh=mesh, in_specs=(rep, rep, rep, spec, spec),
+    fold_cohort = jax.shard_map(fold_cohort, mesh=mesh, in_specs=(rep, rep, rep, rep, spec, spec),
                                 out_specs=(spec, spec), check_vma=False)
 
   def round_fn(state: server.ServerState, data: DeviceData, key: jax.Array):
-    k_sample, k_batch = round_keys(key)
+    k_sample, k_batch, k_transform = round_keys(key)
     ids = sample_cohort(k_sample, population, cohort_size).astype(jnp.int32)
     valid = jnp.arange(padded) < cohort_size
     ids = jnp.concatenate([ids, jnp.zeros(padded - cohort_size, jnp.int32)])
     shape = (num_dev, num_chunks, k)
-    accs, clients = fold_cohort(state.params, data, k_batch, ids.reshape(shape),
+    accs, clients = fold_cohort(state.params, data, k_batch, k_transform, ids.reshape(shape),
                                 valid.reshape(shape))
     clients = jax.tree.map(lambda a: a.reshape((padded,) + a.shape[3:])[:cohort_size], clients)
     update, total_w = agg.finalize(agg.combine(accs))

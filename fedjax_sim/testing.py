@@ -53,7 +53,7 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
   """
   work = algorithm.work
   step = _make_step(model, algorithm.client_optimizer, algorithm.regularizer)
-  k_sample, k_batch = engine.round_keys(key)
+  k_sample, k_batch, k_transform = engine.round_keys(key)
   ids = np.asarray(engine.sample_cohort(k_sample, data.num_clients, cohort_size))
   w_all = data.sizes.astype(np.float32) if weights is None else np.asarray(weights, np.float32)
   if weights is None and algorithm.weighting == "uniform":
@@ -75,8 +75,11 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
                                           y_all[rows[s]], mask[s])
       c_loss += float(l)
       c_count += float(n)
-    delta = jax.tree.map(lambda g, p: np.asarray(g, np.float64) - np.asarray(p, np.float64),
-                         global_params, params)
+    delta = jax.tree.map(lambda g, p: g - p, global_params, params)
+    if algorithm.update_transform is not None:
+      delta = algorithm.update_transform.apply(
+          delta, jax.random.fold_in(k_transform, int(cid)), jnp.asarray(cid, jnp.int32))
+    delta = jax.tree.map(lambda d: np.asarray(d, np.float64), delta)
     if not (all(np.all(np.isfinite(d)) for d in jax.tree.leaves(delta)) and np.isfinite(c_loss)):
       nonfinite += 1
       continue

@@ -28,6 +28,7 @@ class Algorithm:
   weighting: str = "examples"
   aggregator: Aggregator = dataclasses.field(default_factory=mean)
   regularizer: Callable[[Any, Any], Any] | None = None
+  update_transform: Any = None   # fedjax_sim.transforms.UpdateTransform applied per client
 
   def __post_init__(self):
     if self.weighting not in WEIGHTINGS:
