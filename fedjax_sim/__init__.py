@@ -14,7 +14,7 @@ the server applies an optax optimizer to the aggregated update.
 ['num_clients', 'num_nonfinite', 'round']
 """
 
-from fedjax_sim import aggregators, algorithms, engine, models, server, testing, tree
+from fedjax_sim import aggregators, algorithms, checkpoint, engine, models, server, testing, tree
 from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
 from fedjax_sim.history import History, plot_histories
 from fedjax_sim.loop import RunResult, run
@@ -22,5 +22,5 @@ from fedjax_sim.loop import RunResult, run
 __version__ = "0.1.0"
 
 __all__ = ["ClientBatches", "FederatedData", "History", "LocalWork", "RunResult", "aggregators",
-           "algorithms", "datasets", "engine", "models", "partition", "plot_histories", "run",
-           "server", "testing", "tree"]
+           "algorithms", "checkpoint", "datasets", "engine", "models", "partition",
+           "plot_histories", "run", "server", "testing", "tree"]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedjax_sim import engine, server
+from fedjax_sim import checkpoint, engine, server
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.history import History
@@ -116,6 +116,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
         client_weights: Sequence[float] | None = None, progress: bool = True,
         eval_batch_size: int = 1000,
         callback: Callable[[int, server.ServerState, engine.RoundOutput], None] | None = None,
+        checkpoint_dir: str | None = None, checkpoint_every: int = 10, resume: bool = False,
         ) -> RunResult:
   """Runs federated training and returns the final model with a per-round history.
 
@@ -138,6 +139,18 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       example counts, or uniform if the algorithm says so).
     progress: show a progress bar.
     callback: called after every round with ``(round, state, RoundOutput)``.
+    checkpoint_dir: if given, the server state and the history so far are saved (orbax) to
+      ``checkpoint_dir/<round>/`` every ``checkpoint_every`` rounds and after the last round;
+      the 2 most recent are kept. A step is written to a temporary directory and renamed when
+      complete, so a run killed mid-save never leaves a checkpoint that reads as valid.
+    checkpoint_every: rounds between checkpoints.
+    resume: continue from the latest complete checkpoint in ``checkpoint_dir`` if there is one,
+      else start from scratch ("continue if possible"). The resumed run uses the same per-round
+      keys, so its params and history (but ``seconds``) equal an uninterrupted run's exactly;
+      the restored state replaces ``init_params``, and ``callback`` sees only the new rounds.
+      Raises ``ValueError`` if the checkpoint was written for a different experiment (model
+      shapes, algorithm, population, cohort size or seed differ), if its latest step is corrupt,
+      or if it is past ``rounds``. Without ``resume``, ``checkpoint_dir`` must hold no checkpoint.
 
   History keys: ``round``, ``train_loss``, ``train_accuracy`` (during local training),
   ``num_nonfinite`` (clients dropped for NaN/inf updates), ``update_norm``, ``seconds``,
@@ -145,6 +158,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   """
   validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
            eval_every=eval_every, chunk_size=chunk_size, num_devices=num_devices)
+  _positive_int("checkpoint_every", checkpoint_every)
   eval_arrays = None
   if eval_data is not None:
     eval_arrays = engine.as_arrays(eval_data)
@@ -154,6 +168,13 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   key_init, key_rounds = jax.random.split(jax.random.key(seed))
   params = init_params if init_params is not None else model.init(key_init)
   state = server.init(params, algorithm.server_optimizer)
+  records, ckpt = [], None
+  if checkpoint_dir is not None:
+    fingerprint = checkpoint.fingerprint(
+        state, algorithm=algorithm.name, population=train_data.num_clients,
+        num_examples=int(train_data.sizes.sum()), cohort_size=cohort_size, seed=seed)
+    ckpt, state, records = checkpoint.open_for_run(checkpoint_dir, state, fingerprint,
+                                                   resume=resume, rounds=rounds)
   data = engine.to_device(train_data, weights)
   n_dev = num_devices or jax.device_count()
   mesh = engine.client_mesh(n_dev) if n_dev > 1 else None
@@ -168,10 +189,11 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     evaluate = engine.make_evaluate(model, eval_batch_size)
     ex, ey = jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)
 
-  records = []
-  bar = tqdm(total=rounds, desc=f"{algorithm.name}", disable=not progress, leave=True)
+  start = len(records) + 1
+  bar = tqdm(total=rounds, initial=start - 1, desc=f"{algorithm.name}", disable=not progress,
+             leave=True)
   try:
-    for r in range(1, rounds + 1):
+    for r in range(start, rounds + 1):
       t = time.perf_counter()
       state, out = compiled(state, data, jax.random.fold_in(key_rounds, r))
       metrics = jax.device_get(out.metrics)
@@ -181,6 +203,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
         ev = jax.device_get(evaluate(state.params, ex, ey))
         rec["test_loss"], rec["test_accuracy"] = float(ev["loss"]), float(ev["accuracy"])
       records.append(rec)
+      if ckpt is not None and (r % checkpoint_every == 0 or r == rounds):
+        ckpt.save(r, state, records, {"fingerprint": fingerprint})
       if callback is not None:
         callback(r, state, out)
       post = {"loss": f"{rec['train_loss']:.4f}"}
@@ -192,5 +216,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       bar.update(1)
   finally:
     bar.close()
+    if ckpt is not None:
+      ckpt.close()
   history = History.from_records(records)
   return RunResult(state.params, state, history, compile_seconds)
