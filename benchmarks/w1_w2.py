@@ -30,7 +30,7 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
         baseline: bool) -> dict:
   import jax
   import numpy as np
-  from common import emit, median_time, peak_rss_gb, workload
+  from common import median_time, peak_rss_gb, workload
   from fedjax_sim import engine, server, testing
 
   name, c = spec.split(":")

@@ -1,7 +1,6 @@
 """Registry contract: every algorithm equals the sequential reference and compiles once."""
 
 import jax
-import numpy as np
 import optax
 import pytest
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import engine, server, testing
+from fedjax_sim import testing
 
 
 def _mlp():
@@ -106,20 +106,6 @@ def test_same_seed_same_numbers(ragged_data):
   testing.assert_trees_close(a.params, b.params, atol=0)
   np.testing.assert_array_equal(a.history["train_loss"], b.history["train_loss"])
   assert fs.tree.max_abs_diff(a.params, c.params) > 1e-4
-
-
-def test_round_compiles_once(ragged_data):
-  """The round is traced once and reused for every round (no retrace per round)."""
-  algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16)
-  model = _mlp()
-  traces = []
-  rf = engine.make_round(algo, model, population=12, cohort_size=4, max_client_size=200)
-  counted = jax.jit(lambda *a: (traces.append(1), rf(*a))[1])
-  state = server.init(model.init(jax.random.key(0)), algo.server_optimizer)
-  data = engine.to_device(ragged_data)
-  for r in range(3):
-    state, _ = counted(state, data, jax.random.key(r))
-  assert len(traces) == 1
 
 
 def test_fedavg_learns_on_digits():

@@ -1,6 +1,5 @@
 """Every notebook under notebooks/ runs top to bottom (small sizes: FEDJAX_SIM_SMALL=1)."""
 
-import os
 from pathlib import Path
 
 import nbformat

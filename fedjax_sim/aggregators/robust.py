@@ -30,7 +30,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim import tree
 from fedjax_sim.aggregators.base import Aggregator, mean
 
 PyTree = Any
