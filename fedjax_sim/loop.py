@@ -116,7 +116,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
         eval_batch_size: int = 1000,
         callback: Callable[[int, server.ServerState, engine.RoundOutput], None] | None = None,
         checkpoint_dir: str | None = None, checkpoint_every: int = 10, resume: bool = False,
-        ) -> RunResult:
+        rounds_per_call: int = 1) -> RunResult:
   """Runs federated training and returns the final model with a per-round history.
 
   Args:
@@ -137,7 +137,13 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     client_weights: optional ``[P]`` weights p_i of the objective ``sum_i p_i f_i`` (default:
       example counts, or uniform if the algorithm says so).
     progress: show a progress bar.
-    callback: called after every round with ``(round, state, RoundOutput)``.
+    callback: called after every round with ``(round, state, RoundOutput)``; with
+      ``rounds_per_call > 1`` it runs when the round's block has finished and sees the block's
+      final state.
+    rounds_per_call: run up to this many rounds as one compiled ``lax.scan`` (sampling included),
+      so small models are not bound by Python overhead between rounds. Blocks end at evaluation
+      and checkpoint rounds; results equal ``rounds_per_call=1`` exactly. ``seconds`` is then the
+      block's time divided by its rounds.
     checkpoint_dir: if given, the server state and the history so far are saved (orbax) to
       ``checkpoint_dir/<round>/`` every ``checkpoint_every`` rounds and after the last round;
       the 2 most recent are kept. A step is written to a temporary directory and renamed when
@@ -158,6 +164,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
            eval_every=eval_every, chunk_size=chunk_size, num_devices=num_devices)
   _positive_int("checkpoint_every", checkpoint_every)
+  _positive_int("rounds_per_call", rounds_per_call)
   eval_arrays = None
   if eval_data is not None:
     eval_arrays = engine.as_arrays(eval_data)
@@ -180,39 +187,67 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   round_fn = engine.make_round(algorithm, model, population=train_data.num_clients,
                                cohort_size=cohort_size, max_client_size=train_data.max_client_size,
                                chunk_size=chunk_size, mesh=mesh)
-  t0 = time.perf_counter()
-  compiled = jax.jit(round_fn).lower(state, data, key_rounds).compile()
-  compile_seconds = time.perf_counter() - t0
+  # Blocks of rounds run as one compiled lax.scan (one program per distinct block length, at
+  # most a few); a block ends where the host has work to do: evaluation or a checkpoint.
+  def block_fn(state, data, key, rs):
+    return jax.lax.scan(lambda s, r: round_fn(s, data, jax.random.fold_in(key, r)), state, rs)
+
+  block_jit = jax.jit(block_fn)
+  compiled_blocks: dict[int, Any] = {}
+  compile_seconds = 0.0
+
+  def compiled_block(length):
+    nonlocal compile_seconds
+    if length not in compiled_blocks:
+      t0 = time.perf_counter()
+      compiled_blocks[length] = block_jit.lower(
+          state, data, key_rounds, jnp.zeros(length, jnp.int32)).compile()
+      compile_seconds += time.perf_counter() - t0
+    return compiled_blocks[length]
+
+  def host_work(r):
+    return ((eval_arrays is not None and r % eval_every == 0) or
+            (ckpt is not None and r % checkpoint_every == 0) or r == rounds)
+
+  start = len(records) + 1
+  compiled_block(min(rounds_per_call, max(rounds - start + 1, 1)))
   evaluate = None
   if eval_arrays is not None:
     evaluate = engine.make_evaluate(model, eval_batch_size)
     ex, ey = jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)
 
-  start = len(records) + 1
   bar = tqdm(total=rounds, initial=start - 1, desc=f"{algorithm.name}", disable=not progress,
              leave=True)
   try:
-    for r in range(start, rounds + 1):
+    r = start
+    while r <= rounds:
+      end = r
+      while end < rounds and end - r + 1 < rounds_per_call and not host_work(end):
+        end += 1
       t = time.perf_counter()
-      state, out = compiled(state, data, jax.random.fold_in(key_rounds, r))
-      metrics = jax.device_get(out.metrics)
-      rec = {"round": r, **{k: float(v) for k, v in metrics.items()},
-             "seconds": time.perf_counter() - t}
-      if evaluate is not None and (r % eval_every == 0 or r == rounds):
-        ev = jax.device_get(evaluate(state.params, ex, ey))
-        rec["test_loss"], rec["test_accuracy"] = float(ev["loss"]), float(ev["accuracy"])
-      records.append(rec)
-      if ckpt is not None and (r % checkpoint_every == 0 or r == rounds):
-        ckpt.save(r, state, records, {"fingerprint": fingerprint})
-      if callback is not None:
-        callback(r, state, out)
+      rs = jnp.arange(r, end + 1, dtype=jnp.int32)
+      state, outs = compiled_block(end - r + 1)(state, data, key_rounds, rs)
+      metrics = jax.device_get(outs.metrics)
+      seconds = (time.perf_counter() - t) / (end - r + 1)
+      for i, rr in enumerate(range(r, end + 1)):
+        rec = {"round": rr, **{k: float(v[i]) for k, v in metrics.items()}, "seconds": seconds}
+        if rr == end and evaluate is not None and (rr % eval_every == 0 or rr == rounds):
+          ev = jax.device_get(evaluate(state.params, ex, ey))
+          rec["test_loss"], rec["test_accuracy"] = float(ev["loss"]), float(ev["accuracy"])
+        records.append(rec)
+        if callback is not None:
+          callback(rr, state, jax.tree.map(lambda a: a[i], outs))
+      if ckpt is not None and (end % checkpoint_every == 0 or end == rounds):
+        ckpt.save(end, state, records, {"fingerprint": fingerprint})
+      rec = records[-1]
       post = {"loss": f"{rec['train_loss']:.4f}"}
       if "test_accuracy" in rec:
         post["test_acc"] = f"{rec['test_accuracy']:.4f}"
       if rec["num_nonfinite"]:
         post["nonfinite"] = int(rec["num_nonfinite"])
       bar.set_postfix(post, refresh=False)
-      bar.update(1)
+      bar.update(end - r + 1)
+      r = end + 1
   finally:
     bar.close()
     if ckpt is not None:

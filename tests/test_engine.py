@@ -118,3 +118,20 @@ def test_fedavg_learns_on_digits():
   h = res.history
   assert h["train_loss"][-5:].mean() < 0.5 * h["train_loss"][0]
   assert h.last("test_accuracy") > 0.8   # chance is 0.1
+
+
+def test_rounds_per_call_equals_round_by_round(ragged_data):
+  """Blocks of rounds in one compiled scan give exactly the round-by-round results."""
+  algo = fs.algorithms.fedavg(optax.sgd(0.1, momentum=0.9), optax.adam(0.01), batch_size=16)
+  test = {"x": ragged_data.arrays["x"][:50], "y": ragged_data.arrays["y"][:50]}
+  seen = []
+  kw = dict(rounds=7, cohort_size=5, eval_data=test, eval_every=3, seed=5, progress=False)
+  a = fs.run(algo, _mlp(), ragged_data, **kw)
+  b = fs.run(algo, _mlp(), ragged_data, rounds_per_call=4, callback=lambda r, s, o: seen.append(r),
+             **kw)
+  testing.assert_trees_close(a.params, b.params, atol=0)
+  for k in a.history:
+    if k != "seconds":
+      np.testing.assert_array_equal(a.history[k], b.history[k], err_msg=k)
+  assert seen == list(range(1, 8))
+  assert np.isnan(b.history["test_accuracy"][0]) and not np.isnan(b.history["test_accuracy"][2])
