@@ -16,7 +16,7 @@ baked into the program as a constant).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -186,37 +186,3 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     return new_state, RoundOutput(metrics, clients)
 
   return round_fn
-
-
-def make_evaluate(model: Model, batch_size: int = 1000):
-  """Builds jitted ``evaluate(params, x [N,...], y [N]) -> {"loss", "accuracy"}`` over all N
-  examples, in batches of ``batch_size`` (``lax.map``) so memory stays bounded."""
-
-  @jax.jit
-  def evaluate(params, x, y):
-    n = y.shape[0]
-    b = min(batch_size, n)
-    nb = math.ceil(n / b)
-    pad = nb * b - n
-    xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape((nb, b) + x.shape[1:])
-    yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)]).reshape(nb, b)
-    mp = (jnp.arange(nb * b) < n).reshape(nb, b)
-
-    def one(batch):
-      _, (loss_sum, correct, count) = model.batch_loss(params, *batch)
-      return loss_sum, correct
-
-    loss_sum, correct = jax.lax.map(one, (xp, yp, mp))
-    return {"loss": jnp.sum(loss_sum) / n, "accuracy": jnp.sum(correct) / n}
-
-  return evaluate
-
-
-def as_arrays(data: Any) -> dict[str, np.ndarray]:
-  """Evaluation data as flat arrays: accepts a dict with ``x``/``y`` or a FederatedData."""
-  if isinstance(data, FederatedData):
-    return data.centralized()
-  if isinstance(data, dict) and "x" in data and "y" in data:
-    return {"x": np.asarray(data["x"]), "y": np.asarray(data["y"])}
-  raise ValueError("eval_data must be a FederatedData or a dict with 'x' and 'y' arrays, got "
-                   f"{type(data).__name__}")

@@ -17,6 +17,46 @@ from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
 from fedjax_sim.models.core import Model
 
 
+def pad_batches(x: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """Zero-pads ``x [N, ...]`` to whole batches: ``([nb, b, ...], mask [nb, b])``, ``b`` =
+  ``min(batch_size, N)``, so a ``lax.map`` over batches has static shapes and bounded memory."""
+  n = x.shape[0]
+  b = max(1, min(batch_size, n))
+  nb = math.ceil(n / b)
+  xp = jnp.concatenate([x, jnp.zeros((nb * b - n,) + x.shape[1:], x.dtype)])
+  return xp.reshape((nb, b) + x.shape[1:]), (jnp.arange(nb * b) < n).reshape(nb, b)
+
+
+def make_evaluate(model: Model, batch_size: int = 1000):
+  """Builds jitted ``evaluate(params, x [N,...], y [N]) -> {"loss", "accuracy"}`` over all N
+  examples, in batches of ``batch_size`` (``lax.map``) so memory stays bounded."""
+
+  @jax.jit
+  def evaluate(params, x, y):
+    xp, mp = pad_batches(x, batch_size)
+    yp, _ = pad_batches(y, batch_size)
+
+    def one(batch):
+      _, (loss_sum, correct, count) = model.batch_loss(params, *batch)
+      return loss_sum, correct
+
+    loss_sum, correct = jax.lax.map(one, (xp, yp, mp))
+    n = y.shape[0]
+    return {"loss": jnp.sum(loss_sum) / n, "accuracy": jnp.sum(correct) / n}
+
+  return evaluate
+
+
+def as_arrays(data: Any) -> dict[str, np.ndarray]:
+  """Evaluation data as flat arrays: accepts a dict with ``x``/``y`` or a FederatedData."""
+  if isinstance(data, FederatedData):
+    return data.centralized()
+  if isinstance(data, dict) and "x" in data and "y" in data:
+    return {"x": np.asarray(data["x"]), "y": np.asarray(data["y"])}
+  raise ValueError("eval_data must be a FederatedData or a dict with 'x' and 'y' arrays, got "
+                   f"{type(data).__name__}")
+
+
 def make_client_evaluate(model: Model, max_client_size: int, batch_size: int = 256,
                          chunk_size: int = 32):
   """Builds jitted ``f(params, x [N,...], y [N], offsets [P], sizes [P]) -> dict of [P] arrays``

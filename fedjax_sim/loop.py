@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedjax_sim import checkpoint, engine, server
+from fedjax_sim import checkpoint, engine, evaluation, server
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.history import History
@@ -167,7 +167,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   _positive_int("rounds_per_call", rounds_per_call)
   eval_arrays = None
   if eval_data is not None:
-    eval_arrays = engine.as_arrays(eval_data)
+    eval_arrays = evaluation.as_arrays(eval_data)
     check_eval_data(model, eval_arrays)
   weights = resolve_client_weights(train_data, algorithm.weighting, client_weights)
 
@@ -213,7 +213,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   compiled_block(min(rounds_per_call, max(rounds - start + 1, 1)))
   evaluate = None
   if eval_arrays is not None:
-    evaluate = engine.make_evaluate(model, eval_batch_size)
+    evaluate = evaluation.make_evaluate(model, eval_batch_size)
     ex, ey = jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)
 
   bar = tqdm(total=rounds, initial=start - 1, desc=f"{algorithm.name}", disable=not progress,

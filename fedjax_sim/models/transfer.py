@@ -10,7 +10,6 @@ step instead, which gives the same head (tested) at a much higher cost.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.evaluation import pad_batches
 from fedjax_sim.models.core import Model, from_flax, softmax_cross_entropy
 
 EncoderApply = Callable[[Any, jax.Array], jax.Array]
@@ -62,14 +62,10 @@ def head_model(encoder_apply: EncoderApply, encoder_params: Any, head, input_sha
 def encode(encoder_apply: EncoderApply, encoder_params: Any, x: np.ndarray,
            batch_size: int = 512) -> np.ndarray:
   """Features of every row of ``x [N, ...]``: one jitted pass in batches (``lax.map``)."""
-  n = x.shape[0]
-  b = max(1, min(batch_size, n))
-  nb = math.ceil(n / b)
-  xp = np.concatenate([x, np.zeros((nb * b - n,) + x.shape[1:], x.dtype)]).reshape(
-      (nb, b) + x.shape[1:])
-  f = jax.jit(lambda p, xs: jax.lax.map(lambda xb: encoder_apply(p, xb), xs))
-  out = np.asarray(f(encoder_params, jnp.asarray(xp)))
-  return out.reshape((nb * b,) + out.shape[2:])[:n]
+  f = jax.jit(lambda p, xs: jax.lax.map(lambda xb: encoder_apply(p, xb),
+                                        pad_batches(xs, batch_size)[0]))
+  out = np.asarray(f(encoder_params, jnp.asarray(x)))
+  return out.reshape((-1,) + out.shape[2:])[:x.shape[0]]
 
 
 def feature_cache(encoder_apply: EncoderApply, encoder_params: Any, data, batch_size: int = 512):
