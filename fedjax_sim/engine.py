@@ -16,16 +16,18 @@ baked into the program as a constant).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim import server, tree
+from fedjax_sim import heterogeneity, server, tree
+from fedjax_sim import heterogeneity as heterogeneity_mod
 from fedjax_sim.algorithms.base import Algorithm
-from fedjax_sim.client import make_client_train
-from fedjax_sim.data.federated import FederatedData, batch_indices
+from fedjax_sim.client import ClientContext, make_client_train
+from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
+from fedjax_sim.transforms.base import apply_transform
 from fedjax_sim.models.core import Model
 
 # Clients per chunk of the vmapped client axis on CPU. Measured on the 2-core CPU with W1 at
@@ -44,41 +46,90 @@ class DeviceData(NamedTuple):
     x: ``[N, ...]`` features.  y: ``[N]`` labels.
     offsets: ``[P]`` int32 first row of each client.  sizes: ``[P]`` int32 examples per client.
     weights: ``[P]`` float32 aggregation weights p_i.
+    het: per-client heterogeneity arrays (:class:`fedjax_sim.heterogeneity.HeterogeneityArrays`)
+      or ``None``.
   """
   x: jax.Array
   y: jax.Array
   offsets: jax.Array
   sizes: jax.Array
   weights: jax.Array
+  het: Any = None
 
 
-def to_device(data: FederatedData, weights: np.ndarray | None = None) -> DeviceData:
+def to_device(data: FederatedData, weights: np.ndarray | None = None,
+              het: heterogeneity.Heterogeneity | None = None,
+              work: LocalWork | None = None) -> DeviceData:
   """Moves a population to the device; ``weights [P]`` are the aggregation weights p_i
-  (default: example counts)."""
+  (default: example counts); ``het`` (with the algorithm's ``work``) adds per-client
+  heterogeneity arrays."""
   w = data.sizes if weights is None else weights
+  het_arrays = None if het is None else heterogeneity.to_device(het, data.sizes, work)
   return DeviceData(jnp.asarray(data.arrays["x"]), jnp.asarray(data.arrays["y"], jnp.int32),
                     jnp.asarray(data.offsets[:-1], jnp.int32), jnp.asarray(data.sizes, jnp.int32),
-                    jnp.asarray(w, jnp.float32))
+                    jnp.asarray(w, jnp.float32), het_arrays)
 
 
-def sample_cohort(key: jax.Array, population: int, cohort_size: int) -> jax.Array:
-  """``[cohort_size]`` distinct client positions drawn uniformly from ``[0, population)``."""
-  if cohort_size == population:
-    return jax.random.permutation(key, population)
-  return jax.random.choice(key, population, (cohort_size,), replace=False)
+def sample_cohort(key: jax.Array, population: int, cohort_size: int,
+                  online: jax.Array | None = None):
+  """Draws a cohort of distinct clients uniformly without replacement.
+
+  Returns ``[cohort_size]`` int32 client positions in ``[0, population)``. With ``online [P]``
+  (bool), only online clients are drawn and a pair ``(ids, valid)`` is returned: when fewer than
+  ``cohort_size`` are online, the trailing ``valid`` entries are False.
+  """
+  if online is None:
+    if cohort_size == population:
+      return jax.random.permutation(key, population).astype(jnp.int32)
+    return jax.random.choice(key, population, (cohort_size,), replace=False).astype(jnp.int32)
+  scores = jnp.where(online, jax.random.uniform(key, (population,)), -1.0)
+  top, ids = jax.lax.top_k(scores, cohort_size)
+  return ids.astype(jnp.int32), top >= 0
 
 
-def round_keys(key: jax.Array):
-  """Derives (cohort sampling key, local batching key, update-transform key) from a round's key."""
+class RoundKeys(NamedTuple):
+  """Independent streams of one round's key (each used through ``fold_in(., client_id)`` where
+  it is per client)."""
+  sample: jax.Array
+  batch: jax.Array
+  transform: jax.Array
+  heterogeneity: jax.Array
+  server: jax.Array
+  availability: jax.Array
+
+
+def round_keys(key: jax.Array) -> RoundKeys:
+  """Derives the round's independent keys (cohort sampling, local batching, update transforms,
+  heterogeneity draws, server-side noise, availability)."""
   k_sample, k_batch = jax.random.split(key)
-  return k_sample, k_batch, jax.random.fold_in(key, 0x7F)
+  return RoundKeys(k_sample, k_batch, jax.random.fold_in(key, 0x7F), jax.random.fold_in(key, 0x4E),
+                   jax.random.fold_in(key, 0x5E), jax.random.fold_in(key, 0xA7))
 
 
-def transform_updates(transform, key: jax.Array, client_ids: jax.Array, deltas):
+def transform_updates(transform, key: jax.Array, client_ids: jax.Array, deltas, states=None):
   """Applies a per-client update transform to stacked deltas ``[K, ...]``; client i uses
-  ``fold_in(key, client_ids[i])``."""
+  ``fold_in(key, client_ids[i])``. Returns ``(deltas, states)`` (states ``None`` if stateless)."""
   keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(client_ids)
-  return jax.vmap(transform.apply)(deltas, keys, client_ids)
+  return jax.vmap(lambda d, k, c, s: apply_transform(transform, d, k, c, s))(
+      deltas, keys, client_ids, states)
+
+
+def init_state(algorithm: Algorithm, params, population: int) -> server.ServerState:
+  """The round-0 :class:`~fedjax_sim.server.ServerState` of ``algorithm``: params, server optimizer
+  state, the algorithm's server-side state and per-client state stores ``[P, ...]``."""
+  aux = algorithm.server_aux_init(params) if algorithm.server_aux_init is not None else {}
+  clients = {}
+
+  def store(one):
+    return jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (population,) + jnp.shape(a)),
+                        one)
+
+  if algorithm.client_state_init is not None:
+    clients["algorithm"] = store(algorithm.client_state_init(params))
+  t = algorithm.update_transform
+  if t is not None and t.init is not None:
+    clients["transform"] = store(t.init(params))
+  return server.init(params, algorithm.server_optimizer, aux=aux, clients=clients)
 
 
 class RoundOutput(NamedTuple):
@@ -97,13 +148,20 @@ def client_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(devices), ("clients",))
 
 
+def _mask_tree(keep: jax.Array, t):
+  """Zeros the rows ``t[k]`` (leaves ``[K, ...]``) where ``keep [K]`` is False."""
+  return jax.tree.map(lambda d: jnp.where(jnp.reshape(keep, (-1,) + (1,) * (d.ndim - 1)), d, 0), t)
+
+
 def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_size: int,
                max_client_size: int, chunk_size: int | None = None,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None,
+               heterogeneity: heterogeneity.Heterogeneity | None = None):
   """Builds ``round_fn(state, data: DeviceData, key) -> (ServerState, RoundOutput)`` (not jitted).
 
   Args:
-    algorithm: the federated algorithm (client/server optimizers, local work, aggregation).
+    algorithm: the federated algorithm (client/server optimizers, local work, aggregation,
+      optional per-client state and hooks; see :mod:`fedjax_sim.algorithms.base`).
     model: the model.
     population: number of clients P in ``data``.
     cohort_size: clients per round C.
@@ -113,6 +171,11 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       axis is split over its D devices, each folding its share chunk by chunk; the D partial
       aggregator states are then combined (a cross-device reduction). Parameters and data are
       replicated. Results equal the single-device round up to float summation order.
+    heterogeneity: optional simulated systems heterogeneity (stragglers, drop-outs, per-client
+      work, availability; :mod:`fedjax_sim.heterogeneity`). Its per-client arrays travel in
+      ``data.het`` (:func:`to_device`).
+
+  The state must come from :func:`init_state` (it holds the per-client state stores).
   """
   num_dev = 1 if mesh is None else mesh.devices.size
   per_dev = math.ceil(cohort_size / num_dev)
@@ -120,69 +183,153 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
   k = math.ceil(per_dev / num_chunks)   # balanced: C=10, K=8 -> 2 chunks of 5, not 8 + 2
   padded = num_dev * num_chunks * k
   work = algorithm.work
+  het = heterogeneity
+  if het is not None:
+    het.validate(population, work)
   client_train = jax.vmap(make_client_train(model, algorithm.client_optimizer,
-                                            algorithm.regularizer), in_axes=(None, 0, 0, 0))
+                                            algorithm.regularizer),
+                          in_axes=(None, 0, 0, 0, ClientContext(0, 0, None), 0))
   agg = algorithm.aggregator
   if agg.validate is not None:
     agg.validate(cohort_size)
+  transform = algorithm.update_transform
+  has_upload = algorithm.client_finish is not None
 
-  def fold_cohort(params, data, k_batch, k_transform, ids, valid):
+  def fold_cohort(params, aux, stores, data, keys, ids, valid):
     """One device's share: ids/valid ``[1, num_chunks, k]`` -> (aggregator state [1, ...],
-    per-client outputs ``[1, num_chunks, k]``)."""
+    upload sums [1, ...], per-client outputs ``[1, num_chunks, k]``)."""
 
-    def chunk(acc, chunk_in):
+    def chunk(carry, chunk_in):
+      acc, up_acc = carry
       cids, cvalid = chunk_in
       sizes = jnp.where(cvalid, data.sizes[cids], 0)
-      rows, mask = batch_indices(k_batch, cids, data.offsets[cids], sizes, work, max_client_size)
+      rows, mask = batch_indices(keys.batch, cids, data.offsets[cids], sizes, work,
+                                 max_client_size)
+      lr_scale, straggler, dropped = None, jnp.zeros_like(cvalid), jnp.zeros_like(cvalid)
+      if het is not None:
+        mask, cond = heterogeneity_mod.apply(het, data.het, keys.heterogeneity, cids, mask, work)
+        lr_scale, straggler, dropped = cond.lr_scale, cond.straggler, cond.dropped
       rows = jnp.clip(rows, 0, data.y.shape[0] - 1)
-      out = client_train(params, data.x[rows], data.y[rows], mask)
-      if algorithm.update_transform is not None:
-        out = out._replace(delta=transform_updates(algorithm.update_transform, k_transform, cids,
-                                                   out.delta))
-      finite = jax.vmap(tree.sum_is_finite)(out.delta) & jnp.isfinite(out.metrics["loss_sum"])
-      w = jnp.where(finite & cvalid, data.weights[cids], 0.0)
+      mine = jax.tree.map(lambda s: s[cids], stores)
+      ctx = ClientContext(cids, mine.get("algorithm"),
+                          aux if algorithm.server_aux_init is not None else None)
+      out = client_train(params, data.x[rows], data.y[rows], mask, ctx, lr_scale)
+      delta, ys = out.delta, dict(out.metrics)
+      upload = None
+      if has_upload:
+        info = {"steps": out.metrics["steps"],
+                "lr_scale": jnp.ones(k) if lr_scale is None else lr_scale}
+        delta, new_alg, upload = jax.vmap(algorithm.client_finish,
+                                          in_axes=(ClientContext(0, 0, None), 0, 0))(ctx, delta,
+                                                                                     info)
+        if new_alg is not None:
+          ys["state_algorithm"] = new_alg
+      if transform is not None:
+        delta, new_tr = transform_updates(transform, keys.transform, cids, delta,
+                                          mine.get("transform"))
+        if new_tr is not None:
+          ys["state_transform"] = new_tr
+      finite = jax.vmap(tree.sum_is_finite)(delta) & jnp.isfinite(out.metrics["loss_sum"])
+      if upload is not None:
+        finite = finite & jax.vmap(tree.sum_is_finite)(upload)
+      counted = finite & cvalid & ~dropped
+      if algorithm.drop_stragglers:
+        counted = counted & ~straggler
+      w = jnp.where(counted, data.weights[cids], 0.0)
       # Zero the deltas of dropped clients: 0 * NaN would still be NaN in the sum.
-      delta = jax.tree.map(
-          lambda d: jnp.where(jnp.reshape(w > 0, (-1,) + (1,) * (d.ndim - 1)), d, 0), out.delta)
-      return agg.accumulate(acc, delta, w), dict(out.metrics, finite=finite)
+      acc = agg.accumulate(acc, _mask_tree(w > 0, delta), w)
+      if upload is not None:
+        up_sum, up_w = up_acc
+        up_acc = (jax.tree.map(jnp.add, up_sum, tree.weighted_sum(_mask_tree(w > 0, upload), w)),
+                  up_w + jnp.sum(w))
+      ys.update(finite=finite, counted=counted, straggler=straggler & cvalid,
+                dropped=dropped & cvalid)
+      return (acc, up_acc), ys
 
-    acc, clients = jax.lax.scan(chunk, agg.init(params, num_chunks * k), (ids[0], valid[0]))
-    return jax.tree.map(lambda a: a[None], acc), jax.tree.map(lambda a: a[None], clients)
+    up0 = None
+    if has_upload:
+      template = jax.eval_shape(
+          algorithm.client_finish,
+          ClientContext(jnp.int32(0), jax.tree.map(lambda s: s[0], stores).get("algorithm"),
+                        aux if algorithm.server_aux_init is not None else None),
+          params, {"steps": jnp.int32(0), "lr_scale": jnp.float32(1)})[2]
+      up0 = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), template),
+             jnp.zeros((), jnp.float32))
+    (acc, up), clients = jax.lax.scan(chunk, (agg.init(params, num_chunks * k), up0),
+                                      (ids[0], valid[0]))
+    lead = lambda t: jax.tree.map(lambda a: a[None], t)   # noqa: E731
+    return lead(acc), lead(up), lead(clients)
 
   if mesh is not None:
     spec = jax.sharding.PartitionSpec("clients")
     rep = jax.sharding.PartitionSpec()
     # check_vma=False: the replicated global params seed per-device (varying) scan carries; the
     # varying-axis type check would demand a pcast on every carry for no behavioural difference.
-    fold_cohort = jax.shard_map(fold_cohort, mesh=mesh, in_specs=(rep, rep, rep, rep, spec, spec),
-                                out_specs=(spec, spec), check_vma=False)
+    fold_cohort = jax.shard_map(fold_cohort, mesh=mesh,
+                                in_specs=(rep, rep, rep, rep, rep, spec, spec),
+                                out_specs=(spec, spec, spec), check_vma=False)
 
   def round_fn(state: server.ServerState, data: DeviceData, key: jax.Array):
-    k_sample, k_batch, k_transform = round_keys(key)
-    ids = sample_cohort(k_sample, population, cohort_size).astype(jnp.int32)
-    valid = jnp.arange(padded) < cohort_size
+    keys = round_keys(key)
+    if het is not None and het.availability is not None:
+      on = heterogeneity_mod.online(data.het, keys.availability, state.round, population)
+      ids, valid = sample_cohort(keys.sample, population, cohort_size, on)
+      num_online = jnp.sum(on).astype(jnp.int32)
+    else:
+      ids = sample_cohort(keys.sample, population, cohort_size)
+      valid = jnp.ones(cohort_size, bool)
+      num_online = jnp.asarray(population, jnp.int32)
+    valid = jnp.concatenate([valid, jnp.zeros(padded - cohort_size, bool)])
     ids = jnp.concatenate([ids, jnp.zeros(padded - cohort_size, jnp.int32)])
     shape = (num_dev, num_chunks, k)
-    accs, clients = fold_cohort(state.params, data, k_batch, k_transform, ids.reshape(shape),
-                                valid.reshape(shape))
+    accs, ups, clients = fold_cohort(state.params, state.aux, state.clients, data, keys,
+                                     ids.reshape(shape), valid.reshape(shape))
     clients = jax.tree.map(lambda a: a.reshape((padded,) + a.shape[3:])[:cohort_size], clients)
     update, total_w = agg.finalize(agg.combine(accs))
+    counted = clients["counted"]
+    aux = state.aux
+    if algorithm.server_finish is not None:
+      upload = None
+      if ups is not None:
+        up_sum, up_w = jax.tree.map(lambda a: jnp.sum(a, axis=0), ups)
+        upload = jax.tree.map(lambda a: a / jnp.maximum(up_w, 1e-30).astype(a.dtype), up_sum)
+      info = {"cohort_size": cohort_size, "population": population,
+              "num_counted": jnp.sum(counted).astype(jnp.int32), "total_weight": total_w}
+      update, new_aux = algorithm.server_finish(state.aux, update, upload, info, keys.server)
+      aux = tree.where(total_w > 0, new_aux, state.aux)
     new_state = server.update(algorithm.server_optimizer, state, update, total_w > 0)
+    stores = dict(state.clients)
+    ids = ids[:cohort_size]
+    # Rows of clients whose update did not count (dropped, non-finite) are left as they were;
+    # index P is out of bounds and dropped by the scatter.
+    target = jnp.where(counted, ids, population)
+    for name in stores:
+      stores[name] = jax.tree.map(lambda s, n: s.at[target].set(n.astype(s.dtype), mode="drop"),
+                                  stores[name], clients.pop("state_" + name))
+    new_state = new_state.replace(aux=aux, clients=stores)
 
     ok = clients["finite"]
     count = jnp.sum(jnp.where(ok, clients["count"], 0.0))
+    steps = clients["steps"]
     metrics = {
         "train_loss": jnp.sum(jnp.where(ok, clients["loss_sum"], 0.0)) / jnp.maximum(count, 1.0),
         "train_accuracy": jnp.sum(jnp.where(ok, clients["correct"], 0.0)) / jnp.maximum(count, 1.0),
-        "num_clients": jnp.asarray(cohort_size, jnp.int32),
-        "num_nonfinite": jnp.sum(~ok).astype(jnp.int32),
+        "num_clients": jnp.sum(valid).astype(jnp.int32),
+        "num_nonfinite": jnp.sum(~ok & valid[:cohort_size]).astype(jnp.int32),
+        "num_counted": jnp.sum(counted).astype(jnp.int32),
+        "num_stragglers": jnp.sum(clients["straggler"]).astype(jnp.int32),
+        "num_dropped": jnp.sum(clients["dropped"]).astype(jnp.int32),
+        "num_online": num_online,
+        "steps_done": jnp.sum(jnp.where(counted, steps, 0)).astype(jnp.int32),
+        "steps_wasted": jnp.sum(jnp.where(counted, 0, steps)).astype(jnp.int32),
         "total_weight": total_w,
         "update_norm": jnp.sqrt(sum(jnp.sum(u.astype(jnp.float32) ** 2)
                                     for u in jax.tree.leaves(update))),
     }
-    clients = {"id": ids[:cohort_size], "loss": clients["loss_sum"] / jnp.maximum(clients["count"], 1),
+    clients = {"id": ids, "loss": clients["loss_sum"] / jnp.maximum(clients["count"], 1),
                "accuracy": clients["correct"] / jnp.maximum(clients["count"], 1),
-               "count": clients["count"], "steps": clients["steps"], "finite": ok}
+               "count": clients["count"], "steps": steps, "finite": ok, "counted": counted,
+               "straggler": clients["straggler"], "dropped": clients["dropped"]}
     return new_state, RoundOutput(metrics, clients)
 
   return round_fn

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+# Columns of per-client evaluation: CLIENT_PREFIX + a key of evaluate_clients' summary.
+CLIENT_PREFIX = "client_"
 
 
 class History(dict):
@@ -57,13 +60,59 @@ class History(dict):
     import pandas as pd   # optional dependency
     return pd.DataFrame(dict(self)).set_index("round")
 
-  def plot(self, path: str | Path | None = None, label: str | None = None, axes=None):
-    """Loss and accuracy by round (train per round, test where evaluated). Returns the figure."""
-    return plot_histories({label or "run": self}, path=path, axes=axes)
+  def plot(self, path: str | Path | None = None, label: str | None = None, axes=None,
+           client_band: bool = True):
+    """Loss and accuracy by round (train per round, test where evaluated). Returns the figure.
+
+    With ``client_band`` and per-client accuracy percentile columns (``client_accuracy_p10`` ...
+    ``_p90``, see :func:`add_client_summaries`), the spread over clients is drawn as a shaded
+    band on the accuracy axis, with the median dashed.
+    """
+    return plot_histories({label or "run": self}, path=path, axes=axes, client_band=client_band)
+
+  def client_percentiles(self, metric: str = "accuracy",
+                         prefix: str = CLIENT_PREFIX) -> dict[float, np.ndarray]:
+    """``{q: column}`` of the per-client percentile columns ``{prefix}{metric}_p{q}``, by q."""
+    head = f"{prefix}{metric}_p"
+    out = {}
+    for k in self:
+      if k.startswith(head):
+        try:
+          out[float(k[len(head):])] = self[k]
+        except ValueError:
+          continue
+    return dict(sorted(out.items()))
 
 
-def plot_histories(histories: Mapping[str, History], path: str | Path | None = None, axes=None):
-  """Compares several runs on one figure: loss (left) and accuracy (right) by round."""
+def add_client_summaries(history: History, summaries: Mapping[int, Mapping[str, Any]],
+                         prefix: str = CLIENT_PREFIX) -> History:
+  """A copy of ``history`` with per-client evaluation columns added.
+
+  ``summaries`` maps a round number to the ``summary`` of
+  :func:`fedjax_sim.evaluation.evaluate_clients` at that round (or any dict of scalars); every
+  scalar ``key`` becomes a column ``prefix + key`` (e.g. ``client_accuracy_p10``), NaN on rounds
+  without a summary. Non-scalar entries (the worst clients' ids) are skipped.
+  """
+  out = History({k: np.array(v, copy=True) for k, v in history.items()})
+  index = {int(r): i for i, r in enumerate(out["round"])}
+  for r, summary in summaries.items():
+    if int(r) not in index:
+      raise ValueError(f"round {r} is not in the history (rounds {int(out['round'][0])}.."
+                       f"{int(out['round'][-1])})")
+    for k, v in summary.items():
+      if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+        col = out.setdefault(prefix + k, np.full(out.num_rounds, math.nan))
+        col[index[int(r)]] = float(v)
+  return out
+
+
+def plot_histories(histories: Mapping[str, History], path: str | Path | None = None, axes=None,
+                   client_band: bool = True):
+  """Compares several runs on one figure: loss (left) and accuracy (right) by round.
+
+  Runs with per-client accuracy percentiles get a shaded band (lowest to highest percentile,
+  e.g. p10-p90) in their colour, and their median dashed (see :meth:`History.plot`).
+  """
   import matplotlib
   if path is not None:
     matplotlib.use("Agg", force=False)
@@ -84,6 +133,16 @@ def plot_histories(histories: Mapping[str, History], path: str | Path | None = N
         ok = ~np.isnan(h[f"test_{metric}"])
         ax.plot(r[ok], h[f"test_{metric}"][ok], color=color, marker="o", ms=3, lw=1.8,
                 label=f"{name} test")
+    pct = h.client_percentiles("accuracy") if client_band else {}
+    if len(pct) >= 2:
+      (qlo, lo), (qhi, hi) = next(iter(pct.items())), list(pct.items())[-1]
+      ok = ~(np.isnan(lo) | np.isnan(hi))
+      axes[1].fill_between(r[ok], lo[ok], hi[ok], color=color, alpha=0.18, lw=0,
+                           label=f"{name} clients p{qlo:g}-p{qhi:g}")
+      if 50.0 in pct:
+        ok50 = ~np.isnan(pct[50.0])
+        axes[1].plot(r[ok50], pct[50.0][ok50], color=color, ls="--", lw=1.2,
+                     label=f"{name} clients median")
   for ax, metric in zip(axes, ("loss", "accuracy")):
     ax.set_xlabel("round")
     ax.set_ylabel(metric)

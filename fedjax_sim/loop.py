@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from fedjax_sim import checkpoint, engine, evaluation, server
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.heterogeneity import Heterogeneity
 from fedjax_sim.history import History
 from fedjax_sim.models.core import Model
 
@@ -116,7 +117,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
         eval_batch_size: int = 1000,
         callback: Callable[[int, server.ServerState, engine.RoundOutput], None] | None = None,
         checkpoint_dir: str | None = None, checkpoint_every: int = 10, resume: bool = False,
-        rounds_per_call: int = 1) -> RunResult:
+        rounds_per_call: int = 1,
+        heterogeneity: Heterogeneity | None = None) -> RunResult:
   """Runs federated training and returns the final model with a per-round history.
 
   Args:
@@ -149,6 +151,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       the 2 most recent are kept. A step is written to a temporary directory and renamed when
       complete, so a run killed mid-save never leaves a checkpoint that reads as valid.
     checkpoint_every: rounds between checkpoints.
+    heterogeneity: simulated systems heterogeneity (stragglers, drop-outs, per-client local work,
+      learning rates and batch sizes, availability): see :mod:`fedjax_sim.heterogeneity`.
     resume: continue from the latest complete checkpoint in ``checkpoint_dir`` if there is one,
       else start from scratch ("continue if possible"). The resumed run uses the same per-round
       keys, so its params and history (but ``seconds``) equal an uninterrupted run's exactly;
@@ -158,7 +162,10 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       or if it is past ``rounds``. Without ``resume``, ``checkpoint_dir`` must hold no checkpoint.
 
   History keys: ``round``, ``train_loss``, ``train_accuracy`` (during local training),
-  ``num_nonfinite`` (clients dropped for NaN/inf updates), ``update_norm``, ``seconds``,
+  ``num_nonfinite`` (clients dropped for NaN/inf updates), ``num_counted`` (clients whose update
+  was aggregated), ``num_stragglers``, ``num_dropped`` (drop-outs), ``num_online``,
+  ``steps_done`` / ``steps_wasted`` (local steps of counted / discarded clients),
+  ``update_norm``, ``seconds``,
   ``test_loss``/``test_accuracy`` (NaN on rounds without evaluation).
   """
   validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
@@ -173,7 +180,9 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
 
   key_init, key_rounds = jax.random.split(jax.random.key(seed))
   params = init_params if init_params is not None else model.init(key_init)
-  state = server.init(params, algorithm.server_optimizer)
+  if heterogeneity is not None:
+    heterogeneity.validate(train_data.num_clients, algorithm.work)
+  state = engine.init_state(algorithm, params, train_data.num_clients)
   records, ckpt = [], None
   if checkpoint_dir is not None:
     fingerprint = checkpoint.fingerprint(
@@ -181,12 +190,12 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
         num_examples=int(train_data.sizes.sum()), cohort_size=cohort_size, seed=seed)
     ckpt, state, records = checkpoint.open_for_run(checkpoint_dir, state, fingerprint,
                                                    resume=resume, rounds=rounds)
-  data = engine.to_device(train_data, weights)
+  data = engine.to_device(train_data, weights, heterogeneity, algorithm.work)
   n_dev = num_devices or jax.device_count()
   mesh = engine.client_mesh(n_dev) if n_dev > 1 else None
   round_fn = engine.make_round(algorithm, model, population=train_data.num_clients,
                                cohort_size=cohort_size, max_client_size=train_data.max_client_size,
-                               chunk_size=chunk_size, mesh=mesh)
+                               chunk_size=chunk_size, mesh=mesh, heterogeneity=heterogeneity)
   # Blocks of rounds run as one compiled lax.scan (one program per distinct block length, at
   # most a few); a block ends where the host has work to do: evaluation or a checkpoint.
   def block_fn(state, data, key, rs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -16,20 +17,29 @@ PyTree = Any
 
 @flax.struct.dataclass
 class ServerState:
-  """Global model and server optimizer state.
+  """Global model, server optimizer state, and the algorithm's persistent state.
 
   Attributes:
     params: the global model.
     opt_state: the server optax optimizer's state.
     round: number of rounds completed (int32 scalar).
+    aux: server-side state of the algorithm between rounds (e.g. SCAFFOLD's global control
+      variate, an adaptive clipping norm); ``{}`` when it has none.
+    clients: per-client state for the whole population, every leaf ``[P, ...]`` (e.g. SCAFFOLD's
+      control variates, error-feedback residuals): ``{"algorithm": ..., "transform": ...}``, only
+      the keys that exist. The round gathers the cohort's rows and scatters them back.
   """
   params: PyTree
   opt_state: Any
   round: jax.Array
+  aux: Any = dataclasses.field(default_factory=dict)
+  clients: Any = dataclasses.field(default_factory=dict)
 
 
-def init(params: PyTree, server_optimizer: optax.GradientTransformation) -> ServerState:
-  return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32))
+def init(params: PyTree, server_optimizer: optax.GradientTransformation, *, aux: Any = None,
+         clients: Any = None) -> ServerState:
+  return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
+                     {} if aux is None else aux, {} if clients is None else clients)
 
 
 def update(server_optimizer: optax.GradientTransformation, state: ServerState,
@@ -43,4 +53,4 @@ def update(server_optimizer: optax.GradientTransformation, state: ServerState,
   updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   params, opt_state = tree.where(apply, (params, opt_state), (state.params, state.opt_state))
-  return ServerState(params, opt_state, state.round + 1)
+  return state.replace(params=params, opt_state=opt_state, round=state.round + 1)

@@ -19,23 +19,28 @@ import numpy as np
 import optax
 
 from fedjax_sim import engine, server
+from fedjax_sim import heterogeneity as het_mod
 from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.client import ClientContext
+from fedjax_sim.transforms.base import apply_transform
 from fedjax_sim.data.federated import FederatedData, batch_indices
 from fedjax_sim.models.core import Model
 
 
 @functools.lru_cache(maxsize=None)
 def _make_step(model: Model, client_optimizer, regularizer):
-  def objective(params, global_params, x, y, mask):
+  def objective(params, global_params, x, y, mask, ctx):
     loss, aux = model.batch_loss(params, x, y, mask)
     if regularizer is not None:
-      loss = loss + regularizer(params, global_params)
+      loss = loss + regularizer(params, global_params, ctx)
     return loss, aux
 
   @jax.jit
-  def step(params, opt_state, global_params, x, y, mask):
-    (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, global_params, x, y, mask)
+  def step(params, opt_state, global_params, x, y, mask, ctx, lr_scale):
+    (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, global_params, x, y,
+                                                                  mask, ctx)
     updates, opt_state = client_optimizer.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
     return optax.apply_updates(params, updates), opt_state, aux
 
   return step
@@ -44,72 +49,129 @@ def _make_step(model: Model, client_optimizer, regularizer):
 _client_rows = jax.jit(batch_indices, static_argnames=("work", "max_client_size"))
 
 
+def _row(store, i):
+  return jax.tree.map(lambda s: s[i], store)
+
+
 def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
                      state: server.ServerState, key: jax.Array, cohort_size: int,
-                     weights: np.ndarray | None = None):
+                     weights: np.ndarray | None = None,
+                     heterogeneity: het_mod.Heterogeneity | None = None):
   """One federated round computed client by client, step by step.
 
-  Returns ``(new_state, metrics)`` with ``metrics`` holding ``train_loss`` and ``num_nonfinite``.
+  ``state`` comes from :func:`fedjax_sim.engine.init_state`. Returns ``(new_state, metrics)``
+  with ``metrics`` holding ``train_loss``, ``num_nonfinite`` and ``num_counted``.
   """
   work = algorithm.work
   step = _make_step(model, algorithm.client_optimizer, algorithm.regularizer)
-  k_sample, k_batch, k_transform = engine.round_keys(key)
-  ids = np.asarray(engine.sample_cohort(k_sample, data.num_clients, cohort_size))
+  keys = engine.round_keys(key)
+  het_arrays = None
+  if heterogeneity is not None:
+    het_arrays = het_mod.to_device(heterogeneity, data.sizes, work)
+  if het_arrays is not None and het_arrays.availability is not None:
+    on = het_mod.online(het_arrays, keys.availability, state.round, data.num_clients)
+    ids, valid = engine.sample_cohort(keys.sample, data.num_clients, cohort_size, on)
+    ids = np.asarray(ids)[np.asarray(valid)]
+  else:
+    ids = np.asarray(engine.sample_cohort(keys.sample, data.num_clients, cohort_size))
   w_all = data.sizes.astype(np.float32) if weights is None else np.asarray(weights, np.float32)
   if weights is None and algorithm.weighting == "uniform":
     w_all = np.ones(data.num_clients, np.float32)
   x_all, y_all = data.arrays["x"], data.arrays["y"]
   global_params = state.params
+  server_aux = state.aux if algorithm.server_aux_init is not None else None
+  stores = {name: jax.tree.map(np.array, store) for name, store in state.clients.items()}
   acc = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), global_params)
-  total_w, loss_sum, count, nonfinite = 0.0, 0.0, 0.0, 0
+  up_acc = None
+  total_w, loss_sum, count, nonfinite, counted = 0.0, 0.0, 0.0, 0, 0
   for cid in ids:
-    rows, mask = _client_rows(k_batch, jnp.asarray([cid]), jnp.asarray([data.offsets[cid]]),
+    cid = int(cid)
+    rows, mask = _client_rows(keys.batch, jnp.asarray([cid]), jnp.asarray([data.offsets[cid]]),
                               jnp.asarray([data.sizes[cid]]), work, data.max_client_size)
+    straggler, dropped, lr_scale = False, False, 1.0
+    if heterogeneity is not None:
+      mask, cond = het_mod.apply(heterogeneity, het_arrays, keys.heterogeneity,
+                                 jnp.asarray([cid], jnp.int32), mask, work)
+      straggler, dropped = bool(cond.straggler[0]), bool(cond.dropped[0])
+      lr_scale = 1.0 if cond.lr_scale is None else float(cond.lr_scale[0])
     rows, mask = np.clip(np.asarray(rows[0]), 0, data.num_examples - 1), np.asarray(mask[0])
+    ctx = ClientContext(jnp.asarray(cid, jnp.int32),
+                        _row(stores["algorithm"], cid) if "algorithm" in stores else None,
+                        server_aux)
     params, opt_state = global_params, algorithm.client_optimizer.init(global_params)
-    c_loss, c_count = 0.0, 0.0
+    c_loss, c_count, c_steps = 0.0, 0.0, 0
     for s in range(rows.shape[0]):
       if not mask[s].any():
         continue   # an empty step is a no-op by definition
       params, opt_state, (l, _, n) = step(params, opt_state, global_params, x_all[rows[s]],
-                                          y_all[rows[s]], mask[s])
+                                          y_all[rows[s]], mask[s], ctx,
+                                          jnp.asarray(lr_scale, jnp.float32))
       c_loss += float(l)
       c_count += float(n)
+      c_steps += 1
     delta = jax.tree.map(lambda g, p: g - p, global_params, params)
+    new_alg, upload = None, None
+    if algorithm.client_finish is not None:
+      delta, new_alg, upload = algorithm.client_finish(
+          ctx, delta, {"steps": jnp.asarray(c_steps, jnp.int32),
+                       "lr_scale": jnp.asarray(lr_scale, jnp.float32)})
+    new_tr = None
     if algorithm.update_transform is not None:
-      delta = algorithm.update_transform.apply(
-          delta, jax.random.fold_in(k_transform, int(cid)), jnp.asarray(cid, jnp.int32))
+      delta, new_tr = apply_transform(
+          algorithm.update_transform, delta, jax.random.fold_in(keys.transform, cid),
+          jnp.asarray(cid, jnp.int32),
+          _row(stores["transform"], cid) if "transform" in stores else None)
     delta = jax.tree.map(lambda d: np.asarray(d, np.float64), delta)
-    if not (all(np.all(np.isfinite(d)) for d in jax.tree.leaves(delta)) and np.isfinite(c_loss)):
+    finite = (all(np.all(np.isfinite(d)) for d in jax.tree.leaves(delta)) and np.isfinite(c_loss)
+              and all(np.all(np.isfinite(u)) for u in jax.tree.leaves(upload)))
+    if not finite:
       nonfinite += 1
+    loss_sum += c_loss if finite else 0.0
+    count += c_count if finite else 0.0
+    if not finite or dropped or (straggler and algorithm.drop_stragglers):
       continue
+    counted += 1
     w = float(w_all[cid])
     acc = jax.tree.map(lambda a, d: a + w * d, acc, delta)
+    if upload is not None:
+      up = jax.tree.map(lambda u: w * np.asarray(u, np.float64), upload)
+      up_acc = up if up_acc is None else jax.tree.map(np.add, up_acc, up)
     total_w += w
-    loss_sum += c_loss
-    count += c_count
+    for name, new in (("algorithm", new_alg), ("transform", new_tr)):
+      if name in stores:
+        jax.tree.map(lambda s, n: s.__setitem__(cid, np.asarray(n)), stores[name], new)
+  params, opt_state, aux = global_params, state.opt_state, state.aux
   if total_w > 0:
-    avg = jax.tree.map(lambda a, p: jnp.asarray(a / total_w, p.dtype), acc, global_params)
-    updates, opt_state = algorithm.server_optimizer.update(avg, state.opt_state, global_params)
-    new_state = server.ServerState(optax.apply_updates(global_params, updates), opt_state,
-                                   state.round + 1)
-  else:
-    new_state = server.ServerState(global_params, state.opt_state, state.round + 1)
-  return new_state, {"train_loss": loss_sum / max(count, 1.0), "num_nonfinite": nonfinite}
+    update = jax.tree.map(lambda a, p: jnp.asarray(a / total_w, p.dtype), acc, global_params)
+    if algorithm.server_finish is not None:
+      upload_mean = None
+      if up_acc is not None:
+        upload_mean = jax.tree.map(lambda u: jnp.asarray(u / total_w, jnp.float32), up_acc)
+      info = {"cohort_size": cohort_size, "population": data.num_clients,
+              "num_counted": jnp.asarray(counted, jnp.int32),
+              "total_weight": jnp.asarray(total_w, jnp.float32)}
+      update, aux = algorithm.server_finish(state.aux, update, upload_mean, info, keys.server)
+    updates, opt_state = algorithm.server_optimizer.update(update, state.opt_state, global_params)
+    params = optax.apply_updates(global_params, updates)
+  new_state = state.replace(params=params, opt_state=opt_state, round=state.round + 1, aux=aux,
+                            clients={n: jax.tree.map(jnp.asarray, s) for n, s in stores.items()})
+  return new_state, {"train_loss": loss_sum / max(count, 1.0), "num_nonfinite": nonfinite,
+                     "num_counted": counted}
 
 
 def sequential_run(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds: int,
                    cohort_size: int, seed: int = 0, init_params: Any = None,
-                   weights: np.ndarray | None = None):
+                   weights: np.ndarray | None = None,
+                   heterogeneity: het_mod.Heterogeneity | None = None):
   """``rounds`` sequential rounds with the same keys as :func:`fedjax_sim.run`. Returns the
   final ServerState and the list of per-round metrics."""
   key_init, key_rounds = jax.random.split(jax.random.key(seed))
   params = init_params if init_params is not None else model.init(key_init)
-  state = server.init(params, algorithm.server_optimizer)
+  state = engine.init_state(algorithm, params, data.num_clients)
   history = []
   for r in range(1, rounds + 1):
     state, m = sequential_round(algorithm, model, data, state, jax.random.fold_in(key_rounds, r),
-                                cohort_size, weights)
+                                cohort_size, weights, heterogeneity)
     history.append(m)
   return state, history
 

@@ -16,8 +16,10 @@ def _model():
 
 @pytest.mark.parametrize("name", sorted(algorithms.REGISTRY))
 def test_algorithm_equals_sequential_reference(ragged_data, name):
-  extra = {"mu": 0.5} if name == "fedprox" else {}
-  algo = algorithms.make(name, client_optimizer=optax.sgd(0.05, momentum=0.5), **KW, **extra)
+  extra = {"fedprox": {"mu": 0.5}, "scaffold": {"client_lr": 0.05},
+           "fednova": {"client_lr": 0.05, "momentum": 0.5}}.get(
+               name, {"client_optimizer": optax.sgd(0.05, momentum=0.5)})
+  algo = algorithms.make(name, **KW, **extra)
   assert algo.name == name
   res = fs.run(algo, _model(), ragged_data, rounds=3, cohort_size=8, chunk_size=3, seed=2,
                progress=False)
@@ -32,13 +34,13 @@ def test_algorithm_traces_once_and_runs_in_scan(ragged_data, name):
   rf = engine.make_round(algo, model, population=12, cohort_size=4, max_client_size=200)
   traces = []
   f = jax.jit(lambda *a: (traces.append(1), rf(*a))[1])
-  state = server.init(model.init(jax.random.key(0)), algo.server_optimizer)
+  state = engine.init_state(algo, model.init(jax.random.key(0)), 12)
   data = engine.to_device(ragged_data)
   for r in range(3):
     state, _ = f(state, data, jax.random.key(r))
   assert len(traces) == 1
   # rounds as a lax.scan: same result as the Python loop
-  state0 = server.init(model.init(jax.random.key(0)), algo.server_optimizer)
+  state0 = engine.init_state(algo, model.init(jax.random.key(0)), 12)
   scanned, _ = jax.jit(lambda s: jax.lax.scan(
       lambda s, k: rf(s, data, k), s, jax.random.split(jax.random.key(9), 3)))(state0)
   looped = state0

@@ -2,10 +2,12 @@
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
+from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox, proximal_term
+from fedjax_sim.algorithms.scaffold import scaffold
 
 REGISTRY = {"fedavg": fedavg, "fedavgm": fedavgm, "fedprox": fedprox, "fedadam": fedadam,
-            "fedyogi": fedyogi, "fedadagrad": fedadagrad}
+            "fedyogi": fedyogi, "fedadagrad": fedadagrad, "scaffold": scaffold, "fednova": fednova}
 
 
 def make(name: str, **kwargs) -> Algorithm:
@@ -15,5 +17,5 @@ def make(name: str, **kwargs) -> Algorithm:
   return REGISTRY[name](**kwargs)
 
 
-__all__ = ["Algorithm", "REGISTRY", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedprox",
-           "fedyogi", "make", "proximal_term"]
+__all__ = ["Algorithm", "REGISTRY", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fednova",
+           "fedprox", "fedyogi", "make", "proximal_term", "scaffold"]

@@ -2,7 +2,19 @@
 
 An algorithm is static configuration (hashable, closed over by the compiled round): the client
 and server optax optimizers, how much local work clients do, how updates are weighted and
-aggregated, and an optional extra local objective term.
+aggregated, an optional extra local objective term, and optional hooks for algorithms with
+state (SCAFFOLD's control variates) or with their own aggregation rule (FedNova).
+
+Where the hooks run in a round (see :mod:`fedjax_sim.engine`)::
+
+  client i:  ctx = ClientContext(i, clients["algorithm"][i], aux)
+             local steps on  loss + regularizer(params, global, ctx)       -> delta_i, steps_i
+             client_finish(ctx, delta_i, info_i) -> (delta_i, new_state_i, upload_i)
+             update_transform(delta_i)   (clipping, compression, attacks)
+  server:    update = aggregator(delta_i, w_i);  upload = sum_i w_i upload_i / sum_i w_i
+             server_finish(aux, update, upload, info, key) -> (update, aux)
+             server optimizer step on update
+             clients["algorithm"][i] = new_state_i   for every client whose update counted
 """
 
 from __future__ import annotations
@@ -27,8 +39,17 @@ class Algorithm:
   work: LocalWork
   weighting: str = "examples"
   aggregator: Aggregator = dataclasses.field(default_factory=mean)
-  regularizer: Callable[[Any, Any], Any] | None = None
+  regularizer: Callable[[Any, Any, Any], Any] | None = None   # (params, global, ctx) -> scalar
   update_transform: Any = None   # fedjax_sim.transforms.UpdateTransform applied per client
+  # Stateful / custom-aggregation hooks (all optional; see the module docstring).
+  client_state_init: Callable[[Any], Any] | None = None    # params -> ONE client's initial state
+  server_aux_init: Callable[[Any], Any] | None = None      # params -> server-side state
+  client_finish: Callable[[Any, Any, dict], tuple[Any, Any, Any]] | None = None
+  server_finish: Callable[[Any, Any, Any, dict, Any], tuple[Any, Any]] | None = None
+  # Under simulated heterogeneity (fedjax_sim.heterogeneity), whether the updates of stragglers
+  # (clients that stopped part-way) are discarded, as FedAvg does in the FedProx paper, or
+  # aggregated with their partial work.
+  drop_stragglers: bool = False
 
   def __post_init__(self):
     if self.weighting not in WEIGHTINGS:

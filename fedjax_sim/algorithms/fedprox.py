@@ -17,9 +17,10 @@ from fedjax_sim.algorithms.fedavg import fedavg
 
 
 def proximal_term(mu: float):
-  """``(params, global_params) -> mu/2 * ||params - global_params||^2``."""
+  """``(params, global_params, ctx) -> mu/2 * ||params - global_params||^2``."""
 
-  def term(params, global_params):
+  def term(params, global_params, ctx=None):
+    del ctx
     sq = jax.tree.map(lambda p, g: jnp.sum((p - g) ** 2), params, global_params)
     return 0.5 * mu * sum(jax.tree.leaves(sq))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from fedjax_sim.models.core import Model, from_flax
 
@@ -44,6 +45,24 @@ class CNNModule(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+class CharLSTMModule(nn.Module):
+  """LEAF's Shakespeare model: embedding, stacked LSTMs, dense logits from the last time step.
+
+  ``x [B, T]`` character indices (any numeric dtype; cast to int32) -> logits ``[B, vocab_size]``.
+  """
+  vocab_size: int
+  embed: int = 8
+  hidden: int = 256
+  layers: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Embed(self.vocab_size, self.embed)(x.astype(jnp.int32))   # [B, T, embed]
+    for _ in range(self.layers):
+      h = nn.RNN(nn.OptimizedLSTMCell(self.hidden))(h)   # [B, T, hidden], a lax.scan over T
+    return nn.Dense(self.vocab_size)(h[:, -1])
+
+
 def logistic_regression(input_dim: int = 784, num_classes: int = 10) -> Model:
   """Multinomial logistic regression ``input_dim -> num_classes``."""
   return from_flax(LogisticRegressionModule(num_classes), (input_dim,), num_classes,
@@ -76,15 +95,35 @@ def cnn(input_shape: tuple[int, ...] = (28, 28, 1), num_classes: int = 10) -> Mo
   return from_flax(CNNModule(image_shape, num_classes), tuple(input_shape), num_classes, name="cnn")
 
 
-MODELS = {"logistic_regression": logistic_regression, "mlp_2nn": mlp_2nn, "cnn": cnn}
+def char_lstm(vocab_size: int = 81, seq_len: int = 80, embed: int = 8, hidden: int = 256,
+              layers: int = 2) -> Model:
+  """LEAF's Shakespeare next-character model (``models/shakespeare/stacked_lstm.py``).
+
+  Embedding of ``embed`` (8) dimensions, ``layers`` (2) LSTMs of ``hidden`` (256) units, a dense
+  layer to ``vocab_size`` logits from the last time step; inputs are ``[seq_len]`` character
+  indices per example. The defaults have 818,137 parameters (81 classes: LEAF's 80 characters
+  plus :mod:`fedjax_sim.data.shakespeare`'s out-of-vocabulary index).
+  """
+  return from_flax(CharLSTMModule(int(vocab_size), int(embed), int(hidden), int(layers)),
+                   (int(seq_len),), int(vocab_size), name="char_lstm")
+
+
+MODELS = {"logistic_regression": logistic_regression, "mlp_2nn": mlp_2nn, "cnn": cnn,
+          "char_lstm": char_lstm}
 
 
 def make(name: str, input_shape: tuple[int, ...], num_classes: int) -> Model:
-  """Model by name for the CLI: ``logistic_regression``, ``mlp_2nn`` or ``cnn``."""
+  """Model by name for the CLI: ``logistic_regression``, ``mlp_2nn``, ``cnn`` or ``char_lstm``
+  (``input_shape = (seq_len,)`` of character indices, ``num_classes`` = vocabulary size)."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
   if name == "cnn":
     return cnn(input_shape, num_classes)
+  if name == "char_lstm":
+    if len(input_shape) != 1:
+      raise ValueError(f"char_lstm takes sequences of character indices [seq_len], got examples "
+                       f"of shape {tuple(input_shape)}")
+    return char_lstm(vocab_size=num_classes, seq_len=input_shape[0])
   if len(input_shape) != 1:
     raise ValueError(f"model {name!r} takes flat feature vectors, got examples of shape "
                      f"{tuple(input_shape)}; flatten them or use 'cnn'")

@@ -6,8 +6,9 @@ so a client's randomness does not depend on chunking or devices). They compose w
 :func:`chain`, in order. Simulated attacks are transforms too: they rewrite the updates of a
 fixed, seeded subset of client ids.
 """
-from fedjax_sim.transforms.base import (UpdateTransform, chain, clip_by_norm, gaussian_attack,
-                                        is_attacker, scale_attack, sign_flip_attack)
+from fedjax_sim.transforms.base import (UpdateTransform, apply_transform, chain, clip_by_norm,
+                                        gaussian_attack, is_attacker, scale_attack,
+                                        sign_flip_attack)
 
-__all__ = ["UpdateTransform", "chain", "clip_by_norm", "gaussian_attack", "is_attacker",
-           "scale_attack", "sign_flip_attack"]
+__all__ = ["UpdateTransform", "apply_transform", "chain", "clip_by_norm", "gaussian_attack",
+           "is_attacker", "scale_attack", "sign_flip_attack"]

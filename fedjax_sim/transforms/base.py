@@ -11,17 +11,45 @@ PyTree = Any
 
 
 class UpdateTransform(NamedTuple):
-  """``apply(delta, key, client_id) -> delta`` for ONE client (the engine vmaps it)."""
-  apply: Callable[[PyTree, jax.Array, jax.Array], PyTree]
+  """A per-client rewrite of ONE client's update (the engine vmaps it over the cohort).
+
+  Stateless (``init is None``): ``apply(delta, key, client_id) -> delta``.
+  Stateful (e.g. error feedback): ``init(params) -> state`` gives ONE client's initial state (the
+  engine stores it for the whole population, ``ServerState.clients["transform"]``, and gathers
+  the cohort's rows) and ``apply(delta, key, client_id, state) -> (delta, state)``.
+  """
+  apply: Callable[..., Any]
+  init: Callable[[PyTree], Any] | None = None
+
+
+def apply_transform(t: UpdateTransform, delta, key, client_id, state=None):
+  """Uniform call for both kinds: ``-> (delta, state)`` (state ``None`` when stateless)."""
+  if t.init is None:
+    return t.apply(delta, key, client_id), state
+  return t.apply(delta, key, client_id, state)
 
 
 def chain(*transforms: UpdateTransform) -> UpdateTransform:
-  """Applies ``transforms`` in order, each with its own key."""
-  def apply(delta, key, client_id):
+  """Applies ``transforms`` in order, each with its own key (``fold_in(key, position)``). The
+  chain is stateful if any member is; its state is the tuple of the members' states."""
+  stateful = [t.init is not None for t in transforms]
+  if not any(stateful):
+    def apply(delta, key, client_id):
+      for i, t in enumerate(transforms):
+        delta = t.apply(delta, jax.random.fold_in(key, i), client_id)
+      return delta
+    return UpdateTransform(apply)
+
+  def init(params):
+    return tuple(t.init(params) if t.init is not None else None for t in transforms)
+
+  def apply_stateful(delta, key, client_id, state):
+    new = []
     for i, t in enumerate(transforms):
-      delta = t.apply(delta, jax.random.fold_in(key, i), client_id)
-    return delta
-  return UpdateTransform(apply)
+      delta, s = apply_transform(t, delta, jax.random.fold_in(key, i), client_id, state[i])
+      new.append(s)
+    return delta, tuple(new)
+  return UpdateTransform(apply_stateful, init)
 
 
 def global_norm(tree: PyTree) -> jax.Array:
