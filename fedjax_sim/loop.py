@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedjax_sim import checkpoint, engine, evaluation, server
+from fedjax_sim import checkpoint, engine, evaluation, server, tree
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.heterogeneity import Heterogeneity
@@ -110,6 +110,25 @@ def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, r
                      f"outside the model's {model.num_classes} classes")
 
 
+def communication_cost(algorithm: Algorithm, params) -> dict[str, float]:
+  """Per-client communication of one round: parameters and bytes sent up (the client's update,
+  as encoded by the algorithm's update transform if it declares ``wire_bytes``) and down (the
+  global model)."""
+  n = tree.num_params(params)
+  down = float(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+  up = down
+  t = algorithm.update_transform
+  if t is not None and getattr(t, "wire_bytes", None) is not None:
+    up = float(t.wire_bytes(params))
+  return {"params_up_per_client": float(n), "bytes_up_per_client": up,
+          "bytes_down_per_client": down}
+
+
+def _communication(comm: dict[str, float], rec: dict[str, float]) -> dict[str, float]:
+  return dict(comm, bytes_up=comm["bytes_up_per_client"] * rec.get("num_counted", 0.0),
+              bytes_down=comm["bytes_down_per_client"] * rec.get("num_clients", 0.0))
+
+
 def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds: int,
         cohort_size: int, eval_data: Any = None, eval_every: int = 10, seed: int = 0,
         chunk_size: int | None = None, num_devices: int | None = None, init_params: Any = None,
@@ -141,7 +160,9 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     progress: show a progress bar.
     callback: called after every round with ``(round, state, RoundOutput)``; with
       ``rounds_per_call > 1`` it runs when the round's block has finished and sees the block's
-      final state.
+      final state. It may return a dict: its numeric entries are added to the round's history
+      record (e.g. a privacy accountant's ``epsilon``), and ``"stop": True`` ends the run after
+      this round (the history then records ``stopped_early``).
     rounds_per_call: run up to this many rounds as one compiled ``lax.scan`` (sampling included),
       so small models are not bound by Python overhead between rounds. Blocks end at evaluation
       and checkpoint rounds; results equal ``rounds_per_call=1`` exactly. ``seconds`` is then the
@@ -165,7 +186,9 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   ``num_nonfinite`` (clients dropped for NaN/inf updates), ``num_counted`` (clients whose update
   was aggregated), ``num_stragglers``, ``num_dropped`` (drop-outs), ``num_online``,
   ``steps_done`` / ``steps_wasted`` (local steps of counted / discarded clients),
-  ``update_norm``, ``seconds``,
+  ``update_norm``, ``seconds``, communication per round: ``params_up_per_client`` /
+  ``bytes_up_per_client`` (what one client sends, after the update transform's encoding),
+  ``bytes_down_per_client`` (the global model), ``bytes_up`` / ``bytes_down`` (all clients),
   ``test_loss``/``test_accuracy`` (NaN on rounds without evaluation).
   """
   validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
@@ -218,6 +241,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     return ((eval_arrays is not None and r % eval_every == 0) or
             (ckpt is not None and r % checkpoint_every == 0) or r == rounds)
 
+  comm = communication_cost(algorithm, params)
+  stop_at = None
   start = len(records) + 1
   compiled_block(min(rounds_per_call, max(rounds - start + 1, 1)))
   evaluate = None
@@ -240,13 +265,23 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       seconds = (time.perf_counter() - t) / (end - r + 1)
       for i, rr in enumerate(range(r, end + 1)):
         rec = {"round": rr, **{k: float(v[i]) for k, v in metrics.items()}, "seconds": seconds}
-        if rr == end and evaluate is not None and (rr % eval_every == 0 or rr == rounds):
-          ev = jax.device_get(evaluate(state.params, ex, ey))
-          rec["test_loss"], rec["test_accuracy"] = float(ev["loss"]), float(ev["accuracy"])
+        rec.update(_communication(comm, rec))
         records.append(rec)
-        if callback is not None:
-          callback(rr, state, jax.tree.map(lambda a: a[i], outs))
-      if ckpt is not None and (end % checkpoint_every == 0 or end == rounds):
+        if callback is not None and stop_at is None:
+          extra = callback(rr, state, jax.tree.map(lambda a: a[i], outs))
+          if isinstance(extra, dict):
+            stop = bool(extra.pop("stop", False))
+            rec.update({k: float(v) for k, v in extra.items()})
+            if stop and rr < rounds:
+              stop_at = rr   # the block's remaining rounds already ran: they stay recorded
+      if stop_at is not None:
+        records[-1]["stopped_early"] = 1.0
+      if evaluate is not None and (end % eval_every == 0 or end == rounds or stop_at is not None):
+        ev = jax.device_get(evaluate(state.params, ex, ey))
+        records[-1]["test_loss"] = float(ev["loss"])
+        records[-1]["test_accuracy"] = float(ev["accuracy"])
+      if ckpt is not None and (end % checkpoint_every == 0 or end == rounds or
+                               stop_at is not None):
         ckpt.save(end, state, records, {"fingerprint": fingerprint})
       rec = records[-1]
       post = {"loss": f"{rec['train_loss']:.4f}"}
@@ -257,6 +292,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       bar.set_postfix(post, refresh=False)
       bar.update(end - r + 1)
       r = end + 1
+      if stop_at is not None:
+        break
   finally:
     bar.close()
     if ckpt is not None:

@@ -17,9 +17,14 @@ class UpdateTransform(NamedTuple):
   Stateful (e.g. error feedback): ``init(params) -> state`` gives ONE client's initial state (the
   engine stores it for the whole population, ``ServerState.clients["transform"]``, and gathers
   the cohort's rows) and ``apply(delta, key, client_id, state) -> (delta, state)``.
+
+  ``wire_bytes(params) -> int``, optional: bytes one client sends for an update shaped like
+  ``params`` under this transform's encoding (compression); recorded in the history. Transforms
+  that do not change the encoding leave it ``None``.
   """
   apply: Callable[..., Any]
   init: Callable[[PyTree], Any] | None = None
+  wire_bytes: Callable[[PyTree], int] | None = None
 
 
 def apply_transform(t: UpdateTransform, delta, key, client_id, state=None):
@@ -33,12 +38,15 @@ def chain(*transforms: UpdateTransform) -> UpdateTransform:
   """Applies ``transforms`` in order, each with its own key (``fold_in(key, position)``). The
   chain is stateful if any member is; its state is the tuple of the members' states."""
   stateful = [t.init is not None for t in transforms]
+  # The last transform that re-encodes the update decides what goes on the wire.
+  encoders = [t.wire_bytes for t in transforms if t.wire_bytes is not None]
+  wire = encoders[-1] if encoders else None
   if not any(stateful):
     def apply(delta, key, client_id):
       for i, t in enumerate(transforms):
         delta = t.apply(delta, jax.random.fold_in(key, i), client_id)
       return delta
-    return UpdateTransform(apply)
+    return UpdateTransform(apply, None, wire)
 
   def init(params):
     return tuple(t.init(params) if t.init is not None else None for t in transforms)
@@ -49,7 +57,7 @@ def chain(*transforms: UpdateTransform) -> UpdateTransform:
       delta, s = apply_transform(t, delta, jax.random.fold_in(key, i), client_id, state[i])
       new.append(s)
     return delta, tuple(new)
-  return UpdateTransform(apply_stateful, init)
+  return UpdateTransform(apply_stateful, init, wire)
 
 
 def global_norm(tree: PyTree) -> jax.Array:
