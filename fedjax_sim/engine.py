@@ -16,6 +16,7 @@ baked into the program as a constant).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -56,6 +57,23 @@ class DeviceData(NamedTuple):
   weights: jax.Array
   het: Any = None
 
+  # Per-client accessors the round uses; a procedural population
+  # (:class:`fedjax_sim.data.procedural.ProceduralPopulation`) offers the same ones.
+  def client_sizes(self, client_ids: jax.Array) -> jax.Array:
+    return self.sizes[client_ids]
+
+  def client_offsets(self, client_ids: jax.Array) -> jax.Array:
+    return self.offsets[client_ids]
+
+  def client_weights(self, client_ids: jax.Array) -> jax.Array:
+    return self.weights[client_ids]
+
+  def examples(self, client_ids: jax.Array, rows: jax.Array):
+    """``rows [K, ...]`` (flat row numbers) -> ``x [K, ..., *features]``, ``y [K, ...]``."""
+    del client_ids
+    rows = jnp.clip(rows, 0, self.y.shape[0] - 1)
+    return self.x[rows], self.y[rows]
+
 
 def to_device(data: FederatedData, weights: np.ndarray | None = None,
               het: heterogeneity.Heterogeneity | None = None,
@@ -70,21 +88,53 @@ def to_device(data: FederatedData, weights: np.ndarray | None = None,
                     jnp.asarray(w, jnp.float32), het_arrays)
 
 
+# Above this population size, and for cohorts below 1/8 of it, cohorts are drawn by rejection
+# (O(C) work); below it jax.random.choice's O(P) permutation is cheap and exact.
+SPARSE_SAMPLING_MIN_POPULATION = 100_000
+
+
+def _sample_sparse(key: jax.Array, population: int, cohort_size: int):
+  """The first ``cohort_size`` distinct values of an i.i.d. uniform sequence over
+  ``[0, population)``: a uniformly random subset, in random order, in O(C log C) work.
+
+  ``m = C + margin`` candidates are drawn, the margin covering the expected number of repeats
+  (``~m^2 / 2P``) by 8 standard deviations plus 16, so running short is astronomically unlikely;
+  if it happens anyway, the missing slots come back with ``valid = False`` (a smaller cohort),
+  never a repeated client.
+  """
+  expected = cohort_size * cohort_size / (2.0 * population)
+  m = cohort_size + int(math.ceil(2 * expected + 8 * math.sqrt(2 * expected) + 16))
+  cand = jax.random.randint(key, (m,), 0, population, dtype=jnp.int32)
+  order = jnp.argsort(cand, stable=True)
+  s = cand[order]
+  repeat_sorted = jnp.concatenate([jnp.zeros(1, bool), s[1:] == s[:-1]])
+  first = ~jnp.zeros(m, bool).at[order].set(repeat_sorted)   # first occurrence of its value
+  pos = jnp.cumsum(first) - 1
+  slot = jnp.where(first & (pos < cohort_size), pos, cohort_size)
+  ids = jnp.zeros(cohort_size, jnp.int32).at[slot].set(cand, mode="drop")
+  return ids, jnp.arange(cohort_size) < jnp.sum(first)
+
+
 def sample_cohort(key: jax.Array, population: int, cohort_size: int,
                   online: jax.Array | None = None):
   """Draws a cohort of distinct clients uniformly without replacement.
 
-  Returns ``[cohort_size]`` int32 client positions in ``[0, population)``. With ``online [P]``
-  (bool), only online clients are drawn and a pair ``(ids, valid)`` is returned: when fewer than
-  ``cohort_size`` are online, the trailing ``valid`` entries are False.
+  Returns ``(ids [cohort_size] int32, valid [cohort_size] bool)``: client positions in
+  ``[0, population)``; ``valid`` is False for slots left empty (only when fewer than
+  ``cohort_size`` clients are online). Work is O(C) for large populations
+  (:func:`_sample_sparse`), so a million or 10^8 clients cost no more per round than a hundred.
+  With ``online [P]`` (bool) only online clients are drawn (O(P)).
   """
-  if online is None:
-    if cohort_size == population:
-      return jax.random.permutation(key, population).astype(jnp.int32)
-    return jax.random.choice(key, population, (cohort_size,), replace=False).astype(jnp.int32)
-  scores = jnp.where(online, jax.random.uniform(key, (population,)), -1.0)
-  top, ids = jax.lax.top_k(scores, cohort_size)
-  return ids.astype(jnp.int32), top >= 0
+  if online is not None:
+    scores = jnp.where(online, jax.random.uniform(key, (population,)), -1.0)
+    top, ids = jax.lax.top_k(scores, cohort_size)
+    return ids.astype(jnp.int32), top >= 0
+  if population >= SPARSE_SAMPLING_MIN_POPULATION and cohort_size * 8 <= population:
+    return _sample_sparse(key, population, cohort_size)
+  valid = jnp.ones(cohort_size, bool)
+  if cohort_size == population:
+    return jax.random.permutation(key, population).astype(jnp.int32), valid
+  return jax.random.choice(key, population, (cohort_size,), replace=False).astype(jnp.int32), valid
 
 
 class RoundKeys(NamedTuple):
@@ -124,11 +174,22 @@ def init_state(algorithm: Algorithm, params, population: int) -> server.ServerSt
     return jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (population,) + jnp.shape(a)),
                         one)
 
+  one = {}
   if algorithm.client_state_init is not None:
-    clients["algorithm"] = store(algorithm.client_state_init(params))
+    one["algorithm"] = algorithm.client_state_init(params)
   t = algorithm.update_transform
   if t is not None and t.init is not None:
-    clients["transform"] = store(t.init(params))
+    one["transform"] = t.init(params)
+  per_client = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(one))
+  total = per_client * population
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  if total > memory // 2:
+    raise ValueError(
+        f"{algorithm.name} keeps {per_client} bytes of state per client: {total / 1e9:.1f} GB for "
+        f"{population} clients, more than half of this machine's {memory / 1e9:.1f} GB. Use a "
+        "smaller population or a stateless algorithm.")
+  for name, value in one.items():
+    clients[name] = store(value)
   return server.init(params, algorithm.server_optimizer, aux=aux, clients=clients)
 
 
@@ -202,18 +263,18 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     def chunk(carry, chunk_in):
       acc, up_acc = carry
       cids, cvalid = chunk_in
-      sizes = jnp.where(cvalid, data.sizes[cids], 0)
-      rows, mask = batch_indices(keys.batch, cids, data.offsets[cids], sizes, work,
+      sizes = jnp.where(cvalid, data.client_sizes(cids), 0)
+      rows, mask = batch_indices(keys.batch, cids, data.client_offsets(cids), sizes, work,
                                  max_client_size)
       lr_scale, straggler, dropped = None, jnp.zeros_like(cvalid), jnp.zeros_like(cvalid)
       if het is not None:
         mask, cond = heterogeneity_mod.apply(het, data.het, keys.heterogeneity, cids, mask, work)
         lr_scale, straggler, dropped = cond.lr_scale, cond.straggler, cond.dropped
-      rows = jnp.clip(rows, 0, data.y.shape[0] - 1)
       mine = jax.tree.map(lambda s: s[cids], stores)
       ctx = ClientContext(cids, mine.get("algorithm"),
                           aux if algorithm.server_aux_init is not None else None)
-      out = client_train(params, data.x[rows], data.y[rows], mask, ctx, lr_scale)
+      x, y = data.examples(cids, rows)
+      out = client_train(params, x, y, mask, ctx, lr_scale)
       delta, ys = out.delta, dict(out.metrics)
       upload = None
       if has_upload:
@@ -235,7 +296,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       counted = finite & cvalid & ~dropped
       if algorithm.drop_stragglers:
         counted = counted & ~straggler
-      w = jnp.where(counted, data.weights[cids], 0.0)
+      w = jnp.where(counted, data.client_weights(cids), 0.0)
       # Zero the deltas of dropped clients: 0 * NaN would still be NaN in the sum.
       acc = agg.accumulate(acc, _mask_tree(w > 0, delta), w)
       if upload is not None:
@@ -276,8 +337,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       ids, valid = sample_cohort(keys.sample, population, cohort_size, on)
       num_online = jnp.sum(on).astype(jnp.int32)
     else:
-      ids = sample_cohort(keys.sample, population, cohort_size)
-      valid = jnp.ones(cohort_size, bool)
+      ids, valid = sample_cohort(keys.sample, population, cohort_size)
       num_online = jnp.asarray(population, jnp.int32)
     valid = jnp.concatenate([valid, jnp.zeros(padded - cohort_size, bool)])
     ids = jnp.concatenate([ids, jnp.zeros(padded - cohort_size, jnp.int32)])

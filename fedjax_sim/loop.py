@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from fedjax_sim import checkpoint, engine, evaluation, server, tree
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.data.procedural import ProceduralPopulation
 from fedjax_sim.heterogeneity import Heterogeneity
 from fedjax_sim.history import History
 from fedjax_sim.models.core import Model
@@ -80,8 +81,9 @@ def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, r
   if not isinstance(algorithm, Algorithm):
     raise ValueError(f"algorithm must be an Algorithm (e.g. fedjax_sim.algorithms.fedavg()), "
                      f"got {type(algorithm).__name__}")
-  if not isinstance(train_data, FederatedData):
-    raise ValueError(f"train_data must be a FederatedData, got {type(train_data).__name__}")
+  if not isinstance(train_data, (FederatedData, ProceduralPopulation)):
+    raise ValueError("train_data must be a FederatedData or a ProceduralPopulation, got "
+                     f"{type(train_data).__name__}")
   _positive_int("rounds", rounds)
   _positive_int("cohort_size", cohort_size)
   _positive_int("eval_every", eval_every)
@@ -94,6 +96,12 @@ def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, r
   if cohort_size > train_data.num_clients:
     raise ValueError(f"cohort_size {cohort_size} is larger than the population of "
                      f"{train_data.num_clients} clients")
+  if isinstance(train_data, ProceduralPopulation):
+    model.check_input(train_data.input_shape, "train_data")
+    if train_data.num_classes > model.num_classes:
+      raise ValueError(f"the population has {train_data.num_classes} classes but model "
+                       f"{model.name!r} only {model.num_classes}")
+    return
   for name in ("x", "y"):
     if name not in train_data.arrays:
       raise ValueError(f"train_data has no feature {name!r} (has {sorted(train_data.arrays)})")
@@ -143,7 +151,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   Args:
     algorithm: e.g. ``fedjax_sim.algorithms.fedavg(...)``.
     model: a :class:`~fedjax_sim.models.Model`.
-    train_data: the client population.
+    train_data: the client population: stored (:class:`FederatedData`) or generated on demand
+      (:class:`~fedjax_sim.data.procedural.ProceduralPopulation`).
     rounds: number of rounds R.
     cohort_size: clients sampled (without replacement) each round C.
     eval_data: optional test set (dict with ``x``, ``y`` or FederatedData), evaluated every
@@ -199,7 +208,18 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   if eval_data is not None:
     eval_arrays = evaluation.as_arrays(eval_data)
     check_eval_data(model, eval_arrays)
-  weights = resolve_client_weights(train_data, algorithm.weighting, client_weights)
+  procedural = isinstance(train_data, ProceduralPopulation)
+  if procedural:
+    if client_weights is not None:
+      raise ValueError("client_weights cannot be given for a ProceduralPopulation: its "
+                       "`weighting` decides them")
+    if heterogeneity is not None and any(
+        getattr(heterogeneity, f) is not None for f in
+        ("local_steps", "local_epochs", "learning_rate_scale", "batch_size", "availability")):
+      raise ValueError("per-client heterogeneity arrays need a stored population; a "
+                       "ProceduralPopulation supports straggler_fraction and dropout_fraction")
+  else:
+    weights = resolve_client_weights(train_data, algorithm.weighting, client_weights)
 
   key_init, key_rounds = jax.random.split(jax.random.key(seed))
   params = init_params if init_params is not None else model.init(key_init)
@@ -210,10 +230,14 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   if checkpoint_dir is not None:
     fingerprint = checkpoint.fingerprint(
         state, algorithm=algorithm.name, population=train_data.num_clients,
-        num_examples=int(train_data.sizes.sum()), cohort_size=cohort_size, seed=seed)
+        num_examples=-1 if procedural else int(train_data.sizes.sum()), cohort_size=cohort_size,
+        seed=seed)
     ckpt, state, records = checkpoint.open_for_run(checkpoint_dir, state, fingerprint,
                                                    resume=resume, rounds=rounds)
-  data = engine.to_device(train_data, weights, heterogeneity, algorithm.work)
+  if procedural:
+    data = train_data
+  else:
+    data = engine.to_device(train_data, weights, heterogeneity, algorithm.work)
   n_dev = num_devices or jax.device_count()
   mesh = engine.client_mesh(n_dev) if n_dev > 1 else None
   round_fn = engine.make_round(algorithm, model, population=train_data.num_clients,

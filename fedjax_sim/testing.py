@@ -73,7 +73,8 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
     ids, valid = engine.sample_cohort(keys.sample, data.num_clients, cohort_size, on)
     ids = np.asarray(ids)[np.asarray(valid)]
   else:
-    ids = np.asarray(engine.sample_cohort(keys.sample, data.num_clients, cohort_size))
+    ids, valid = engine.sample_cohort(keys.sample, data.num_clients, cohort_size)
+    ids = np.asarray(ids)[np.asarray(valid)]
   w_all = data.sizes.astype(np.float32) if weights is None else np.asarray(weights, np.float32)
   if weights is None and algorithm.weighting == "uniform":
     w_all = np.ones(data.num_clients, np.float32)

@@ -7,6 +7,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim import tree as tree_lib
+
 PyTree = Any
 
 
@@ -112,6 +114,6 @@ def gaussian_attack(fraction: float, std: float = 10.0, seed: int = 0) -> Update
   def rewrite(d, key):
     leaves, treedef = jax.tree.flatten(d)
     keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten([std * jax.random.normal(k, x.shape, x.dtype)
+    return treedef.unflatten([std * tree_lib.random_normal(k, x.shape, x.dtype)
                               for k, x in zip(keys, leaves)])
   return _attack(fraction, seed, rewrite)
