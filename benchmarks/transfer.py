@@ -1,0 +1,317 @@
+"""Transfer learning benchmark: pretrained encoders + federated heads, images and text.
+
+Images (Fashion-MNIST): the McMahan CNN is pretrained centrally on classes 0-4; its 512-unit
+feature layer is frozen and only a linear head is trained federated on classes 5-9 over 100
+Dirichlet(0.3) clients of at most 50 examples each. Compared with federated training of the whole
+CNN from scratch for the same rounds: accuracy at the last round, parameters sent per client per
+round, and seconds per round of head training on cached features vs the frozen encoder run inside
+every local step. Then every client personalizes the head (local fine-tuning) and is evaluated on
+its own held-out 20%.
+
+Text (Debian ``fortunes``): a frozen all-MiniLM-L6-v2 with a federated linear head over
+Dirichlet-split clients, vs the same head trained centrally on the same features, vs the same
+pipeline on a randomly initialised MiniLM of the same shape.
+
+Every figure is printed as a JSON line and appended to benchmarks/results/transfer.jsonl::
+
+  python benchmarks/transfer.py             # full sizes (a few minutes on 2 CPU cores)
+  python benchmarks/transfer.py --small     # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import fedjax_sim as fs  # noqa: E402
+from fedjax_sim import personalize  # noqa: E402
+from fedjax_sim.models import transfer  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "transfer.jsonl"
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+TOPICS = ("computers", "food", "law", "politics", "sports")
+
+
+def emit(record: dict, out):
+  line = json.dumps(record)
+  print(line, flush=True)
+  out.write(line + "\n")
+  out.flush()
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def cap_clients(parts, cap: int, seed: int = 0):
+  """At most ``cap`` examples per client (a random subset of each larger one)."""
+  rng = np.random.default_rng(seed)
+  return [np.sort(rng.permutation(p)[:cap]) for p in parts]
+
+
+def holdout(parts, fraction: float = 0.2, seed: int = 0):
+  """Each client's examples split into (train, held-out) index arrays, >= 1 held out."""
+  rng = np.random.default_rng(seed)
+  tr, te = [], []
+  for p in parts:
+    p = rng.permutation(p)
+    k = max(1, int(round(fraction * len(p))))
+    tr.append(np.sort(p[k:]))
+    te.append(np.sort(p[:k]))
+  return tr, te
+
+
+def load_fortunes(topics=TOPICS, max_per_topic: int = 400, seed: int = 0,
+                  folder: Path = FORTUNES_DIR):
+  """``(texts, labels)``: fortunes of each topic file (separated by lines holding only ``%``),
+  at most ``max_per_topic`` each, label = the topic's position in ``topics``."""
+  missing = [t for t in topics if not (folder / t).is_file()]
+  if missing:
+    raise FileNotFoundError(f"fortune files {missing} not found in {folder}: install the Debian "
+                            "`fortunes` package (sudo apt-get install fortunes)")
+  rng = np.random.default_rng(seed)
+  texts, labels = [], []
+  for c, t in enumerate(topics):
+    raw = (folder / t).read_text(encoding="utf-8", errors="replace")
+    items, cur = [], []
+    for line in raw.splitlines():
+      if line.strip() == "%":
+        items.append(" ".join(" ".join(cur).split()))
+        cur = []
+      else:
+        cur.append(line)
+    items.append(" ".join(" ".join(cur).split()))
+    items = [s for s in items if s]
+    for i in rng.permutation(len(items))[:max_per_topic]:
+      texts.append(items[i])
+      labels.append(c)
+  return texts, np.asarray(labels, np.int32)
+
+
+def cached(name: str, key: str, fn):
+  """``fn()``'s array, cached in ``$FEDJAX_SIM_CACHE`` (default ~/.cache/fedjax_sim)."""
+  folder = Path(os.environ.get("FEDJAX_SIM_CACHE", Path.home() / ".cache" / "fedjax_sim"))
+  path = folder / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+  if path.is_file():
+    return np.load(path), True
+  a = fn()
+  folder.mkdir(parents=True, exist_ok=True)
+  np.save(path, a)
+  return a, False
+
+
+def median_round_seconds(result, skip_first: bool = True) -> float:
+  s = np.asarray(result.history["seconds"])
+  return float(np.median(s[1:] if skip_first and len(s) > 1 else s))
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+def images(args, out):
+  train, test = fs.datasets.fashion_mnist(flatten=False)
+  rng = np.random.default_rng(0)
+  src = np.flatnonzero(train["y"] < 5)
+  src = rng.permutation(src)[:args.pretrain_examples]
+  tgt = rng.permutation(np.flatnonzero(train["y"] >= 5))[:args.target_pool]
+  te = np.flatnonzero(test["y"] >= 5)[:args.test_examples]
+  test_t = {"x": test["x"][te], "y": test["y"][te] - 5}
+
+  # 1. centralized pretraining of the whole CNN on the source classes
+  cnn = fs.models.cnn((28, 28, 1), 5)
+  t = time.perf_counter()
+  pre = transfer.pretrain(cnn, {"x": train["x"][src], "y": train["y"][src]},
+                          optax.adam(1e-3), epochs=args.pretrain_epochs, batch_size=64,
+                          key=jax.random.key(0))
+  src_te = np.flatnonzero(test["y"] < 5)[:args.test_examples]
+  src_acc = fs.evaluation.make_evaluate(cnn)(pre.params, test["x"][src_te], test["y"][src_te])
+  emit({"experiment": "images", "stage": "pretrain", "examples": int(src.size),
+        "epochs": args.pretrain_epochs, "seconds": round(time.perf_counter() - t, 2),
+        "epoch_losses": [round(float(v), 4) for v in pre.epoch_losses],
+        "source_test_accuracy": round(float(src_acc["accuracy"]), 4)}, out)
+  ckpt = transfer.save_encoder(Path(args.workdir) / "cnn_fmnist_0-4.msgpack", pre.params)
+  params = transfer.load_encoder(ckpt, like=cnn.init(jax.random.key(1)))
+  cnn_apply, cnn_params = transfer.flax_encoder(fs.models.zoo.CNNModule((28, 28, 1), 5), params,
+                                                "Dense_1")
+  # Part of the frozen encoder: standardize its ReLU features with statistics of the (public)
+  # source data, as a frozen BatchNorm would. All-positive features make SGD on a linear head
+  # ill-conditioned (the same lr oscillates or crawls).
+  f_src = transfer.encode(cnn_apply, cnn_params, train["x"][src])
+  enc_params = {"cnn": cnn_params, "mu": f_src.mean(0), "sd": f_src.std(0) + 1e-3}
+  enc_apply = lambda p, x: (cnn_apply(p["cnn"], x) - p["mu"][None]) / p["sd"][None]
+
+  # 2. the target population: classes 5-9, 100 Dirichlet(0.3) clients, <= 50 examples each
+  y_t = train["y"][tgt] - 5
+  parts = fs.partition.dirichlet(y_t, args.clients, alpha=0.3, seed=0, min_size=5)
+  parts = cap_clients(parts, 50)
+  tr_parts, ho_parts = holdout(parts, 0.2)
+  arrays = {"x": train["x"][tgt], "y": y_t}
+  fed = fs.FederatedData.from_partition(arrays, tr_parts, num_classes=5)
+  held = fs.FederatedData.from_partition(arrays, ho_parts, num_classes=5)
+  emit({"experiment": "images", "stage": "population", "clients": fed.num_clients,
+        "train_examples": fed.num_examples, "heldout_examples": held.num_examples,
+        "max_client_size": int(fed.max_client_size + held.max_client_size),
+        "test_examples": int(te.size)}, out)
+
+  # Same server optimizer (FedAvgM), local work and cohorts; each model its own client lr.
+  server_opt = optax.sgd(1.0, momentum=0.9)
+  algo_head = fs.algorithms.fedavg(optax.sgd(args.head_lr), server_opt, batch_size=10,
+                                   local_epochs=1)
+  algo_cnn = fs.algorithms.fedavg(optax.sgd(args.cnn_lr, momentum=0.9), server_opt,
+                                  batch_size=10, local_epochs=1)
+  common = dict(rounds=args.rounds, cohort_size=args.cohort, seed=0, progress=False,
+                eval_every=max(1, args.rounds // 4))
+
+  # 3. transferred: head on cached features
+  t = time.perf_counter()
+  fed_f = transfer.feature_cache(enc_apply, enc_params, fed)
+  held_f = transfer.feature_cache(enc_apply, enc_params, held)
+  test_f = transfer.feature_cache(enc_apply, enc_params, test_t)
+  cache_s = time.perf_counter() - t
+  head = transfer.head_model(enc_apply, enc_params, nn.Dense(5), (28, 28, 1), 5)
+  r_head = fs.run(algo_head, head, fed_f, eval_data=test_f, **common)
+  # 4. the same head with the frozen encoder inside every local step (timing only)
+  in_step = transfer.frozen_encoder_model(enc_apply, enc_params, nn.Dense(5), (28, 28, 1), 5)
+  r_in = fs.run(algo_head, in_step, fed, **dict(common, rounds=args.timing_rounds))
+  # 5. the whole CNN from scratch, same rounds
+  r_scr = fs.run(algo_cnn, cnn, fed, eval_data=test_t, **common)
+
+  head_p, cnn_p = r_head.params, r_scr.params
+  c_head, c_cnn = transfer.communication(head_p), transfer.communication(cnn_p)
+  acc_head = r_head.history.last("test_accuracy")
+  acc_scr = r_scr.history.last("test_accuracy")
+  s_head, s_in = median_round_seconds(r_head), median_round_seconds(r_in)
+  emit({"experiment": "images", "stage": "federated", "rounds": args.rounds,
+        "cohort_size": args.cohort, "head_client_lr": args.head_lr, "cnn_client_lr": args.cnn_lr,
+        "transferred_test_accuracy": round(acc_head, 4),
+        "scratch_test_accuracy": round(acc_scr, 4),
+        "accuracy_gain_points": round(100 * (acc_head - acc_scr), 2),
+        "transferred_params_per_client_round": c_head["params_per_client_round"],
+        "scratch_params_per_client_round": c_cnn["params_per_client_round"],
+        "transferred_bytes_up_per_client_round": c_head["bytes_up_per_client_round"],
+        "scratch_bytes_up_per_client_round": c_cnn["bytes_up_per_client_round"],
+        "comm_reduction_x": round(c_cnn["params_per_client_round"]
+                                  / c_head["params_per_client_round"], 1),
+        "feature_cache_seconds": round(cache_s, 3),
+        "cached_head_seconds_per_round": round(s_head, 5),
+        "in_step_encoder_seconds_per_round": round(s_in, 4),
+        "scratch_seconds_per_round": round(median_round_seconds(r_scr), 4),
+        "cached_speedup_x": round(s_in / s_head, 1),
+        "accuracy_curve_transferred": _curve(r_head),
+        "accuracy_curve_scratch": _curve(r_scr)}, out)
+
+  # 6. personalization of the head on each client's own data
+  p = personalize.personalize(head, head_p, fed_f, held_f, optax.sgd(args.head_lr), steps=20,
+                              batch_size=10, seed=0)
+  for when in ("before", "after"):
+    s = p[when]["summary"]
+    emit({"experiment": "images", "stage": f"personalization_{when}", "local_steps": 20,
+          **{k: round(s[k], 4) for k in ("accuracy_weighted", "accuracy_mean", "accuracy_p10",
+                                         "accuracy_p50", "accuracy_p90")}}, out)
+
+
+def _curve(result):
+  h = result.history
+  ok = ~np.isnan(h["test_accuracy"])
+  return [[int(r), round(float(a), 4)] for r, a in zip(h["round"][ok], h["test_accuracy"][ok])]
+
+
+# --- text -----------------------------------------------------------------------------------------
+
+def text(args, out):
+  from fedjax_sim.models import minilm
+  texts, labels = load_fortunes(TOPICS, args.per_topic)
+  enc = minilm.MiniLMEncoder.load(max_length=args.max_tokens)
+  rand = minilm.MiniLMEncoder(enc.module, None, enc.tokenizer, enc.max_length)
+  ids, mask = enc.tokenize(texts[:2], truncate=True)
+  rand.params = enc.module.init(jax.random.key(0), ids, mask)["params"]
+  key = f"{args.max_tokens}|" + "\x00".join(texts)
+  t = time.perf_counter()
+  feats, hit = cached("minilm", key, lambda: transfer.text_features(enc, texts, args.max_tokens))
+  t_pre = time.perf_counter() - t
+  t = time.perf_counter()
+  feats_r, hit_r = cached("minilm-random0", key,
+                          lambda: transfer.text_features(rand, texts, args.max_tokens))
+  t_rand = time.perf_counter() - t
+  emit({"experiment": "text", "stage": "features", "texts": len(texts), "topics": list(TOPICS),
+        "per_class": np.bincount(labels).tolist(), "max_tokens": args.max_tokens,
+        "minilm_seconds": round(t_pre, 2), "cached": hit, "random_minilm_seconds": round(t_rand, 2),
+        "random_cached": hit_r}, out)
+
+  rng = np.random.default_rng(0)
+  perm = rng.permutation(len(texts))
+  n_test = len(texts) // 5
+  te, tr = perm[:n_test], perm[n_test:]
+  parts = fs.partition.dirichlet(labels[tr], args.text_clients, alpha=0.5, seed=0, min_size=2)
+  results = {}
+  for name, f in (("pretrained", feats), ("random_init", feats_r)):
+    # standardize with training statistics (the random encoder's features are nearly collinear)
+    mu, sd = f[tr].mean(0), f[tr].std(0) + 1e-6
+    z = ((f - mu) / sd).astype(np.float32)
+    fed = fs.FederatedData.from_partition({"x": z[tr], "y": labels[tr]}, parts,
+                                          num_classes=len(TOPICS))
+    test = {"x": z[te], "y": labels[te]}
+    model = fs.models.logistic_regression(z.shape[1], len(TOPICS))
+    algo = fs.algorithms.fedavg(optax.sgd(0.05, momentum=0.9), batch_size=16, local_epochs=1)
+    r = fs.run(algo, model, fed, rounds=args.text_rounds, cohort_size=min(10, fed.num_clients),
+               eval_data=test, eval_every=args.text_rounds, seed=0, progress=False)
+    central = transfer.pretrain(model, {"x": z[tr], "y": labels[tr]},
+                                optax.sgd(0.05, momentum=0.9), epochs=args.central_epochs,
+                                batch_size=16, key=jax.random.key(0))
+    ev = fs.evaluation.make_evaluate(model)(central.params, test["x"], test["y"])
+    results[name] = (r.history.last("test_accuracy"), float(ev["accuracy"]))
+    emit({"experiment": "text", "stage": name, "clients": fed.num_clients,
+          "rounds": args.text_rounds, "federated_test_accuracy": round(results[name][0], 4),
+          "central_test_accuracy": round(results[name][1], 4),
+          "federated_minus_central_points": round(100 * (results[name][0] - results[name][1]), 2),
+          "head_params_per_client_round": transfer.num_params(r.params),
+          "encoder_params_frozen": transfer.num_params(enc.params)}, out)
+  emit({"experiment": "text", "stage": "summary",
+        "pretrained_minus_random_points": round(100 * (results["pretrained"][0]
+                                                       - results["random_init"][0]), 2),
+        "chance": round(float(np.bincount(labels[te]).max() / len(te)), 4)}, out)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--small", action="store_true", default=bool(os.environ.get("FEDJAX_SIM_SMALL")))
+  ap.add_argument("--part", choices=("images", "text", "all"), default="all")
+  ap.add_argument("--out", default=str(RESULTS))
+  ap.add_argument("--workdir", default="/tmp/fedjax_sim_transfer")
+  args = ap.parse_args(argv)
+  full = not args.small
+  args.pretrain_examples = 2000 if full else 1000
+  args.pretrain_epochs = 2 if full else 1
+  args.target_pool = 5000
+  args.test_examples = 5000 if full else 1000
+  args.clients = 100
+  args.rounds = 20 if full else 4
+  args.timing_rounds = 4 if full else 2
+  args.cohort = 10 if full else 5
+  args.head_lr = 0.01
+  args.cnn_lr = 0.05
+  args.per_topic = 400 if full else 40
+  args.max_tokens = 64 if full else 32
+  args.text_clients = 20 if full else 5
+  args.text_rounds = 100 if full else 10
+  args.central_epochs = 50 if full else 10
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  with open(args.out, "a") as out:
+    emit({"experiment": "meta", "small": args.small, "backend": jax.default_backend(),
+          "jax": jax.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, out)
+    if args.part in ("images", "all"):
+      images(args, out)
+    if args.part in ("text", "all"):
+      text(args, out)
+
+
+if __name__ == "__main__":
+  main()
