@@ -14,8 +14,8 @@ the server applies an optax optimizer to the aggregated update.
 True
 """
 
-from fedjax_sim import (aggregators, algorithms, checkpoint, engine, heterogeneity, models, server,
-                        testing, transforms, tree)
+from fedjax_sim import (aggregators, algorithms, checkpoint, engine, heterogeneity, models,
+                        personalize, server, sweep, testing, transforms, tree)
 from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
 from fedjax_sim.heterogeneity import Heterogeneity
 from fedjax_sim.history import History, add_client_summaries, plot_histories
@@ -25,5 +25,6 @@ __version__ = "0.1.0"
 
 __all__ = ["ClientBatches", "FederatedData", "Heterogeneity", "History", "LocalWork", "RunResult",
            "add_client_summaries", "aggregators", "algorithms", "checkpoint", "datasets", "engine",
-           "heterogeneity", "models", "partition", "plot_histories", "run", "server", "testing",
+           "heterogeneity", "models", "partition", "personalize", "plot_histories", "run", "server",
+           "sweep", "testing",
            "transforms", "tree"]

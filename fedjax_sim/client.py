@@ -28,10 +28,12 @@ class ClientContext(NamedTuple):
       ``None`` for stateless algorithms.
     server_aux: the algorithm's server-side state broadcast to every client (e.g. SCAFFOLD's
       global control variate), or ``None``.
+    hparams: the run's in-state hyperparameters (``ServerState.hparams``), e.g. ``mu``.
   """
   client_id: jax.Array
   state: Any = None
   server_aux: Any = None
+  hparams: Any = None
 
 
 class ClientOutput(NamedTuple):

@@ -164,9 +164,12 @@ def transform_updates(transform, key: jax.Array, client_ids: jax.Array, deltas, 
       deltas, keys, client_ids, states)
 
 
-def init_state(algorithm: Algorithm, params, population: int) -> server.ServerState:
+def init_state(algorithm: Algorithm, params, population: int,
+               hparams: dict | None = None) -> server.ServerState:
   """The round-0 :class:`~fedjax_sim.server.ServerState` of ``algorithm``: params, server optimizer
-  state, the algorithm's server-side state and per-client state stores ``[P, ...]``."""
+  state, the algorithm's server-side state, per-client state stores ``[P, ...]`` and in-state
+  hyperparameters (:data:`fedjax_sim.server.HPARAMS`)."""
+  hp = server.check_hparams(hparams)
   aux = algorithm.server_aux_init(params) if algorithm.server_aux_init is not None else {}
   clients = {}
 
@@ -190,7 +193,7 @@ def init_state(algorithm: Algorithm, params, population: int) -> server.ServerSt
         "smaller population or a stateless algorithm.")
   for name, value in one.items():
     clients[name] = store(value)
-  return server.init(params, algorithm.server_optimizer, aux=aux, clients=clients)
+  return server.init(params, algorithm.server_optimizer, aux=aux, clients=clients, hparams=hp)
 
 
 class RoundOutput(NamedTuple):
@@ -249,14 +252,14 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     het.validate(population, work)
   client_train = jax.vmap(make_client_train(model, algorithm.client_optimizer,
                                             algorithm.regularizer),
-                          in_axes=(None, 0, 0, 0, ClientContext(0, 0, None), 0))
+                          in_axes=(None, 0, 0, 0, ClientContext(0, 0, None, None), 0))
   agg = algorithm.aggregator
   if agg.validate is not None:
     agg.validate(cohort_size)
   transform = algorithm.update_transform
   has_upload = algorithm.client_finish is not None
 
-  def fold_cohort(params, aux, stores, data, keys, ids, valid):
+  def fold_cohort(params, aux, stores, hparams, data, keys, ids, valid):
     """One device's share: ids/valid ``[1, num_chunks, k]`` -> (aggregator state [1, ...],
     upload sums [1, ...], per-client outputs ``[1, num_chunks, k]``)."""
 
@@ -270,9 +273,12 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       if het is not None:
         mask, cond = heterogeneity_mod.apply(het, data.het, keys.heterogeneity, cids, mask, work)
         lr_scale, straggler, dropped = cond.lr_scale, cond.straggler, cond.dropped
+      if "client_lr_scale" in hparams:
+        swept = jnp.broadcast_to(hparams["client_lr_scale"], cids.shape)
+        lr_scale = swept if lr_scale is None else lr_scale * swept
       mine = jax.tree.map(lambda s: s[cids], stores)
       ctx = ClientContext(cids, mine.get("algorithm"),
-                          aux if algorithm.server_aux_init is not None else None)
+                          aux if algorithm.server_aux_init is not None else None, hparams)
       x, y = data.examples(cids, rows)
       out = client_train(params, x, y, mask, ctx, lr_scale)
       delta, ys = out.delta, dict(out.metrics)
@@ -280,9 +286,9 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       if has_upload:
         info = {"steps": out.metrics["steps"],
                 "lr_scale": jnp.ones(k) if lr_scale is None else lr_scale}
-        delta, new_alg, upload = jax.vmap(algorithm.client_finish,
-                                          in_axes=(ClientContext(0, 0, None), 0, 0))(ctx, delta,
-                                                                                     info)
+        finish = jax.vmap(algorithm.client_finish,
+                          in_axes=(ClientContext(0, 0, None, None), 0, 0))
+        delta, new_alg, upload = finish(ctx, delta, info)
         if new_alg is not None:
           ys["state_algorithm"] = new_alg
       if transform is not None:
@@ -312,7 +318,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       template = jax.eval_shape(
           algorithm.client_finish,
           ClientContext(jnp.int32(0), jax.tree.map(lambda s: s[0], stores).get("algorithm"),
-                        aux if algorithm.server_aux_init is not None else None),
+                        aux if algorithm.server_aux_init is not None else None, hparams),
           params, {"steps": jnp.int32(0), "lr_scale": jnp.float32(1)})[2]
       up0 = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), template),
              jnp.zeros((), jnp.float32))
@@ -327,7 +333,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     # check_vma=False: the replicated global params seed per-device (varying) scan carries; the
     # varying-axis type check would demand a pcast on every carry for no behavioural difference.
     fold_cohort = jax.shard_map(fold_cohort, mesh=mesh,
-                                in_specs=(rep, rep, rep, rep, rep, spec, spec),
+                                in_specs=(rep, rep, rep, rep, rep, rep, spec, spec),
                                 out_specs=(spec, spec, spec), check_vma=False)
 
   def round_fn(state: server.ServerState, data: DeviceData, key: jax.Array):
@@ -342,8 +348,8 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     valid = jnp.concatenate([valid, jnp.zeros(padded - cohort_size, bool)])
     ids = jnp.concatenate([ids, jnp.zeros(padded - cohort_size, jnp.int32)])
     shape = (num_dev, num_chunks, k)
-    accs, ups, clients = fold_cohort(state.params, state.aux, state.clients, data, keys,
-                                     ids.reshape(shape), valid.reshape(shape))
+    accs, ups, clients = fold_cohort(state.params, state.aux, state.clients, state.hparams, data,
+                                     keys, ids.reshape(shape), valid.reshape(shape))
     clients = jax.tree.map(lambda a: a.reshape((padded,) + a.shape[3:])[:cohort_size], clients)
     update, total_w = agg.finalize(agg.combine(accs))
     counted = clients["counted"]
@@ -353,7 +359,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       if ups is not None:
         up_sum, up_w = jax.tree.map(lambda a: jnp.sum(a, axis=0), ups)
         upload = jax.tree.map(lambda a: a / jnp.maximum(up_w, 1e-30).astype(a.dtype), up_sum)
-      info = {"cohort_size": cohort_size, "population": population,
+      info = {"cohort_size": cohort_size, "population": population, "hparams": state.hparams,
               "num_counted": jnp.sum(counted).astype(jnp.int32), "total_weight": total_w}
       update, new_aux = algorithm.server_finish(state.aux, update, upload, info, keys.server)
       aux = tree.where(total_w > 0, new_aux, state.aux)

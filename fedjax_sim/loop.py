@@ -145,7 +145,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
         callback: Callable[[int, server.ServerState, engine.RoundOutput], None] | None = None,
         checkpoint_dir: str | None = None, checkpoint_every: int = 10, resume: bool = False,
         rounds_per_call: int = 1,
-        heterogeneity: Heterogeneity | None = None) -> RunResult:
+        heterogeneity: Heterogeneity | None = None,
+        hparams: dict[str, float] | None = None) -> RunResult:
   """Runs federated training and returns the final model with a per-round history.
 
   Args:
@@ -183,6 +184,9 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     checkpoint_every: rounds between checkpoints.
     heterogeneity: simulated systems heterogeneity (stragglers, drop-outs, per-client local work,
       learning rates and batch sizes, availability): see :mod:`fedjax_sim.heterogeneity`.
+    hparams: hyperparameters held in the state as arrays (``client_lr_scale``,
+      ``server_lr_scale``, ``mu``: :data:`fedjax_sim.server.HPARAMS`); what
+      :func:`fedjax_sim.sweep.sweep` vmaps over.
     resume: continue from the latest complete checkpoint in ``checkpoint_dir`` if there is one,
       else start from scratch ("continue if possible"). The resumed run uses the same per-round
       keys, so its params and history (but ``seconds``) equal an uninterrupted run's exactly;
@@ -225,7 +229,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   params = init_params if init_params is not None else model.init(key_init)
   if heterogeneity is not None:
     heterogeneity.validate(train_data.num_clients, algorithm.work)
-  state = engine.init_state(algorithm, params, train_data.num_clients)
+  state = engine.init_state(algorithm, params, train_data.num_clients, hparams)
   records, ckpt = [], None
   if checkpoint_dir is not None:
     fingerprint = checkpoint.fingerprint(

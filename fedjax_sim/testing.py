@@ -95,10 +95,12 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
                                  jnp.asarray([cid], jnp.int32), mask, work)
       straggler, dropped = bool(cond.straggler[0]), bool(cond.dropped[0])
       lr_scale = 1.0 if cond.lr_scale is None else float(cond.lr_scale[0])
+    if "client_lr_scale" in state.hparams:
+      lr_scale *= float(state.hparams["client_lr_scale"])
     rows, mask = np.clip(np.asarray(rows[0]), 0, data.num_examples - 1), np.asarray(mask[0])
     ctx = ClientContext(jnp.asarray(cid, jnp.int32),
                         _row(stores["algorithm"], cid) if "algorithm" in stores else None,
-                        server_aux)
+                        server_aux, state.hparams)
     params, opt_state = global_params, algorithm.client_optimizer.init(global_params)
     c_loss, c_count, c_steps = 0.0, 0.0, 0
     for s in range(rows.shape[0]):
@@ -150,9 +152,11 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
         upload_mean = jax.tree.map(lambda u: jnp.asarray(u / total_w, jnp.float32), up_acc)
       info = {"cohort_size": cohort_size, "population": data.num_clients,
               "num_counted": jnp.asarray(counted, jnp.int32),
-              "total_weight": jnp.asarray(total_w, jnp.float32)}
+              "total_weight": jnp.asarray(total_w, jnp.float32), "hparams": state.hparams}
       update, aux = algorithm.server_finish(state.aux, update, upload_mean, info, keys.server)
     updates, opt_state = algorithm.server_optimizer.update(update, state.opt_state, global_params)
+    if "server_lr_scale" in state.hparams:
+      updates = jax.tree.map(lambda u: u * state.hparams["server_lr_scale"], updates)
     params = optax.apply_updates(global_params, updates)
   new_state = state.replace(params=params, opt_state=opt_state, round=state.round + 1, aux=aux,
                             clients={n: jax.tree.map(jnp.asarray, s) for n, s in stores.items()})
@@ -163,12 +167,13 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
 def sequential_run(algorithm: Algorithm, model: Model, data: FederatedData, *, rounds: int,
                    cohort_size: int, seed: int = 0, init_params: Any = None,
                    weights: np.ndarray | None = None,
-                   heterogeneity: het_mod.Heterogeneity | None = None):
+                   heterogeneity: het_mod.Heterogeneity | None = None,
+                   hparams: dict | None = None):
   """``rounds`` sequential rounds with the same keys as :func:`fedjax_sim.run`. Returns the
   final ServerState and the list of per-round metrics."""
   key_init, key_rounds = jax.random.split(jax.random.key(seed))
   params = init_params if init_params is not None else model.init(key_init)
-  state = engine.init_state(algorithm, params, data.num_clients)
+  state = engine.init_state(algorithm, params, data.num_clients, hparams)
   history = []
   for r in range(1, rounds + 1):
     state, m = sequential_round(algorithm, model, data, state, jax.random.fold_in(key_rounds, r),

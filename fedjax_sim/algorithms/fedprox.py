@@ -17,12 +17,15 @@ from fedjax_sim.algorithms.fedavg import fedavg
 
 
 def proximal_term(mu: float):
-  """``(params, global_params, ctx) -> mu/2 * ||params - global_params||^2``."""
+  """``(params, global_params, ctx) -> mu/2 * ||params - global_params||^2``; an in-state
+  ``mu`` hyperparameter (``ctx.hparams["mu"]``, e.g. from a sweep) replaces ``mu``."""
 
   def term(params, global_params, ctx=None):
-    del ctx
+    m = mu
+    if ctx is not None and ctx.hparams and "mu" in ctx.hparams:
+      m = ctx.hparams["mu"]
     sq = jax.tree.map(lambda p, g: jnp.sum((p - g) ** 2), params, global_params)
-    return 0.5 * mu * sum(jax.tree.leaves(sq))
+    return 0.5 * m * sum(jax.tree.leaves(sq))
 
   return term
 
