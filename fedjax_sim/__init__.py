@@ -14,8 +14,10 @@ the server applies an optax optimizer to the aggregated update.
 True
 """
 
-from fedjax_sim import (aggregators, algorithms, checkpoint, engine, heterogeneity, models,
-                        personalize, server, sweep, testing, transforms, tree)
+from fedjax_sim import (aggregators, algorithms, asynchronous, attacks, checkpoint, distributed,
+                        engine, heterogeneity, models, personalize, secure_aggregation, server,
+                        sweep, testing, transforms, tree)
+from fedjax_sim.asynchronous import run_async
 from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
 from fedjax_sim.heterogeneity import Heterogeneity
 from fedjax_sim.history import History, add_client_summaries, plot_histories
@@ -24,7 +26,8 @@ from fedjax_sim.loop import RunResult, run
 __version__ = "0.1.0"
 
 __all__ = ["ClientBatches", "FederatedData", "Heterogeneity", "History", "LocalWork", "RunResult",
-           "add_client_summaries", "aggregators", "algorithms", "checkpoint", "datasets", "engine",
-           "heterogeneity", "models", "partition", "personalize", "plot_histories", "run", "server",
+           "add_client_summaries", "aggregators", "algorithms", "asynchronous", "attacks",
+           "checkpoint", "distributed", "datasets", "engine",
+           "heterogeneity", "models", "partition", "personalize", "plot_histories", "run", "run_async", "secure_aggregation", "server",
            "sweep", "testing",
            "transforms", "tree"]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedjax_sim import checkpoint, engine, evaluation, server, tree
+from fedjax_sim import checkpoint, distributed, engine, evaluation, server, tree
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.data.procedural import ProceduralPopulation
@@ -224,6 +224,9 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
                        "ProceduralPopulation supports straggler_fraction and dropout_fraction")
   else:
     weights = resolve_client_weights(train_data, algorithm.weighting, client_weights)
+  multi = distributed.is_multiprocess()
+  if multi and checkpoint_dir is not None:
+    raise ValueError("checkpoint_dir is not supported in multi-process runs")
 
   key_init, key_rounds = jax.random.split(jax.random.key(seed))
   params = init_params if init_params is not None else model.init(key_init)
@@ -244,6 +247,10 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     data = engine.to_device(train_data, weights, heterogeneity, algorithm.work)
   n_dev = num_devices or jax.device_count()
   mesh = engine.client_mesh(n_dev) if n_dev > 1 else None
+  if multi:   # every process runs this same code; the cohort is split over all their devices
+    mesh = distributed.global_mesh(n_dev)
+    state, data, key_rounds = distributed.replicate((state, data, key_rounds), mesh)
+  put = (lambda t: distributed.replicate(t, mesh)) if multi else (lambda t: t)  # noqa: E731
   round_fn = engine.make_round(algorithm, model, population=train_data.num_clients,
                                cohort_size=cohort_size, max_client_size=train_data.max_client_size,
                                chunk_size=chunk_size, mesh=mesh, heterogeneity=heterogeneity)
@@ -252,7 +259,9 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   def block_fn(state, data, key, rs):
     return jax.lax.scan(lambda s, r: round_fn(s, data, jax.random.fold_in(key, r)), state, rs)
 
-  block_jit = jax.jit(block_fn)
+  # Multi-process: replicated outputs, so every process can read the state and metrics.
+  jit_kw = {"out_shardings": distributed.replicated(mesh)} if multi else {}
+  block_jit = jax.jit(block_fn, **jit_kw)
   compiled_blocks: dict[int, Any] = {}
   compile_seconds = 0.0
 
@@ -261,7 +270,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     if length not in compiled_blocks:
       t0 = time.perf_counter()
       compiled_blocks[length] = block_jit.lower(
-          state, data, key_rounds, jnp.zeros(length, jnp.int32)).compile()
+          state, data, key_rounds, put(jnp.zeros(length, jnp.int32))).compile()
       compile_seconds += time.perf_counter() - t0
     return compiled_blocks[length]
 
@@ -276,10 +285,10 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   evaluate = None
   if eval_arrays is not None:
     evaluate = evaluation.make_evaluate(model, eval_batch_size)
-    ex, ey = jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)
+    ex, ey = put((jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)))
 
-  bar = tqdm(total=rounds, initial=start - 1, desc=f"{algorithm.name}", disable=not progress,
-             leave=True)
+  bar = tqdm(total=rounds, initial=start - 1, desc=f"{algorithm.name}",
+             disable=not progress or jax.process_index() != 0, leave=True)
   try:
     r = start
     while r <= rounds:
@@ -287,7 +296,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       while end < rounds and end - r + 1 < rounds_per_call and not host_work(end):
         end += 1
       t = time.perf_counter()
-      rs = jnp.arange(r, end + 1, dtype=jnp.int32)
+      rs = put(jnp.arange(r, end + 1, dtype=jnp.int32))
       state, outs = compiled_block(end - r + 1)(state, data, key_rounds, rs)
       metrics = jax.device_get(outs.metrics)
       seconds = (time.perf_counter() - t) / (end - r + 1)

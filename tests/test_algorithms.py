@@ -5,7 +5,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import algorithms, engine, server, testing
+from fedjax_sim import algorithms, engine, testing
 
 KW = dict(batch_size=16, local_epochs=2)
 

@@ -2,6 +2,7 @@
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
+from fedjax_sim.algorithms.fedbuff import fedbuff   # asynchronous: run with fedjax_sim.run_async
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox, proximal_term
 from fedjax_sim.algorithms.scaffold import scaffold
@@ -17,5 +18,5 @@ def make(name: str, **kwargs) -> Algorithm:
   return REGISTRY[name](**kwargs)
 
 
-__all__ = ["Algorithm", "REGISTRY", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fednova",
+__all__ = ["Algorithm", "REGISTRY", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "fednova",
            "fedprox", "fedyogi", "make", "proximal_term", "scaffold"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -135,11 +135,18 @@ class FederatedData:
   offsets: np.ndarray
   client_ids: np.ndarray
   num_classes: int | None = None
+  # Features given as jax Arrays (already in device memory) are kept here and handed to the round
+  # as they are; ``arrays`` then holds zero-copy host views of them on a CPU backend. A million
+  # clients of 4.8 GB thus exist once, not once on the host and once on the device.
+  device_arrays: Mapping[str, Any] = dataclasses.field(default_factory=dict, init=False,
+                                                       repr=False)
 
   def __post_init__(self):
     offsets = np.asarray(self.offsets, dtype=np.int64)
     object.__setattr__(self, "offsets", offsets)
     object.__setattr__(self, "client_ids", np.asarray(self.client_ids))
+    object.__setattr__(self, "device_arrays",
+                       {k: v for k, v in self.arrays.items() if isinstance(v, jax.Array)})
     object.__setattr__(self, "arrays", {k: np.asarray(v) for k, v in self.arrays.items()})
     if offsets.ndim != 1 or offsets.size < 2 or offsets[0] != 0:
       raise ValueError("offsets must be a 1-D array [P+1] starting at 0")
@@ -283,8 +290,13 @@ def _check_features(arrays, num_classes, client_of_row):
   """Raises a ValueError naming the feature, row and client of the first bad value."""
   for name, a in arrays.items():
     if np.issubdtype(a.dtype, np.floating):
-      bad = ~np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
-      if bad.any():
+      flat = a.reshape(a.shape[0], -1)
+      # In blocks of rows: a whole-array isfinite of a 4.8 GB population would allocate 1.2 GB.
+      step = max(1, (1 << 24) // max(1, flat.shape[1]))
+      for start in range(0, flat.shape[0], step):
+        if np.isfinite(flat[start:start + step]).all():
+          continue
+        bad = ~np.isfinite(flat).all(axis=1)
         r = int(np.flatnonzero(bad)[0])
         raise ValueError(f"feature {name!r} has non-finite values (NaN/inf) in {int(bad.sum())} "
                          f"example(s), first at row {r} (client {client_of_row(r)!r})")

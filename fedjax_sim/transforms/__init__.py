@@ -9,6 +9,8 @@ fixed, seeded subset of client ids.
 from fedjax_sim.transforms.base import (UpdateTransform, apply_transform, chain, clip_by_norm,
                                         gaussian_attack, is_attacker, scale_attack,
                                         sign_flip_attack)
+from fedjax_sim.transforms.compression import hadamard_quantize, stochastic_quantize, top_k
 
 __all__ = ["UpdateTransform", "apply_transform", "chain", "clip_by_norm", "gaussian_attack",
-           "is_attacker", "scale_attack", "sign_flip_attack"]
+           "hadamard_quantize", "is_attacker", "scale_attack", "sign_flip_attack",
+           "stochastic_quantize", "top_k"]

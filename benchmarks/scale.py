@@ -1,0 +1,189 @@
+"""Population-scale benchmarks (issue 3); each case runs in its own process so peak memory is its own.
+
+  python benchmarks/scale.py                 # all cases
+  python benchmarks/scale.py --only stored   # one of: stored, procedural, cohort, sweep
+
+* stored:     1,000,000 stored clients x 20 examples x 60 features (4.8 GB), W2's model, cohort
+              10,000: build time, peak memory, s/round vs the sequential loop's per-client cost.
+* procedural: 100,000,000 procedural Synthetic(1,1) clients, cohort 10,000: peak memory, s/round.
+* cohort:     W2 (50 examples per client) with cohort = population = 10,000 and 100,000: peak memory.
+* sweep:      16 W2 experiments (C=1000, 20 rounds) as one vmapped program vs 16 fs.run calls.
+Prints JSON lines; appends them to benchmarks/results/scale.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "scale.jsonl")
+
+
+def case_stored():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from common import median_time, peak_rss_gb
+  import fedjax_sim as fs
+  from fedjax_sim import engine, testing
+  P, n, dim, C = 1_000_000, 20, 60, 10_000
+  t = time.perf_counter()
+  # Features drawn in device memory, block by block into one donated buffer (XLA's threefry uses
+  # every core; numpy's single-threaded normal generator took 2 minutes for these 1.2e9 values).
+  # FederatedData keeps the device arrays and zero-copy host views: one copy of 4.8 GB.
+  block = 1_000_000                 # divides P * n: no trailing slice (a slice is a copy)
+  w_true = fs.tree.random_normal(jax.random.key(1), (dim, 10))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def fill(xbuf, ybuf, i):
+    xb = fs.tree.random_normal(jax.random.fold_in(jax.random.key(0), i), (block, dim))
+    yb = jnp.argmax(xb @ w_true, axis=1).astype(jnp.int32)
+    return (jax.lax.dynamic_update_slice(xbuf, xb, (i * block, 0)),
+            jax.lax.dynamic_update_slice(ybuf, yb, (i * block,)))
+
+  rows = P * n
+  assert rows % block == 0
+  x, y = jnp.zeros((rows, dim), jnp.float32), jnp.zeros((rows,), jnp.int32)
+  for i in range(rows // block):
+    x, y = fill(x, y, i)
+  data = fs.FederatedData({"x": x, "y": y}, np.arange(P + 1, dtype=np.int64) * n, np.arange(P), 10)
+  build_s = time.perf_counter() - t
+  model = fs.models.logistic_regression(dim, 10)
+  algo = fs.algorithms.fedavg(optax.sgd(0.1), local_epochs=1, batch_size=10)
+  sub = data.subset(np.arange(100))   # for the sequential baseline below
+  t = time.perf_counter()
+  dev = engine.to_device(data)
+  jax.block_until_ready(dev)
+  to_device_s = time.perf_counter() - t
+  rss_after_to_device = peak_rss_gb()
+  state = engine.init_state(algo, model.init(jax.random.key(0)), P)
+  rf = jax.jit(engine.make_round(algo, model, population=P, cohort_size=C,
+                                 max_client_size=n)).lower(state, dev, jax.random.key(0)).compile()
+  holder = [state]
+
+  def step(r=[0]):
+    r[0] += 1
+    holder[0], out = rf(holder[0], dev, jax.random.key(r[0]))
+    jax.block_until_ready(out.metrics)
+  step()
+  sec, _ = median_time(step, 5)
+  # Sequential loop baseline: per-client cost on 100 clients of the same population.
+  bstate = engine.init_state(algo, model.init(jax.random.key(0)), 100)
+  testing.sequential_round(algo, model, sub, bstate, jax.random.key(0), 10)
+  bsec, _ = median_time(lambda: testing.sequential_round(algo, model, sub, bstate,
+                                                         jax.random.key(1), 100), 3)
+  base = bsec / 100 * C
+  return {"case": "stored", "population": P, "cohort": C, "build_sec": build_s,
+          "to_device_sec": to_device_s, "sec_per_round": sec, "baseline_sec_per_round": base,
+          "speedup": base / sec, "peak_rss_after_build_gb": rss_after_to_device,
+          "peak_rss_gb": peak_rss_gb(),
+          "rss_now_gb": int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1e6}
+
+
+def case_procedural():
+  import jax
+  import optax
+  from common import median_time, peak_rss_gb
+  import fedjax_sim as fs
+  from fedjax_sim import engine
+  from fedjax_sim.data.procedural import synthetic_population
+  P, C = 100_000_000, 10_000
+  pop = synthetic_population(P, 1.0, 1.0, examples_per_client=20)
+  model = fs.models.logistic_regression(60, 10)
+  algo = fs.algorithms.fedavg(optax.sgd(0.1), local_epochs=1, batch_size=10)
+  state = engine.init_state(algo, model.init(jax.random.key(0)), P)
+  t = time.perf_counter()
+  rf = jax.jit(engine.make_round(algo, model, population=P, cohort_size=C,
+                                 max_client_size=20)).lower(state, pop, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - t
+  holder = [state]
+
+  def step(r=[0]):
+    r[0] += 1
+    holder[0], out = rf(holder[0], pop, jax.random.key(r[0]))
+    jax.block_until_ready(out.metrics)
+  step()
+  sec, _ = median_time(step, 5)
+  return {"case": "procedural", "population": P, "cohort": C, "sec_per_round": sec,
+          "compile_sec": compile_s, "peak_rss_gb": peak_rss_gb()}
+
+
+def case_cohort(c: int):
+  import jax
+  from common import median_time, peak_rss_gb, workload
+  from fedjax_sim import engine
+  data, model, algo, _ = workload("W2", c)
+  rss_data = peak_rss_gb()
+  dev = engine.to_device(data)
+  state = engine.init_state(algo, model.init(jax.random.key(0)), c)
+  rf = jax.jit(engine.make_round(algo, model, population=c, cohort_size=c,
+                                 max_client_size=data.max_client_size)
+               ).lower(state, dev, jax.random.key(0)).compile()
+  holder = [state]
+
+  def step(r=[0]):
+    r[0] += 1
+    holder[0], out = rf(holder[0], dev, jax.random.key(r[0]))
+    jax.block_until_ready(out.metrics)
+  step()
+  sec, _ = median_time(step, 3)
+  return {"case": "cohort", "workload": "W2", "cohort": c, "sec_per_round": sec,
+          "data_gb": data.arrays["x"].nbytes / 1e9, "rss_after_data_gb": rss_data,
+          "peak_rss_gb": peak_rss_gb()}
+
+
+def case_sweep():
+  from common import workload
+  import fedjax_sim as fs
+  data, model, algo, _ = workload("W2", 1000)
+  E, R = 16, 20
+  lrs = [0.25 + 0.1 * i for i in range(E)]
+  t = time.perf_counter()
+  hs = fs.sweep.sweep(algo, model, data, rounds=R, cohort_size=1000, seed=list(range(E)),
+                      client_lr_scale=lrs, rounds_per_call=R, progress=False)
+  sweep_s = time.perf_counter() - t
+  t = time.perf_counter()
+  for i in range(E):
+    fs.run(algo, model, data, rounds=R, cohort_size=1000, seed=i,
+           hparams={"client_lr_scale": lrs[i]}, rounds_per_call=R, progress=False)
+  seq_s = time.perf_counter() - t
+  return {"case": "sweep", "experiments": E, "rounds": R, "cohort": 1000, "sweep_sec": sweep_s,
+          "one_by_one_sec": seq_s, "speedup": seq_s / sweep_s,
+          "final_loss_range": [min(h["train_loss"][-1] for h in hs),
+                               max(h["train_loss"][-1] for h in hs)]}
+
+
+CASES = {"stored": case_stored, "procedural": case_procedural,
+         "cohort10k": lambda: case_cohort(10_000), "cohort100k": lambda: case_cohort(100_000),
+         "sweep": case_sweep}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--only", choices=sorted(CASES))
+  ap.add_argument("--child", choices=sorted(CASES), help=argparse.SUPPRESS)
+  a = ap.parse_args()
+  if a.child:
+    sys.path.insert(0, HERE)
+    print("RESULT " + json.dumps(CASES[a.child]()), flush=True)
+    return
+  for name in ([a.only] if a.only else list(CASES)):
+    p = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    if p.returncode or not lines:
+      print(json.dumps({"case": name, "error": p.stderr[-2000:]}))
+      continue
+    rec = json.loads(lines[-1][7:])
+    print(json.dumps(rec), flush=True)
+    with open(RESULTS, "a") as f:
+      f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,562 @@
+"""Asynchronous buffered aggregation (FedBuff) as a vectorized discrete-event simulation.
+
+M clients are in flight at any time, each in a *slot* that records who it is, which model
+version it downloaded and when it will finish (simulated seconds). One compiled
+:func:`make_server_step` call advances the simulation to the next server update::
+
+  slots [M]: client, start_version, start_time, finish_time        versions ring [H, ...params]
+     │
+     ├─ K events (lax.fori_loop, O(K·P) integer work, no training):
+     │    j = argmin finish_time            (ties: lowest slot)   -> arrival k = (client, version)
+     │    restart="arrival": a new client (uniform over the clients not in flight) takes slot j at
+     │    the arrival time with the current version t, so concurrency stays M, and may itself
+     │    arrive before the buffer is full
+     │
+     ├─ train the K arrivals vectorized: chunks of the K -> gather start params
+     │    versions[start_version % H] ([k, ...], params in_axes=0) -> vmap(client train)
+     │    staleness s = t - start_version;  s >= H: dropped (its version left the ring)
+     │    w_k = p_k * g(s_k),  g = 1/sqrt(1+s) ("sqrt"), 1 ("constant"), (1+s)^-a ("poly")
+     │
+     └─ update = sum_k w_k delta_k / sum_k p_k  ("mean", the paper's (1/K) sum_k g(s_k) delta_k
+        for uniform p) or / sum_k w_k ("normalized") -> server optimizer -> version t+1 -> ring;
+        now = time of the K-th arrival
+
+Client durations (:class:`DurationModel`) are ``step_time * steps_i * speed_i * noise``: a
+persistent per-client lognormal speed factor from ``fold_in(speed_key, client_id)`` (some clients
+are always slow) and per-job lognormal noise. ``steps_i`` is the client's number of local steps.
+
+Only simulated time is modelled: arrival order and staleness depend on the durations, never on
+how long the host takes to compute a step. Training happens in the step whose buffer receives
+the update (from the params of the client's start version, kept in the ring), which gives the
+same result as training at the simulated time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedjax_sim import engine, evaluation, loop, server, tree
+from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.client import ClientContext, make_client_train
+from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
+from fedjax_sim.history import History
+from fedjax_sim.models.core import Model
+
+PyTree = Any
+
+STALENESS = ("sqrt", "constant", "poly")
+AGGREGATIONS = ("mean", "normalized")
+RESTARTS = ("arrival", "update")
+
+
+@dataclasses.dataclass(frozen=True)
+class DurationModel:
+  """Simulated wall-clock seconds a client needs for one job (download, train, upload).
+
+  ``duration = step_time * steps_i * exp(speed_sigma * z_i) * exp(noise_sigma * e)`` with
+  ``z_i ~ N(0, 1)`` fixed per client (from ``fold_in(speed_key, client_id)``: a persistently
+  slow or fast device) and ``e ~ N(0, 1)`` drawn per job. ``speed_sigma = noise_sigma = 0``
+  gives every client the same speed (equal durations for equal work).
+
+  Attributes:
+    step_time: seconds per local step of a median-speed client.
+    speed_sigma: std of the per-client log speed factor (>= 0).
+    noise_sigma: std of the per-job log noise (>= 0).
+  """
+  step_time: float = 1.0
+  speed_sigma: float = 0.5
+  noise_sigma: float = 0.25
+
+  def __post_init__(self):
+    if not (isinstance(self.step_time, (int, float)) and math.isfinite(self.step_time)
+            and self.step_time > 0):
+      raise ValueError(f"duration.step_time must be a number > 0, got {self.step_time!r}")
+    for name in ("speed_sigma", "noise_sigma"):
+      v = getattr(self, name)
+      if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        raise ValueError(f"duration.{name} must be a number >= 0, got {v!r}")
+
+
+def client_steps(work: LocalWork, sizes: jax.Array) -> jax.Array:
+  """Local steps of clients of ``sizes [C]`` examples (``[C]`` int32, at least 1)."""
+  if work.local_steps is not None:
+    return jnp.full(jnp.shape(sizes), work.local_steps, jnp.int32)
+  per_epoch = jnp.maximum(1, (sizes + work.batch_size - 1) // work.batch_size)
+  return (work.local_epochs * per_epoch).astype(jnp.int32)
+
+
+def client_speed(duration: DurationModel, speed_key: jax.Array, client_ids: jax.Array) -> jax.Array:
+  """``[C]`` persistent slowness factors (``> 0``; > 1 is slower than the median client)."""
+  z = jax.vmap(lambda c: jax.random.normal(jax.random.fold_in(speed_key, c)))(client_ids)
+  return jnp.exp(duration.speed_sigma * z)
+
+
+def client_durations(duration: DurationModel, speed_key: jax.Array, job_key: jax.Array,
+                     client_ids: jax.Array, steps: jax.Array) -> jax.Array:
+  """``[C]`` float32 seconds of one job of each client ``client_ids [C]`` with ``steps [C]``
+  local steps; the job noise of client c comes from ``fold_in(job_key, c)``."""
+  e = jax.vmap(lambda c: jax.random.normal(jax.random.fold_in(job_key, c)))(client_ids)
+  d = (duration.step_time * steps.astype(jnp.float32) *
+       client_speed(duration, speed_key, client_ids) * jnp.exp(duration.noise_sigma * e))
+  return d.astype(jnp.float32)
+
+
+def staleness_weight(kind: str, staleness: jax.Array, exponent: float = 0.5) -> jax.Array:
+  """``g(s)``: ``1/sqrt(1+s)`` ("sqrt", FedBuff), ``1`` ("constant") or ``(1+s)^-exponent``
+  ("poly", FedAsync's polynomial staleness function)."""
+  s = jnp.asarray(staleness, jnp.float32)
+  if kind == "sqrt":
+    return jax.lax.rsqrt(1.0 + s)
+  if kind == "constant":
+    return jnp.ones_like(s)
+  if kind == "poly":
+    return (1.0 + s) ** (-exponent)
+  raise ValueError(f"staleness must be one of {STALENESS}, got {kind!r}")
+
+
+def _positive_int(name, v):
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AsyncConfig:
+  """Static description of an asynchronous buffered algorithm (see
+  :func:`fedjax_sim.algorithms.fedbuff.fedbuff`).
+
+  Attributes:
+    name: display name.
+    algorithm: client/server optimizers, local work, weighting p_i and optional regularizer.
+      Per-client state, server-side state, ``client_finish``/``server_finish`` hooks and update
+      transforms are not supported; the aggregator is replaced by the staleness-weighted mean.
+    buffer_size: K, arrivals per server update.
+    concurrency: M, clients in flight (``K <= M <= population``).
+    max_staleness: H, versions kept in the ring; arrivals with staleness ``>= H`` are dropped.
+    staleness: ``"sqrt"``, ``"constant"`` or ``"poly"`` (see :func:`staleness_weight`).
+    staleness_exponent: the exponent a of ``"poly"``.
+    aggregation: ``"mean"`` (divide by the counted arrivals' ``sum p``) or ``"normalized"``
+      (divide by their ``sum p g(s)``).
+    restart: ``"arrival"`` (a new client starts when one arrives, with the model current then)
+      or ``"update"`` (the K freed slots are refilled at the server update, with the new model).
+    duration: the :class:`DurationModel`.
+  """
+  name: str
+  algorithm: Algorithm
+  buffer_size: int
+  concurrency: int
+  max_staleness: int
+  staleness: str = "sqrt"
+  staleness_exponent: float = 0.5
+  aggregation: str = "mean"
+  restart: str = "arrival"
+  duration: DurationModel = dataclasses.field(default_factory=DurationModel)
+
+  def __post_init__(self):
+    if not isinstance(self.algorithm, Algorithm):
+      raise ValueError(f"algorithm must be an Algorithm, got {type(self.algorithm).__name__}")
+    _positive_int("buffer_size", self.buffer_size)
+    _positive_int("concurrency", self.concurrency)
+    _positive_int("max_staleness", self.max_staleness)
+    if self.buffer_size > self.concurrency:
+      raise ValueError(f"buffer_size K={self.buffer_size} is larger than concurrency "
+                       f"M={self.concurrency}: the buffer could never fill")
+    if self.staleness not in STALENESS:
+      raise ValueError(f"staleness must be one of {STALENESS}, got {self.staleness!r}")
+    if not (isinstance(self.staleness_exponent, (int, float)) and self.staleness_exponent >= 0):
+      raise ValueError(f"staleness_exponent must be >= 0, got {self.staleness_exponent!r}")
+    if self.aggregation not in AGGREGATIONS:
+      raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+    if self.restart not in RESTARTS:
+      raise ValueError(f"restart must be one of {RESTARTS}, got {self.restart!r}")
+    if not isinstance(self.duration, DurationModel):
+      raise ValueError(f"duration must be a DurationModel, got {type(self.duration).__name__}")
+    a = self.algorithm
+    for hook in ("client_state_init", "server_aux_init", "client_finish", "server_finish",
+                 "update_transform"):
+      if getattr(a, hook) is not None:
+        raise ValueError(f"asynchronous simulation does not support algorithms with {hook} "
+                         f"(algorithm {a.name!r})")
+
+
+@flax.struct.dataclass
+class AsyncState:
+  """The whole simulation between server steps.
+
+  Attributes:
+    server: params, server optimizer state and ``round`` = the model version t.
+    versions: ring of the last H models, every leaf ``[H, ...]``; version v sits at ``v % H``.
+    client: ``[M]`` int32 client in each slot.
+    start_version: ``[M]`` int32 version the slot's client downloaded.
+    start_time: ``[M]`` float32 simulated time it started.
+    finish_time: ``[M]`` float32 simulated time it will arrive.
+    now: float32 simulated time of the last server update.
+    speed_key: key of the per-client speed factors (:func:`client_speed`).
+  """
+  server: server.ServerState
+  versions: PyTree
+  client: jax.Array
+  start_version: jax.Array
+  start_time: jax.Array
+  finish_time: jax.Array
+  now: jax.Array
+  speed_key: jax.Array
+
+
+class StepOutput(NamedTuple):
+  """One server step: scalar ``metrics``; ``arrivals`` (the K arrivals, in arrival order) and
+  ``starts`` (the K clients started, in start order), dicts of ``[K]`` arrays."""
+  metrics: dict[str, jax.Array]
+  arrivals: dict[str, jax.Array]
+  starts: dict[str, jax.Array]
+
+
+def init_state(config: AsyncConfig, params: PyTree, data: engine.DeviceData,
+               key: jax.Array) -> AsyncState:
+  """Version 0 everywhere; M distinct clients (uniform without replacement) start at time 0."""
+  population = int(data.sizes.shape[0])
+  m, h = config.concurrency, config.max_staleness
+  if m > population:
+    raise ValueError(f"concurrency M={m} is larger than the population of {population} clients")
+  k_fill, k_job, speed_key = jax.random.split(key, 3)
+  ids = engine.sample_cohort(k_fill, population, m)
+  if isinstance(ids, tuple):   # (ids, valid); every slot is valid without availability
+    ids = ids[0]
+  steps = client_steps(config.algorithm.work, data.sizes[ids])
+  finish = client_durations(config.duration, speed_key, k_job, ids, steps)
+  versions = jax.tree.map(lambda p: jnp.broadcast_to(p, (h,) + jnp.shape(p)), params)
+  return AsyncState(server=server.init(params, config.algorithm.server_optimizer),
+                    versions=versions, client=ids, start_version=jnp.zeros(m, jnp.int32),
+                    start_time=jnp.zeros(m, jnp.float32), finish_time=finish,
+                    now=jnp.zeros((), jnp.float32), speed_key=speed_key)
+
+
+def _mask_tree(keep, t):
+  return jax.tree.map(lambda d: jnp.where(jnp.reshape(keep, (-1,) + (1,) * (d.ndim - 1)), d, 0), t)
+
+
+def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_client_size: int,
+                     chunk_size: int | None = None):
+  """Builds ``step(state: AsyncState, data: DeviceData, key) -> (AsyncState, StepOutput)``
+  (not jitted): wait for the next K arrivals, train them, apply one server update.
+
+  Args:
+    config: the :class:`AsyncConfig`.
+    model: the model.
+    population: number of clients P in ``data`` (``>= concurrency``).
+    max_client_size: largest client (fixes the static number of local steps S).
+    chunk_size: arrivals trained per vmapped chunk (default
+      :data:`fedjax_sim.engine.DEFAULT_CHUNK_SIZE`); peak memory follows it.
+  """
+  a = config.algorithm
+  work = a.work
+  kk, m, h = config.buffer_size, config.concurrency, config.max_staleness
+  if m > population:
+    raise ValueError(f"concurrency M={m} is larger than the population of {population} clients")
+  num_chunks = math.ceil(kk / min(kk, chunk_size or engine.DEFAULT_CHUNK_SIZE))
+  k = math.ceil(kk / num_chunks)
+  padded = num_chunks * k
+  train = jax.vmap(make_client_train(model, a.client_optimizer, a.regularizer),
+                   in_axes=(0, 0, 0, 0, ClientContext(0, None, None)))
+
+  def start_client(carry, slot, start_time, version, key, data, speed_key):
+    """Puts a new client (uniform over those not in flight) into ``slot``."""
+    client, sv, st, ft, busy = carry
+    k_pick, k_job = jax.random.split(key)
+    scores = jnp.where(busy, -1.0, jax.random.uniform(k_pick, (population,)))
+    new = jnp.argmax(scores).astype(jnp.int32)
+    dur = client_durations(config.duration, speed_key, k_job, new[None],
+                           client_steps(work, data.sizes[new][None]))[0]
+    finish = start_time + dur
+    carry = (client.at[slot].set(new), sv.at[slot].set(version), st.at[slot].set(start_time),
+             ft.at[slot].set(finish), busy.at[new].set(True))
+    return carry, (new, dur, finish)
+
+  def step(state: AsyncState, data: engine.DeviceData, key: jax.Array):
+    keys = engine.round_keys(key)
+    t = state.server.round
+    busy = jnp.zeros(population, bool).at[state.client].set(True)
+    carry = (state.client, state.start_version, state.start_time, state.finish_time, busy)
+
+    # --- K arrival events (integer/time bookkeeping only) ---------------------------------
+    def event(i, c):
+      carry, arr, starts = c
+      client, sv, st, ft, busy = carry
+      j = jnp.argmin(ft).astype(jnp.int32)
+      arr = jax.tree.map(lambda buf, v: buf.at[i].set(v), arr,
+                         (j, client[j], sv[j], st[j], ft[j]))
+      busy = busy.at[client[j]].set(False)
+      carry = (client, sv, st, ft, busy)
+      if config.restart == "arrival":
+        carry, (new, dur, fin) = start_client(carry, j, ft[j], t,
+                                              jax.random.fold_in(keys.sample, i), data,
+                                              state.speed_key)
+        starts = jax.tree.map(lambda buf, v: buf.at[i].set(v), starts,
+                              (j, new, dur, ft[j], fin))
+      else:
+        carry = (client, sv, st, ft.at[j].set(jnp.inf), busy)
+      return carry, arr, starts
+
+    zi, zf = jnp.zeros(kk, jnp.int32), jnp.zeros(kk, jnp.float32)
+    arr0 = (zi, zi, zi, zf, zf)
+    starts0 = (zi, zi, zf, zf, zf)
+    carry, arr, starts = jax.lax.fori_loop(0, kk, event, (carry, arr0, starts0))
+    a_slot, a_client, a_version, a_start, a_finish = arr
+    now = a_finish[kk - 1]
+    client, sv, st, ft, busy = carry
+    if config.restart == "update":
+      def refill(i, c):
+        carry, starts = c
+        carry, (new, dur, fin) = start_client(carry, a_slot[i], now, t + 1,
+                                              jax.random.fold_in(keys.sample, i), data,
+                                              state.speed_key)
+        starts = jax.tree.map(lambda buf, v: buf.at[i].set(v), starts,
+                              (a_slot[i], new, dur, now, fin))
+        return carry, starts
+      carry, starts = jax.lax.fori_loop(0, kk, refill, (carry, starts0))
+      client, sv, st, ft, busy = carry
+    else:
+      # A client that starts at the instant of this update downloads the updated model.
+      started = jnp.zeros(m, bool).at[starts[0]].set(True)
+      sv = jnp.where(started & (st == now), t + 1, sv)
+    s_slot, s_client, s_duration, s_time, s_finish = starts
+    s_version = jnp.where(s_time == now, t + 1, t)
+
+    # --- train the K arrivals from their start versions -------------------------------------
+    staleness = t - a_version
+    fresh = staleness < h
+    g = staleness_weight(config.staleness, staleness, config.staleness_exponent)
+
+    def pad(v, fill=0):
+      return jnp.concatenate([v, jnp.full((padded - kk,), fill, v.dtype)]).reshape(num_chunks, k)
+
+    valid = jnp.arange(padded) < kk
+
+    def chunk(acc, inp):
+      wsum, psum, wtot = acc
+      cids, cver, cvalid, cfresh, cg = inp
+      sizes = jnp.where(cvalid & cfresh, data.sizes[cids], 0)
+      rows, mask = batch_indices(keys.batch, cids, data.offsets[cids], sizes, work,
+                                 max_client_size)
+      rows = jnp.clip(rows, 0, data.y.shape[0] - 1)
+      start = jax.tree.map(lambda r: r[cver % h], state.versions)
+      out = train(start, data.x[rows], data.y[rows], mask, ClientContext(cids))
+      finite = jax.vmap(tree.sum_is_finite)(out.delta) & jnp.isfinite(out.metrics["loss_sum"])
+      counted = finite & cvalid & cfresh
+      p = jnp.where(counted, data.weights[cids], 0.0)
+      w = p * cg
+      wsum = jax.tree.map(jnp.add, wsum, tree.weighted_sum(_mask_tree(counted, out.delta), w))
+      ys = dict(out.metrics, finite=finite, counted=counted, weight=w)
+      return (wsum, psum + jnp.sum(p), wtot + jnp.sum(w)), ys
+
+    acc0 = (tree.zeros_like(state.server.params), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.float32))
+    (wsum, psum, wtot), ys = jax.lax.scan(
+        chunk, acc0, (pad(a_client), pad(a_version, t), valid.reshape(num_chunks, k),
+                      pad(fresh, False), pad(g, 0.0)))
+    ys = jax.tree.map(lambda v: v.reshape(-1)[:kk], ys)
+    denom = psum if config.aggregation == "mean" else wtot
+    update = jax.tree.map(lambda s: s / jnp.maximum(denom, 1e-30).astype(s.dtype), wsum)
+    new_server = server.update(a.server_optimizer, state.server, update, wtot > 0)
+    versions = jax.tree.map(lambda r, p: r.at[(t + 1) % h].set(p), state.versions,
+                            new_server.params)
+    new_state = state.replace(server=new_server, versions=versions, client=client,
+                              start_version=sv, start_time=st, finish_time=ft, now=now)
+
+    counted, finite = ys["counted"], ys["finite"]
+    ok = finite & fresh
+    count = jnp.sum(jnp.where(ok, ys["count"], 0.0))
+    sf = staleness.astype(jnp.float32)
+    metrics = {
+        "version": new_server.round,
+        "sim_time": now,
+        "train_loss": jnp.sum(jnp.where(ok, ys["loss_sum"], 0.0)) / jnp.maximum(count, 1.0),
+        "train_accuracy": jnp.sum(jnp.where(ok, ys["correct"], 0.0)) / jnp.maximum(count, 1.0),
+        "mean_staleness": jnp.mean(sf),
+        "max_staleness": jnp.max(sf),
+        "num_stale_dropped": jnp.sum(~fresh).astype(jnp.int32),
+        "num_nonfinite": jnp.sum(~finite & fresh).astype(jnp.int32),
+        "num_counted": jnp.sum(counted).astype(jnp.int32),
+        "mean_weight": jnp.sum(jnp.where(counted, g, 0.0)) / jnp.maximum(jnp.sum(counted), 1),
+        "steps_done": jnp.sum(jnp.where(counted, ys["steps"], 0)).astype(jnp.int32),
+        "update_norm": jnp.sqrt(sum(jnp.sum(u.astype(jnp.float32) ** 2)
+                                    for u in jax.tree.leaves(update))),
+    }
+    arrivals = {"slot": a_slot, "client": a_client, "start_version": a_version,
+                "start_time": a_start, "arrival_time": a_finish, "staleness": staleness,
+                "staleness_weight": g, "weight": ys["weight"], "counted": counted,
+                "loss": ys["loss_sum"] / jnp.maximum(ys["count"], 1), "steps": ys["steps"]}
+    starts = {"slot": s_slot, "client": s_client, "duration": s_duration, "start_time": s_time,
+              "finish_time": s_finish,
+              "start_version": s_version}
+    return new_state, StepOutput(metrics, arrivals, starts)
+
+  return step
+
+
+class RunKeys(NamedTuple):
+  """The keys :func:`run_async` derives from its seed: initial params, the simulation's initial
+  fill (:func:`init_state`) and the server steps (step r uses ``fold_in(steps, r)``)."""
+  params: jax.Array
+  simulation: jax.Array
+  steps: jax.Array
+
+
+def run_keys(seed: int) -> RunKeys:
+  key_init, key_steps = jax.random.split(jax.random.key(seed))
+  key_params, key_sim = jax.random.split(key_init)
+  return RunKeys(key_params, key_sim, key_steps)
+
+
+def speed_key(seed: int) -> jax.Array:
+  """The per-client speed key of ``run_async(..., seed=seed)``: to simulate a synchronous
+  algorithm on the same devices (:func:`client_durations`)."""
+  return jax.random.split(run_keys(seed).simulation, 3)[2]
+
+
+@dataclasses.dataclass
+class AsyncRunResult:
+  """Outcome of :func:`run_async`: final ``params``, ``state`` (:class:`AsyncState`), per-step
+  ``history`` and the seconds spent compiling."""
+  params: Any
+  state: AsyncState
+  history: History
+  compile_seconds: float
+
+
+def validate(config: AsyncConfig, model: Model, train_data: FederatedData, *, server_steps: int,
+             eval_every: int, chunk_size: int | None):
+  """All the checks :func:`run_async` makes before compiling anything."""
+  if not isinstance(config, AsyncConfig):
+    raise ValueError(f"config must be an AsyncConfig (e.g. fedjax_sim.algorithms.fedbuff()), got "
+                     f"{type(config).__name__}")
+  _positive_int("server_steps", server_steps)
+  if not isinstance(train_data, FederatedData):
+    raise ValueError(f"train_data must be a FederatedData, got {type(train_data).__name__}")
+  if config.concurrency > train_data.num_clients:
+    raise ValueError(f"concurrency M={config.concurrency} is larger than the population of "
+                     f"{train_data.num_clients} clients")
+  loop.validate(config.algorithm, model, train_data, rounds=server_steps,
+                cohort_size=config.concurrency, eval_every=eval_every, chunk_size=chunk_size)
+
+
+def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *, server_steps: int,
+              eval_data: Any = None, eval_every: int = 10, seed: int = 0,
+              progress: bool = True, chunk_size: int | None = None, init_params: Any = None,
+              client_weights: Sequence[float] | None = None, steps_per_call: int = 1,
+              eval_batch_size: int = 1000, until_time: float | None = None,
+              callback: Callable[[int, AsyncState, StepOutput], Any] | None = None
+              ) -> AsyncRunResult:
+  """Runs an asynchronous buffered simulation for ``server_steps`` server updates.
+
+  Args:
+    config: e.g. ``fedjax_sim.algorithms.fedbuff(...)``.
+    model: the model.
+    train_data: the client population (P >= concurrency).
+    server_steps: number of server updates T.
+    eval_data: optional test set (dict with ``x``, ``y`` or FederatedData), evaluated every
+      ``eval_every`` steps and after the last.
+    seed: all randomness (init, client sampling, durations, shuffles) derives from it.
+    chunk_size: arrivals per vmapped training chunk.
+    init_params: start from these params instead of ``model.init``.
+    client_weights: optional ``[P]`` weights p_i (default: the algorithm's weighting).
+    steps_per_call: run up to this many server steps as one compiled ``lax.scan``; blocks end at
+      evaluation steps; results equal ``steps_per_call=1`` exactly.
+    eval_batch_size: evaluation batch size.
+    until_time: stop (and evaluate) at the end of the first block of steps whose simulated time
+      reaches ``until_time``; ``server_steps`` is then an upper bound.
+    callback: called after every step with ``(step, state, StepOutput)`` (the block's final
+      state when ``steps_per_call > 1``); a returned dict's numeric entries join the record.
+
+  History keys (one row per server step): ``round`` (server step = model version),
+  ``sim_time`` (simulated seconds at the update), ``train_loss`` / ``train_accuracy`` (of the
+  arrivals that were not too stale), ``mean_staleness`` / ``max_staleness`` (over the K
+  arrivals), ``num_stale_dropped``, ``num_nonfinite``, ``num_counted``, ``mean_weight`` (mean
+  g(s) of counted arrivals), ``steps_done``, ``update_norm``, ``seconds`` (host wall-clock),
+  ``test_loss`` / ``test_accuracy`` (NaN on steps without evaluation).
+  """
+  validate(config, model, train_data, server_steps=server_steps, eval_every=eval_every,
+           chunk_size=chunk_size)
+  _positive_int("steps_per_call", steps_per_call)
+  if until_time is not None and not (isinstance(until_time, (int, float)) and until_time > 0):
+    raise ValueError(f"until_time must be a number > 0, got {until_time!r}")
+  eval_arrays = None
+  if eval_data is not None:
+    eval_arrays = evaluation.as_arrays(eval_data)
+    loop.check_eval_data(model, eval_arrays)
+  weights = loop.resolve_client_weights(train_data, config.algorithm.weighting, client_weights)
+  key_params, key_sim, key_steps = run_keys(seed)
+  params = init_params if init_params is not None else model.init(key_params)
+  data = engine.to_device(train_data, weights)
+  state = init_state(config, params, data, key_sim)
+  step_fn = make_server_step(config, model, population=train_data.num_clients,
+                             max_client_size=train_data.max_client_size, chunk_size=chunk_size)
+
+  def block_fn(state, data, key, ts):
+    return jax.lax.scan(lambda s, r: step_fn(s, data, jax.random.fold_in(key, r)), state, ts)
+
+  block_jit = jax.jit(block_fn)
+  compiled: dict[int, Any] = {}
+  compile_seconds = 0.0
+
+  def compiled_block(length):
+    nonlocal compile_seconds
+    if length not in compiled:
+      t0 = time.perf_counter()
+      compiled[length] = block_jit.lower(state, data, key_steps,
+                                         jnp.zeros(length, jnp.int32)).compile()
+      compile_seconds += time.perf_counter() - t0
+    return compiled[length]
+
+  evaluate = None
+  if eval_arrays is not None:
+    evaluate = evaluation.make_evaluate(model, eval_batch_size)
+    ex, ey = jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)
+  compiled_block(min(steps_per_call, server_steps))
+  records = []
+  bar = tqdm(total=server_steps, desc=config.name, disable=not progress, leave=True)
+  try:
+    r = 1
+    while r <= server_steps:
+      end = r
+      while (end < server_steps and end - r + 1 < steps_per_call and
+             not (evaluate is not None and end % eval_every == 0)):
+        end += 1
+      t0 = time.perf_counter()
+      state, outs = compiled_block(end - r + 1)(state, data, key_steps,
+                                                jnp.arange(r, end + 1, dtype=jnp.int32))
+      metrics = jax.device_get(outs.metrics)
+      seconds = (time.perf_counter() - t0) / (end - r + 1)
+      for i, rr in enumerate(range(r, end + 1)):
+        rec = {"round": rr, **{k: float(v[i]) for k, v in metrics.items()}, "seconds": seconds}
+        if callback is not None:
+          extra = callback(rr, state, jax.tree.map(lambda a: a[i], outs))
+          if isinstance(extra, dict):
+            rec.update({k: float(v) for k, v in extra.items()})
+        records.append(rec)
+      done = until_time is not None and records[-1]["sim_time"] >= until_time
+      if evaluate is not None and (end % eval_every == 0 or end == server_steps or done):
+        ev = jax.device_get(evaluate(state.server.params, ex, ey))
+        records[-1]["test_loss"] = float(ev["loss"])
+        records[-1]["test_accuracy"] = float(ev["accuracy"])
+      rec = records[-1]
+      post = {"loss": f"{rec['train_loss']:.4f}", "stale": f"{rec['mean_staleness']:.1f}"}
+      if "test_accuracy" in rec:
+        post["test_acc"] = f"{rec['test_accuracy']:.4f}"
+      bar.set_postfix(post, refresh=False)
+      bar.update(end - r + 1)
+      r = end + 1
+      if done:
+        break
+  finally:
+    bar.close()
+  return AsyncRunResult(state.server.params, state, History.from_records(records),
+                        compile_seconds)

@@ -1,0 +1,188 @@
+"""Model compression for weak clients: magnitude pruning, masked training, bfloat16 compute, costs.
+
+* :func:`magnitude_prune` zeroes the smallest-magnitude weights (one *global* threshold over
+  all weight matrices by default, or one per layer) and returns the binary mask.
+* :func:`masked_optimizer` wraps an optax optimizer so that pruned coordinates never move: give
+  it to the clients (and, to be safe with any server optimizer, the server) and the pruned
+  weights stay exactly zero through federated training.
+* :func:`bfloat16_compute` runs a model's forward/backward pass in bfloat16 while the master
+  params (what clients send and the server averages) stay float32.
+* :func:`cost` / :func:`count_flops` read XLA's cost analysis of one forward pass;
+  :func:`num_nonzero` counts the non-zero parameters.
+
+Note that XLA executes pruned matrices as dense ones: :func:`count_flops` of a pruned model
+equals the dense count. The saving pruning buys is in parameters (storage, download to the
+client with a sparse encoding) and in FLOPs for a sparse kernel, which the caller can estimate
+from the per-layer density.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sim.models.core import Model
+
+PyTree = Any
+
+SCOPES = ("global", "layer")
+
+
+def _prunable(x: np.ndarray) -> bool:
+  """Weight matrices / kernels (ndim >= 2) are pruned; biases, norms' scales (1-D) are not."""
+  return x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _keep_largest(values: np.ndarray, k_prune: int) -> np.ndarray:
+  """Bool mask over flat ``values [n]``: False for the ``k_prune`` smallest (ties: lower index
+  pruned first), so exactly ``k_prune`` entries are pruned."""
+  keep = np.ones(values.shape, bool)
+  keep[np.argsort(values, kind="stable")[:k_prune]] = False
+  return keep
+
+
+def magnitude_prune(params: PyTree, sparsity: float, scope: str = "global"):
+  """Magnitude pruning: zero the fraction ``sparsity`` of weights with the smallest ``|w|``.
+
+  Only leaves with ``ndim >= 2`` (dense kernels, conv filters, embeddings) are pruned; 1-D
+  leaves (biases, scales) are kept whole, mask all True. With ``scope="global"`` (default, as in
+  Han et al. 2015 / Frankle & Carbin 2019's global variant) one threshold is taken over all
+  prunable weights together, so exactly ``floor(sparsity * n)`` of the n prunable weights are
+  zeroed and layers with many small weights (e.g. an MLP's input layer on image borders) are
+  pruned harder. With ``scope="layer"`` every prunable leaf loses ``floor(sparsity * size)`` of
+  its own weights. Ties are broken by position, so the count is exact. Runs on the host (numpy),
+  once, outside the compiled rounds.
+
+  Args:
+    params: the model's params pytree (float leaves).
+    sparsity: fraction of prunable weights to zero, ``0 <= sparsity < 1``.
+    scope: ``"global"`` or ``"layer"``.
+
+  Returns:
+    ``(pruned_params, mask)``: ``pruned_params`` equal ``params`` with the pruned entries set to
+    exactly 0 (same dtypes, jax arrays), ``mask`` a pytree of bool jax arrays shaped like
+    ``params`` (True = kept).
+
+  Raises:
+    ValueError: ``sparsity`` outside ``[0, 1)``, unknown ``scope``, or no prunable leaf.
+  """
+  if not 0.0 <= sparsity < 1.0:
+    raise ValueError(f"sparsity must lie in [0, 1), got {sparsity!r}")
+  if scope not in SCOPES:
+    raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+  leaves, treedef = jax.tree.flatten(params)
+  leaves = [np.asarray(x) for x in leaves]
+  which = [i for i, x in enumerate(leaves) if _prunable(x)]
+  if not which:
+    raise ValueError("params have no prunable leaf (a floating array with ndim >= 2)")
+  masks = [np.ones(x.shape, bool) for x in leaves]
+  mags = {i: np.abs(leaves[i].astype(np.float32)).reshape(-1) for i in which}
+  if scope == "global":
+    flat = np.concatenate([mags[i] for i in which])
+    keep = _keep_largest(flat, int(np.floor(sparsity * flat.size)))
+    start = 0
+    for i in which:
+      n = mags[i].size
+      masks[i] = keep[start:start + n].reshape(leaves[i].shape)
+      start += n
+  else:
+    for i in which:
+      n = mags[i].size
+      masks[i] = _keep_largest(mags[i], int(np.floor(sparsity * n))).reshape(leaves[i].shape)
+  pruned = [jnp.asarray(np.where(m, x, np.zeros((), x.dtype))) for x, m in zip(leaves, masks)]
+  return treedef.unflatten(pruned), treedef.unflatten([jnp.asarray(m) for m in masks])
+
+
+def apply_mask(params: PyTree, mask: PyTree) -> PyTree:
+  """``params`` with the entries where ``mask`` is False set to exactly 0."""
+  return jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), jnp.result_type(x))),
+                      params, mask)
+
+
+def masked_optimizer(optimizer: optax.GradientTransformation,
+                     mask: PyTree) -> optax.GradientTransformation:
+  """``optimizer`` followed by zeroing the updates of pruned coordinates (``mask`` False).
+
+  The final update of a pruned coordinate is exactly 0 whatever the inner optimizer does
+  (momentum, weight decay, Adam), so a weight that starts at 0 stays exactly 0 and the update a
+  client sends is 0 there as well. The mask is a constant of the compiled round (closed over),
+  so it must be shaped like the params. Use it as FedAvg's ``client_optimizer``; as the server
+  optimizer too if other clients' updates may be dense (e.g. mixed populations).
+
+  Args:
+    optimizer: any optax transformation.
+    mask: bool pytree like the params (True = trainable), e.g. from :func:`magnitude_prune`.
+  """
+  mask = jax.tree.map(lambda m: jnp.asarray(m, bool), mask)
+
+  def zero_pruned(updates, params=None):
+    del params
+    return jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros((), u.dtype)), updates, mask)
+
+  return optax.chain(optimizer, optax.stateless(zero_pruned))
+
+
+def _cast_floats(tree: PyTree, dtype) -> PyTree:
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+
+def bfloat16_compute(model: Model) -> Model:
+  """``model`` computing in bfloat16: ``apply`` casts the float params and float inputs to
+  bfloat16, runs the original ``apply`` and returns float32 logits (so the loss and its
+  reductions are float32).
+
+  ``init`` is unchanged: the master params stay float32, gradients flow back through the casts
+  as float32, and the optimizer, the clients' updates and the server's average are all float32
+  (mixed precision, as in Micikevicius et al. 2018, without loss scaling, which bfloat16's
+  float32-sized exponent range makes unnecessary). Integer inputs (token ids) pass through.
+  """
+  inner = model.apply
+
+  def apply(params, x):
+    return inner(_cast_floats(params, jnp.bfloat16), _cast_floats(x, jnp.bfloat16)).astype(
+        jnp.float32)
+
+  return dataclasses.replace(model, apply=apply, name=f"{model.name}_bf16")
+
+
+def cost(model: Model, batch: Any, params: PyTree = None) -> dict[str, float]:
+  """XLA's cost analysis of one compiled forward pass ``model.apply(params, x)``.
+
+  Args:
+    model: the model.
+    batch: ``x [B, *input_shape]`` (an array, a ``{"x": ...}`` dict, or a
+      ``jax.ShapeDtypeStruct``); only its shape and dtype matter.
+    params: params to analyse (default: the shapes of ``model.init``); only shapes and dtypes
+      matter, so pruning does not change the count.
+
+  Returns:
+    ``{"flops": ..., "bytes_accessed": ...}`` as floats (NaN if the backend reports nothing).
+  """
+  x = batch["x"] if isinstance(batch, dict) else batch
+  x = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x.dtype))
+  if params is None:
+    params = jax.eval_shape(model.init, jax.random.key(0))
+  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p.dtype)),
+                        params)
+  analysis = jax.jit(model.apply).lower(params, x).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):   # older jax: one dict per computation
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  return {"flops": float(analysis.get("flops", float("nan"))),
+          "bytes_accessed": float(analysis.get("bytes accessed", float("nan")))}
+
+
+def count_flops(model: Model, batch: Any, params: PyTree = None) -> float:
+  """FLOPs of one forward pass on ``batch`` (XLA cost analysis; see :func:`cost`)."""
+  return cost(model, batch, params)["flops"]
+
+
+def num_nonzero(params: PyTree) -> int:
+  """Number of non-zero entries over all leaves."""
+  return int(sum(int(jnp.count_nonzero(x)) for x in jax.tree.leaves(params)))

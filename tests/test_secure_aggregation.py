@@ -1,0 +1,245 @@
+"""Secure aggregation: masked sums equal plain sums exactly (drop-outs too), a masked update is
+uniform and independent of the true one, the aggregator's mean is the quantized mean and runs
+inside the vectorized round, bad parameters are rejected."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim import secure_aggregation as sa
+from fedjax_sim import testing, transforms
+from fedjax_sim.transforms import compression
+
+CLIP, BITS = 1.0, 16
+
+
+def _cohort(c=7, n=50, seed=0, ring_bits=32):
+  rng = np.random.default_rng(seed)
+  ids = jnp.asarray(rng.choice(1000, c, replace=False), jnp.int32)
+  x = jnp.asarray(rng.normal(scale=0.4, size=(c, n)), jnp.float32)
+  return ids, sa.encode(x, CLIP, BITS, ring_bits)
+
+
+def _signed_sum(encoded, alive, ring_bits=32):
+  q = np.asarray(sa.to_signed(encoded, ring_bits), np.int64)
+  return q[np.asarray(alive)].sum(axis=0)
+
+
+@pytest.mark.parametrize("ring_bits", [32, 20])
+@pytest.mark.parametrize("self_mask", [True, False])
+@pytest.mark.parametrize("alive", [[1, 1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1, 0],
+                                   [0, 0, 0, 1, 0, 0, 0], [0] * 7],
+                         ids=["all", "3-drop", "1-left", "none"])
+def test_unmasked_sum_equals_plain_sum_exactly(ring_bits, self_mask, alive):
+  ids, enc = _cohort(ring_bits=ring_bits)
+  alive = jnp.asarray(alive, bool)
+  key = jax.random.key(42)
+  masked = jax.jit(sa.mask_updates, static_argnums=(4, 5))(key, ids, enc, alive, ring_bits,
+                                                          self_mask)
+  assert masked.dtype == jnp.uint32 and int(masked.max()) < 2 ** ring_bits
+  np.testing.assert_array_equal(np.asarray(masked)[~np.asarray(alive)], 0)   # never received
+  total = jax.jit(sa.unmask_sum, static_argnums=(4, 5))(key, ids, masked, alive, ring_bits,
+                                                        self_mask)
+  np.testing.assert_array_equal(np.asarray(sa.to_signed(total, ring_bits), np.int64),
+                                _signed_sum(enc, alive, ring_bits))
+  plain = jnp.sum(jnp.where(alive[:, None], enc, jnp.uint32(0)), 0, dtype=jnp.uint32)
+  np.testing.assert_array_equal(total, plain & jnp.uint32(2 ** ring_bits - 1))
+
+
+def test_recovery_is_needed_and_masks_are_reproducible():
+  ids, enc = _cohort()
+  alive = jnp.asarray([1, 0, 1, 1, 1, 1, 1], bool)
+  key = jax.random.key(7)
+  mask_updates = jax.jit(sa.mask_updates, static_argnames=("ring_bits", "self_mask"))
+  masked = mask_updates(key, ids, enc, alive)
+  naive = jnp.sum(masked, 0, dtype=jnp.uint32)          # the sum without the recovery step
+  assert not np.array_equal(np.asarray(sa.to_signed(naive)), _signed_sum(enc, alive))
+  np.testing.assert_array_equal(masked, mask_updates(key, ids, enc, alive))
+  assert not np.array_equal(masked, mask_updates(jax.random.key(8), ids, enc, alive))
+  # Without drop-outs and self masks, the pairwise masks alone cancel in the plain sum.
+  everyone = jnp.ones(7, bool)
+  m = mask_updates(key, ids, enc, everyone, self_mask=False)
+  np.testing.assert_array_equal(sa.to_signed(jnp.sum(m, 0, dtype=jnp.uint32)),
+                                _signed_sum(enc, everyone))
+  # The order of the cohort does not matter: client a's mask depends on ids only.
+  perm = np.array([3, 0, 6, 1, 5, 2, 4])
+  m_perm = mask_updates(key, ids[perm], enc[perm], alive[perm])
+  np.testing.assert_array_equal(m_perm, masked[perm])
+
+
+def _chi2_uniform(values, bins, value_bits):
+  counts = np.bincount((values >> np.uint64(value_bits - int(np.log2(bins)))).astype(np.int64),
+                       minlength=bins)
+  expected = values.size / bins
+  return float(((counts - expected) ** 2 / expected).sum())
+
+
+def _ks_uniform(u):
+  u = np.sort(u)
+  i = np.arange(1, u.size + 1)
+  return float(max(np.max(i / u.size - u), np.max(u - (i - 1) / u.size)))
+
+
+@pytest.mark.parametrize("ring_bits", [32, 20])
+def test_single_masked_update_is_uniform_and_independent_of_the_true_update(ring_bits):
+  num_keys, c, n = 1000, 3, 64
+  rng = np.random.default_rng(1)
+  ids = jnp.asarray([11, 4, 25], jnp.int32)
+  alive = jnp.ones(c, bool)
+  # Client 0's true update: random per key (for the correlation) or fixed extremes.
+  x_rand = jnp.asarray(rng.uniform(-CLIP, CLIP, size=(num_keys, n)), jnp.float32)
+  others = jnp.asarray(rng.normal(scale=0.3, size=(c - 1, n)), jnp.float32)
+  keys = jax.random.split(jax.random.key(0), num_keys)
+
+  @jax.jit
+  def client0_view(key, x0):
+    enc = sa.encode(jnp.concatenate([x0[None], others]), CLIP, BITS, ring_bits)
+    return sa.mask_updates(key, ids, enc, alive, ring_bits, False)[0]   # pairwise masks only
+
+  view = jax.vmap(client0_view)
+  masked = np.asarray(view(keys, x_rand), np.uint64).ravel()
+  lo = np.asarray(view(keys, jnp.full((num_keys, n), -CLIP)), np.uint64).ravel()
+  hi = np.asarray(view(keys, jnp.full((num_keys, n), CLIP)), np.uint64).ravel()
+  m = masked.size                                   # 64,000 samples
+  for v in (masked, lo, hi):
+    # Uniform over the ring: chi-square of the top 4 bits (15 dof, 0.1% critical value 37.7)
+    # and Kolmogorov-Smirnov against U[0, 1) (0.1% critical value 1.95 / sqrt(m)).
+    assert _chi2_uniform(v, 16, ring_bits) < 37.7
+    assert _ks_uniform(v.astype(np.float64) / 2.0 ** ring_bits) < 1.95 / np.sqrt(m)
+  # The same distribution whatever the true update (two-sample KS between the extremes).
+  a, b = np.sort(lo.astype(np.float64)), np.sort(hi.astype(np.float64))
+  grid = np.linspace(0, 2.0 ** ring_bits, 513)
+  d = np.max(np.abs(np.searchsorted(a, grid) - np.searchsorted(b, grid))) / m
+  assert d < 1.95 * np.sqrt(2.0 / m)
+  # No correlation between the true coordinate and its masked value across keys.
+  true = np.asarray(x_rand, np.float64).ravel()
+  r = np.corrcoef(true, masked.astype(np.float64))[0, 1]
+  assert abs(r) < 4.0 / np.sqrt(m)
+  # Whereas the plain encoding is (of course) perfectly informative.
+  enc = sa.to_signed(sa.encode(x_rand, CLIP, BITS, ring_bits), ring_bits)
+  enc = np.asarray(enc, np.float64).ravel()
+  assert np.corrcoef(true, enc)[0, 1] > 0.999
+
+
+def test_encode_decode_error_and_stochastic_rounding():
+  x = jnp.linspace(-1.5, 1.5, 301)
+  for ring_bits in (32, 18):
+    back = sa.decode(sa.encode(x, CLIP, BITS, ring_bits), CLIP, BITS, ring_bits)
+    inside = np.abs(np.asarray(x)) <= CLIP
+    step = 1.0 / sa.scale_for(CLIP, BITS)
+    assert np.max(np.abs(back - x)[inside]) <= 0.5 * step * (1 + 1e-4)
+    np.testing.assert_allclose(back[~inside], np.sign(x[~inside]) * CLIP, atol=1e-6)
+  # Stochastic rounding (with a key) is unbiased; 4 value bits make the grid coarse.
+  y = jnp.asarray([0.01, -0.33, 0.5, 0.9])
+  draws = jax.vmap(lambda k: sa.decode(sa.encode(y, CLIP, 4, key=k), CLIP, 4))(
+      jax.random.split(jax.random.key(0), 20000))
+  np.testing.assert_allclose(np.mean(np.asarray(draws), 0), y, atol=4 * (1 / 7) / np.sqrt(20000))
+
+
+def _feed(agg, ups, w, k=4):
+  template = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), ups)
+  cap = w.shape[0]
+  state = agg.init(template, cap)
+  for i in range(0, cap, k):
+    d = jax.tree.map(lambda a: jnp.asarray(a[i:i + k]), ups)
+    state = agg.accumulate(state, d, jnp.asarray(w[i:i + k]))
+  return state
+
+
+def test_secure_sum_is_the_quantized_mean_in_integer_space():
+  rng = np.random.default_rng(3)
+  cap = 12
+  ups = {"w": rng.normal(scale=0.3, size=(cap, 5, 3)).astype(np.float32),
+         "b": rng.normal(scale=0.3, size=(cap, 3)).astype(np.float32)}
+  w = rng.uniform(1, 50, size=cap).astype(np.float32)
+  w[[2, 7, 11]] = 0.0                                   # dropped / padding slots
+  for name in ups:
+    ups[name][[2, 7, 11]] = 0.0
+  agg = sa.secure_sum(CLIP, BITS, ring_bits=24)
+  agg.validate(cap)
+  update, total_w = jax.jit(agg.finalize)(_feed(agg, ups, w))
+  assert float(total_w) == pytest.approx(float(w.sum()), rel=1e-6)
+  # The plain (unmasked) quantized sum, in integers.
+  flat = np.concatenate([ups[k].reshape(cap, -1) for k in sorted(ups)], axis=1)   # leaf order
+  w_ref = w.max()
+  weighted = jnp.asarray(flat) * jnp.asarray(w / w_ref)[:, None]
+  q = np.asarray(sa.to_signed(sa.encode(weighted, CLIP, BITS, 24), 24), np.int64).sum(0)
+  got = np.asarray(compression.flatten(update), np.float64)
+  scale = sa.scale_for(CLIP, BITS)
+  back = got * float(w.sum()) / float(w_ref) * scale
+  np.testing.assert_array_equal(np.round(back).astype(np.int64), q)
+  assert np.max(np.abs(back - q)) < 0.01
+  # Close to the float mean: each client's rounding is at most half a step.
+  mean = (w[:, None] * flat).sum(0) / w.sum()
+  bound = 0.5 / scale * (w > 0).sum() * w_ref / w.sum()
+  assert np.max(np.abs(got - mean)) <= bound * (1 + 1e-3)
+
+
+def test_secure_sum_combines_device_states():
+  rng = np.random.default_rng(4)
+  ups = {"v": rng.normal(scale=0.3, size=(8, 6)).astype(np.float32)}
+  w = rng.uniform(1, 5, size=8).astype(np.float32)
+  agg = sa.secure_sum(CLIP, BITS)
+  finalize = jax.jit(agg.finalize)
+  whole, _ = finalize(_feed(agg, ups, w))
+  parts = [_feed(agg, {"v": ups["v"][i:i + 4]}, w[i:i + 4]) for i in (0, 4)]
+  split, _ = finalize(agg.combine(jax.tree.map(lambda *a: jnp.stack(a), *parts)))
+  testing.assert_trees_close(split, whole, atol=0)
+
+
+def test_cost_and_ring_size():
+  c = sa.cost(7850, 10, 16, 1.0)
+  assert (c.value_bits, c.ring_bits, c.extra_bits, c.min_ring_bits) == (16, 20, 4, 20)
+  assert c.bytes_up == 7850 * 20 // 8 and c.float32_bytes == 31400
+  assert c.max_quantization_error == pytest.approx(0.5 / 32767)
+  assert sa.cost(100, 100, 8, 1.0, ring_bits=32).extra_bits == 24
+  assert sa.bits_needed(16, 1) == 16 and sa.bits_needed(16, 1000) == 26
+
+
+def test_bad_parameters():
+  for bits in (1, 25, 2.5, True):
+    with pytest.raises(ValueError, match="value bits"):
+      sa.secure_sum(CLIP, bits)
+  with pytest.raises(ValueError, match="value bits"):
+    sa.secure_sum(CLIP, 20, ring_bits=16)
+  for ring in (1, 33, 8.0):
+    with pytest.raises(ValueError, match="ring_bits"):
+      sa.secure_sum(CLIP, 4, ring_bits=ring)
+  for clip in (0.0, -1.0, float("inf"), float("nan")):
+    with pytest.raises(ValueError, match="clip"):
+      sa.secure_sum(clip)
+  with pytest.raises(ValueError, match="weight_bound"):
+    sa.secure_sum(CLIP, weight_bound=0.0)
+  agg = sa.secure_sum(CLIP, 16, ring_bits=20)
+  agg.validate(16)
+  with pytest.raises(ValueError, match="needs bits \\+ ceil\\(log2 C\\) = 21 ring bits"):
+    agg.validate(17)
+  with pytest.raises(ValueError, match="ring bits"):
+    sa.cost(10, 2 ** 17, 16, 1.0)
+
+
+def test_secure_sum_inside_run_matches_the_plain_mean(ragged_data):
+  """With drop-outs (recovered by the server) and a compressed, clipped update."""
+  model = fs.models.mlp(8, (16,), 4)
+  het = fs.Heterogeneity(dropout_fraction=0.3)
+  base = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16)
+  clip = transforms.chain(transforms.clip_by_norm(CLIP), compression.stochastic_quantize(8))
+  plain = dataclasses.replace(base, update_transform=clip)
+  secure = dataclasses.replace(plain, aggregator=sa.secure_sum(CLIP, BITS, ring_bits=20))
+  r_plain = fs.run(plain, model, ragged_data, rounds=2, cohort_size=10, chunk_size=3,
+                   heterogeneity=het, progress=False)
+  r_sec = fs.run(secure, model, ragged_data, rounds=2, cohort_size=10, chunk_size=3,
+                 heterogeneity=het, progress=False)
+  assert r_sec.history["num_dropped"].sum() > 0
+  np.testing.assert_array_equal(r_sec.history["num_counted"], r_plain.history["num_counted"])
+  # Quantization error only: a few 1e-5 per round.
+  testing.assert_trees_close(r_sec.params, r_plain.params, atol=3e-4)
+  assert fs.tree.max_abs_diff(r_sec.params, r_plain.params) > 0
+  with pytest.raises(ValueError, match="ring bits"):
+    fs.run(dataclasses.replace(base, aggregator=sa.secure_sum(CLIP, 16, ring_bits=18)), model,
+           ragged_data, rounds=1, cohort_size=5, progress=False)
