@@ -172,7 +172,9 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       ``rounds_per_call > 1`` it runs when the round's block has finished and sees the block's
       final state. It may return a dict: its numeric entries are added to the round's history
       record (e.g. a privacy accountant's ``epsilon``), and ``"stop": True`` ends the run after
-      this round (the history then records ``stopped_early``).
+      this round (the history then records ``stopped_early``). A callback with a
+      ``max_rounds()`` method (e.g. :func:`fedjax_sim.privacy.privacy_callback`) caps ``rounds``
+      up front, so a block of rounds never runs past it.
     rounds_per_call: run up to this many rounds as one compiled ``lax.scan`` (sampling included),
       so small models are not bound by Python overhead between rounds. Blocks end at evaluation
       and checkpoint rounds; results equal ``rounds_per_call=1`` exactly. ``seconds`` is then the
@@ -204,6 +206,10 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   ``bytes_down_per_client`` (the global model), ``bytes_up`` / ``bytes_down`` (all clients),
   ``test_loss``/``test_accuracy`` (NaN on rounds without evaluation).
   """
+  if callback is not None and callable(getattr(callback, "max_rounds", None)):
+    # A callback that knows its last allowed round (a privacy budget) caps the run up front, so
+    # blocks of rounds (rounds_per_call > 1) never run past it.
+    rounds = max(1, min(rounds, int(callback.max_rounds())))
   validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
            eval_every=eval_every, chunk_size=chunk_size, num_devices=num_devices)
   _positive_int("checkpoint_every", checkpoint_every)

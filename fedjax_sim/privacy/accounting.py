@@ -214,9 +214,9 @@ class PrivacyCallback:
   round would exceed ``target_epsilon``: the run ends with every completed round within the
   budget, at the last round ``R`` with ``epsilon(R) <= target_epsilon`` (:meth:`max_rounds`).
 
-  ``round`` is the absolute round number, so a resumed run is accounted correctly. With
-  ``run(..., rounds_per_call=k > 1)`` the rest of a block still runs after the stop (see
-  :func:`fedjax_sim.run`); pass ``rounds=min(rounds, callback.max_rounds())`` instead.
+  ``round`` is the absolute round number, so a resumed run is accounted correctly.
+  :func:`fedjax_sim.run` calls :meth:`max_rounds` up front and caps ``rounds`` with it, so
+  blocks of rounds (``rounds_per_call > 1``) never run past the budget either.
   """
 
   def __init__(self, curve: EpsilonCurve, target_epsilon: float | None):
