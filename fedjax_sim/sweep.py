@@ -92,7 +92,11 @@ def sweep(algorithm: Algorithm, model: Model, train_data, *, rounds: int, cohort
   states = [engine.init_state(algorithm, model.init(k[0]), train_data.num_clients, hp)
             for k, hp in zip(keys, hps)]
   state = jax.tree.map(lambda *a: jnp.stack(a), *states)
-  key_rounds = jnp.stack([k[1] for k in keys])
+  # One seed for all experiments (a hyperparameter sweep with common random numbers): the round
+  # key is not batched, so cohort sampling, shuffles and the gather of the clients' examples
+  # happen once per round for all E experiments instead of E times.
+  shared_key = len(set(seeds)) == 1
+  key_rounds = keys[0][1] if shared_key else jnp.stack([k[1] for k in keys])
   comm = communication_cost(algorithm, states[0].params)
   del states
 
@@ -103,7 +107,7 @@ def sweep(algorithm: Algorithm, model: Model, train_data, *, rounds: int, cohort
   def block_fn(state, data, key, rs):
     return jax.lax.scan(lambda s, r: round_fn(s, data, jax.random.fold_in(key, r)), state, rs)
 
-  block = jax.jit(jax.vmap(block_fn, in_axes=(0, None, 0, None)))
+  block = jax.jit(jax.vmap(block_fn, in_axes=(0, None, None if shared_key else 0, None)))
   evaluate = None
   if eval_arrays is not None:
     ev1 = evaluation.make_evaluate(model, eval_batch_size)

@@ -53,3 +53,15 @@ def test_bad_sweeps():
                     progress=False)
   with pytest.raises(ValueError, match="finite scalar"):
     fs.run(algo, model, data, rounds=1, cohort_size=2, hparams={"mu": -1.0}, progress=False)
+
+
+def test_shared_seed_sweep_equals_one_by_one():
+  # One seed: the round key is shared (not vmapped), cohorts and gathers computed once.
+  data, _, model = _setup()
+  algo = fs.algorithms.fedavg(optax.sgd(0.05), batch_size=16)
+  hists = sweep_mod.sweep(algo, model, data, rounds=3, cohort_size=5, seed=4,
+                          client_lr_scale=[0.5, 1.5], progress=False)
+  for h, lr in zip(hists, [0.5, 1.5]):
+    one = fs.run(algo, model, data, rounds=3, cohort_size=5, seed=4,
+                 hparams={"client_lr_scale": lr}, progress=False)
+    np.testing.assert_allclose(h["train_loss"], one.history["train_loss"], rtol=1e-5, atol=1e-6)
