@@ -40,7 +40,7 @@ run: install fashion-mnist
 	$(VPY) -m fedjax_sim run $(RUN_ARGS)
 
 test: install-dev fashion-mnist
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q -n auto --maxprocesses 4 tests
 
 bench: install
 	$(VPY) benchmarks/w1_w2.py

@@ -124,25 +124,39 @@ def _sample_sparse(key: jax.Array, population: int, cohort_size: int):
 
 
 def sample_cohort(key: jax.Array, population: int, cohort_size: int,
-                  online: jax.Array | None = None):
-  """Draws a cohort of distinct clients uniformly without replacement.
+                  online: jax.Array | None = None, weights: jax.Array | None = None):
+  """Draws a cohort of distinct clients without replacement.
 
   Returns ``(ids [cohort_size] int32, valid [cohort_size] bool)``: client positions in
   ``[0, population)``; ``valid`` is False for slots left empty (only when fewer than
-  ``cohort_size`` clients are online). Work is O(C) for large populations
-  (:func:`_sample_sparse`), so a million or 10^8 clients cost no more per round than a hundred.
-  With ``online [P]`` (bool) only online clients are drawn (O(P)).
+  ``cohort_size`` clients are online or have positive weight).
+
+  * Uniform (default): O(C) work for large populations (:func:`_sample_sparse`), so a million
+    or 10^8 clients cost no more per round than a hundred.
+  * ``weights [P]`` (e.g. client sizes): successive sampling proportional to the weights (each
+    draw picks client i with probability ``w_i / sum of the remaining w``), by the Gumbel top-k
+    trick; O(P).
+  * ``online [P]`` (bool): only online clients are drawn; O(P).
   """
-  if online is not None:
-    scores = jnp.where(online, jax.random.uniform(key, (population,)), -1.0)
+  if online is not None or weights is not None:
+    if weights is None:
+      scores = jax.random.uniform(key, (population,))
+    else:
+      scores = jnp.where(weights > 0, jnp.log(jnp.maximum(weights, 1e-30)) +
+                         jax.random.gumbel(key, (population,)), -jnp.inf)
+    if online is not None:
+      scores = jnp.where(online, scores, -jnp.inf)
     top, ids = jax.lax.top_k(scores, cohort_size)
-    return ids.astype(jnp.int32), top >= 0
+    return ids.astype(jnp.int32), top > -jnp.inf
   if population >= SPARSE_SAMPLING_MIN_POPULATION and cohort_size * 8 <= population:
     return _sample_sparse(key, population, cohort_size)
   valid = jnp.ones(cohort_size, bool)
   if cohort_size == population:
     return jax.random.permutation(key, population).astype(jnp.int32), valid
   return jax.random.choice(key, population, (cohort_size,), replace=False).astype(jnp.int32), valid
+
+
+COHORT_SAMPLING = ("uniform", "size")
 
 
 class RoundKeys(NamedTuple):
@@ -228,7 +242,8 @@ def _mask_tree(keep: jax.Array, t):
 def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_size: int,
                max_client_size: int, chunk_size: int | None = None,
                mesh: jax.sharding.Mesh | None = None,
-               heterogeneity: heterogeneity.Heterogeneity | None = None):
+               heterogeneity: heterogeneity.Heterogeneity | None = None,
+               cohort_sampling: str = "uniform"):
   """Builds ``round_fn(state, data: DeviceData, key) -> (ServerState, RoundOutput)`` (not jitted).
 
   Args:
@@ -246,9 +261,14 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     heterogeneity: optional simulated systems heterogeneity (stragglers, drop-outs, per-client
       work, availability; :mod:`fedjax_sim.heterogeneity`). Its per-client arrays travel in
       ``data.het`` (:func:`to_device`).
+    cohort_sampling: ``"uniform"`` (default) or ``"size"``: clients drawn with probability
+      proportional to their example counts (successive sampling without replacement; pair it
+      with ``weighting="uniform"`` for an unbiased average, as the FedProx paper does).
 
   The state must come from :func:`init_state` (it holds the per-client state stores).
   """
+  if cohort_sampling not in COHORT_SAMPLING:
+    raise ValueError(f"cohort_sampling must be one of {COHORT_SAMPLING}, got {cohort_sampling!r}")
   num_dev = 1 if mesh is None else mesh.devices.size
   per_dev = math.ceil(cohort_size / num_dev)
   num_chunks = math.ceil(per_dev / min(per_dev, chunk_size or DEFAULT_CHUNK_SIZE))
@@ -346,12 +366,15 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
 
   def round_fn(state: server.ServerState, data: DeviceData, key: jax.Array):
     keys = round_keys(key)
+    sampling_weights = None
+    if cohort_sampling == "size":
+      sampling_weights = data.sizes.astype(jnp.float32)
     if het is not None and het.availability is not None:
       on = heterogeneity_mod.online(data.het, keys.availability, state.round, population)
-      ids, valid = sample_cohort(keys.sample, population, cohort_size, on)
+      ids, valid = sample_cohort(keys.sample, population, cohort_size, on, sampling_weights)
       num_online = jnp.sum(on).astype(jnp.int32)
     else:
-      ids, valid = sample_cohort(keys.sample, population, cohort_size)
+      ids, valid = sample_cohort(keys.sample, population, cohort_size, None, sampling_weights)
       num_online = jnp.asarray(population, jnp.int32)
     valid = jnp.concatenate([valid, jnp.zeros(padded - cohort_size, bool)])
     ids = jnp.concatenate([ids, jnp.zeros(padded - cohort_size, jnp.int32)])

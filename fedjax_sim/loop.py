@@ -146,7 +146,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
         checkpoint_dir: str | None = None, checkpoint_every: int = 10, resume: bool = False,
         rounds_per_call: int = 1,
         heterogeneity: Heterogeneity | None = None,
-        hparams: dict[str, float] | None = None) -> RunResult:
+        hparams: dict[str, float] | None = None,
+        cohort_sampling: str = "uniform") -> RunResult:
   """Runs federated training and returns the final model with a per-round history.
 
   Args:
@@ -189,6 +190,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     hparams: hyperparameters held in the state as arrays (``client_lr_scale``,
       ``server_lr_scale``, ``mu``: :data:`fedjax_sim.server.HPARAMS`); what
       :func:`fedjax_sim.sweep.sweep` vmaps over.
+    cohort_sampling: ``"uniform"`` (default) or ``"size"`` (clients drawn proportionally to their
+      example counts, without replacement; see :func:`fedjax_sim.engine.make_round`).
     resume: continue from the latest complete checkpoint in ``checkpoint_dir`` if there is one,
       else start from scratch ("continue if possible"). The resumed run uses the same per-round
       keys, so its params and history (but ``seconds``) equal an uninterrupted run's exactly;
@@ -204,12 +207,16 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   ``update_norm``, ``seconds``, communication per round: ``params_up_per_client`` /
   ``bytes_up_per_client`` (what one client sends, after the update transform's encoding),
   ``bytes_down_per_client`` (the global model), ``bytes_up`` / ``bytes_down`` (all clients),
+  ``client_state_bytes`` (the per-client state stores of the whole population),
   ``test_loss``/``test_accuracy`` (NaN on rounds without evaluation).
   """
   if callback is not None and callable(getattr(callback, "max_rounds", None)):
     # A callback that knows its last allowed round (a privacy budget) caps the run up front, so
     # blocks of rounds (rounds_per_call > 1) never run past it.
-    rounds = max(1, min(rounds, int(callback.max_rounds())))
+    capped = max(1, min(rounds, int(callback.max_rounds())))
+    stops_early, rounds = capped < rounds, capped
+  else:
+    stops_early = False
   validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
            eval_every=eval_every, chunk_size=chunk_size, num_devices=num_devices)
   _positive_int("checkpoint_every", checkpoint_every)
@@ -219,6 +226,12 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     eval_arrays = evaluation.as_arrays(eval_data)
     check_eval_data(model, eval_arrays)
   procedural = isinstance(train_data, ProceduralPopulation)
+  if cohort_sampling not in engine.COHORT_SAMPLING:
+    raise ValueError(f"cohort_sampling must be one of {engine.COHORT_SAMPLING}, got "
+                     f"{cohort_sampling!r}")
+  if procedural and cohort_sampling != "uniform":
+    raise ValueError("a ProceduralPopulation samples cohorts uniformly (size-weighted sampling "
+                     "needs every client's size: O(P))")
   if procedural:
     if client_weights is not None:
       raise ValueError("client_weights cannot be given for a ProceduralPopulation: its "
@@ -259,7 +272,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   put = (lambda t: distributed.replicate(t, mesh)) if multi else (lambda t: t)  # noqa: E731
   round_fn = engine.make_round(algorithm, model, population=train_data.num_clients,
                                cohort_size=cohort_size, max_client_size=train_data.max_client_size,
-                               chunk_size=chunk_size, mesh=mesh, heterogeneity=heterogeneity)
+                               chunk_size=chunk_size, mesh=mesh, heterogeneity=heterogeneity,
+                               cohort_sampling=cohort_sampling)
   # Blocks of rounds run as one compiled lax.scan (one program per distinct block length, at
   # most a few); a block ends where the host has work to do: evaluation or a checkpoint.
   def block_fn(state, data, key, rs):
@@ -285,6 +299,10 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
             (ckpt is not None and r % checkpoint_every == 0) or r == rounds)
 
   comm = communication_cost(algorithm, params)
+  # Memory of the per-client state stores (SCAFFOLD's c_i, error-feedback residuals) for the
+  # whole population: recorded so population-scale state is visible next to the results.
+  comm["client_state_bytes"] = float(sum(np.size(a) * np.dtype(a.dtype).itemsize
+                                         for a in jax.tree.leaves(state.clients)))
   stop_at = None
   start = len(records) + 1
   compiled_block(min(rounds_per_call, max(rounds - start + 1, 1)))
@@ -341,5 +359,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     bar.close()
     if ckpt is not None:
       ckpt.close()
+  if stops_early and records and records[-1]["round"] == rounds:
+    records[-1]["stopped_early"] = 1.0
   history = History.from_records(records)
   return RunResult(state.params, state, history, compile_seconds)

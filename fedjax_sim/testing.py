@@ -56,7 +56,8 @@ def _row(store, i):
 def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
                      state: server.ServerState, key: jax.Array, cohort_size: int,
                      weights: np.ndarray | None = None,
-                     heterogeneity: het_mod.Heterogeneity | None = None):
+                     heterogeneity: het_mod.Heterogeneity | None = None,
+                     cohort_sampling: str = "uniform"):
   """One federated round computed client by client, step by step.
 
   ``state`` comes from :func:`fedjax_sim.engine.init_state`. Returns ``(new_state, metrics)``
@@ -68,13 +69,12 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
   het_arrays = None
   if heterogeneity is not None:
     het_arrays = het_mod.to_device(heterogeneity, data.sizes, work)
+  sw = jnp.asarray(data.sizes, jnp.float32) if cohort_sampling == "size" else None
+  on = None
   if het_arrays is not None and het_arrays.availability is not None:
     on = het_mod.online(het_arrays, keys.availability, state.round, data.num_clients)
-    ids, valid = engine.sample_cohort(keys.sample, data.num_clients, cohort_size, on)
-    ids = np.asarray(ids)[np.asarray(valid)]
-  else:
-    ids, valid = engine.sample_cohort(keys.sample, data.num_clients, cohort_size)
-    ids = np.asarray(ids)[np.asarray(valid)]
+  ids, valid = engine.sample_cohort(keys.sample, data.num_clients, cohort_size, on, sw)
+  ids = np.asarray(ids)[np.asarray(valid)]
   w_all = data.sizes.astype(np.float32) if weights is None else np.asarray(weights, np.float32)
   if weights is None and algorithm.weighting == "uniform":
     w_all = np.ones(data.num_clients, np.float32)
@@ -168,7 +168,7 @@ def sequential_run(algorithm: Algorithm, model: Model, data: FederatedData, *, r
                    cohort_size: int, seed: int = 0, init_params: Any = None,
                    weights: np.ndarray | None = None,
                    heterogeneity: het_mod.Heterogeneity | None = None,
-                   hparams: dict | None = None):
+                   hparams: dict | None = None, cohort_sampling: str = "uniform"):
   """``rounds`` sequential rounds with the same keys as :func:`fedjax_sim.run`. Returns the
   final ServerState and the list of per-round metrics."""
   key_init, key_rounds = jax.random.split(jax.random.key(seed))
@@ -177,7 +177,7 @@ def sequential_run(algorithm: Algorithm, model: Model, data: FederatedData, *, r
   history = []
   for r in range(1, rounds + 1):
     state, m = sequential_round(algorithm, model, data, state, jax.random.fold_in(key_rounds, r),
-                                cohort_size, weights, heterogeneity)
+                                cohort_size, weights, heterogeneity, cohort_sampling)
     history.append(m)
   return state, history
 

@@ -135,6 +135,8 @@ def test_scaffold_matches_paper_equations(ragged_data):
   testing.assert_trees_close(res.params, x, atol=1e-5)
   testing.assert_trees_close(res.state.aux, c, atol=1e-5)
   testing.assert_trees_close(res.state.clients["algorithm"], tree.stack(ci), atol=1e-5)
+  # the population's control variates (P copies of the model) are reported in the history
+  assert res.history["client_state_bytes"][0] == P * 4 * tree.num_params(x)
 
 
 def test_fednova_matches_paper_equations_with_unequal_steps(ragged_data):

@@ -78,3 +78,32 @@ def test_population_state_memory_guard():
   with pytest.raises(ValueError, match="bytes of state per client"):
     fs.run(algo, fs.models.logistic_regression(60, 10), pop, rounds=1, cohort_size=10,
            progress=False)
+
+
+def test_size_weighted_sampling_statistics():
+  sizes = np.array([1, 2, 3, 4, 10, 20, 60], np.float32)
+  draw = jax.jit(jax.vmap(lambda k: engine.sample_cohort(k, 7, 1, weights=jnp.asarray(sizes))[0]))
+  counts = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(0), 20000))).ravel(),
+                       minlength=7)
+  expected = 20000 * sizes / sizes.sum()
+  chi2 = float(np.sum((counts - expected) ** 2 / expected))
+  assert chi2 < 22.5, (counts, expected)      # 99.9th percentile of chi2(6)
+  ids, valid = engine.sample_cohort(jax.random.key(1), 7, 5, weights=jnp.asarray(sizes))
+  assert bool(valid.all()) and len(set(np.asarray(ids).tolist())) == 5
+  # zero-weight clients are never drawn; the cohort shrinks instead
+  ids, valid = engine.sample_cohort(jax.random.key(2), 7, 5,
+                                    weights=jnp.asarray([0, 0, 0, 1, 1, 1, 0], jnp.float32))
+  assert int(valid.sum()) == 3 and set(np.asarray(ids)[np.asarray(valid)]) == {3, 4, 5}
+
+
+def test_size_weighted_run_equals_reference(ragged_data):
+  algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16, weighting="uniform")
+  model = fs.models.logistic_regression(8, 4)
+  res = fs.run(algo, model, ragged_data, rounds=2, cohort_size=4, cohort_sampling="size",
+               progress=False)
+  ref, _ = fs.testing.sequential_run(algo, model, ragged_data, rounds=2, cohort_size=4,
+                                     cohort_sampling="size")
+  fs.testing.assert_trees_close(res.params, ref.params, atol=1e-5)
+  with pytest.raises(ValueError, match="cohort_sampling"):
+    fs.run(algo, model, ragged_data, rounds=1, cohort_size=4, cohort_sampling="big",
+           progress=False)
