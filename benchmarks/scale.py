@@ -26,6 +26,27 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "scale.jsonl")
 
 
+def seconds_per_round(algo, model, state, data, *, population: int, cohort: int,
+                      max_client_size: int, repeats: int = 5) -> tuple[float, float]:
+  """(median s/round after a warm-up round, compile seconds) of the compiled round."""
+  import jax
+  from common import median_time
+  from fedjax_sim import engine
+  t = time.perf_counter()
+  rf = jax.jit(engine.make_round(algo, model, population=population, cohort_size=cohort,
+                                 max_client_size=max_client_size)
+               ).lower(state, data, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - t
+  holder = [state]
+
+  def step(r=[0]):
+    r[0] += 1
+    holder[0], out = rf(holder[0], data, jax.random.key(r[0]))
+    jax.block_until_ready(out.metrics)
+  step()
+  return median_time(step, repeats)[0], compile_s
+
+
 def case_stored():
   import jax
   import jax.numpy as jnp
@@ -65,16 +86,7 @@ def case_stored():
   to_device_s = time.perf_counter() - t
   rss_after_to_device = peak_rss_gb()
   state = engine.init_state(algo, model.init(jax.random.key(0)), P)
-  rf = jax.jit(engine.make_round(algo, model, population=P, cohort_size=C,
-                                 max_client_size=n)).lower(state, dev, jax.random.key(0)).compile()
-  holder = [state]
-
-  def step(r=[0]):
-    r[0] += 1
-    holder[0], out = rf(holder[0], dev, jax.random.key(r[0]))
-    jax.block_until_ready(out.metrics)
-  step()
-  sec, _ = median_time(step, 5)
+  sec, _ = seconds_per_round(algo, model, state, dev, population=P, cohort=C, max_client_size=n)
   # Sequential loop baseline: per-client cost on 100 clients of the same population.
   bstate = engine.init_state(algo, model.init(jax.random.key(0)), 100)
   testing.sequential_round(algo, model, sub, bstate, jax.random.key(0), 10)
@@ -91,7 +103,7 @@ def case_stored():
 def case_procedural():
   import jax
   import optax
-  from common import median_time, peak_rss_gb
+  from common import peak_rss_gb
   import fedjax_sim as fs
   from fedjax_sim import engine
   from fedjax_sim.data.procedural import synthetic_population
@@ -100,25 +112,15 @@ def case_procedural():
   model = fs.models.logistic_regression(60, 10)
   algo = fs.algorithms.fedavg(optax.sgd(0.1), local_epochs=1, batch_size=10)
   state = engine.init_state(algo, model.init(jax.random.key(0)), P)
-  t = time.perf_counter()
-  rf = jax.jit(engine.make_round(algo, model, population=P, cohort_size=C,
-                                 max_client_size=20)).lower(state, pop, jax.random.key(0)).compile()
-  compile_s = time.perf_counter() - t
-  holder = [state]
-
-  def step(r=[0]):
-    r[0] += 1
-    holder[0], out = rf(holder[0], pop, jax.random.key(r[0]))
-    jax.block_until_ready(out.metrics)
-  step()
-  sec, _ = median_time(step, 5)
+  sec, compile_s = seconds_per_round(algo, model, state, pop, population=P, cohort=C,
+                                     max_client_size=20)
   return {"case": "procedural", "population": P, "cohort": C, "sec_per_round": sec,
           "compile_sec": compile_s, "peak_rss_gb": peak_rss_gb()}
 
 
 def case_cohort(c: int):
   import jax
-  from common import median_time, peak_rss_gb, workload
+  from common import peak_rss_gb, workload
   from fedjax_sim import engine
   P = 100_000
   data, model, algo, _ = workload("W2", P)
@@ -126,17 +128,8 @@ def case_cohort(c: int):
   jax.block_until_ready(dev)
   rss_data = peak_rss_gb()
   state = engine.init_state(algo, model.init(jax.random.key(0)), P)
-  rf = jax.jit(engine.make_round(algo, model, population=P, cohort_size=c,
-                                 max_client_size=data.max_client_size)
-               ).lower(state, dev, jax.random.key(0)).compile()
-  holder = [state]
-
-  def step(r=[0]):
-    r[0] += 1
-    holder[0], out = rf(holder[0], dev, jax.random.key(r[0]))
-    jax.block_until_ready(out.metrics)
-  step()
-  sec, _ = median_time(step, 3)
+  sec, _ = seconds_per_round(algo, model, state, dev, population=P, cohort=c,
+                             max_client_size=data.max_client_size, repeats=3)
   return {"case": "cohort", "workload": "W2", "population": P, "cohort": c, "sec_per_round": sec,
           "data_gb": data.arrays["x"].nbytes / 1e9, "rss_after_data_gb": rss_data,
           "peak_rss_gb": peak_rss_gb(), "training_gb": peak_rss_gb() - rss_data}

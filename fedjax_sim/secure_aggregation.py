@@ -52,7 +52,7 @@ import numpy as np
 
 from fedjax_sim.aggregators.base import Aggregator
 from fedjax_sim.aggregators.robust import _buffered
-from fedjax_sim.transforms.compression import flatten, unflatten
+from fedjax_sim.transforms.compression import unflatten
 
 PyTree = Any
 

@@ -202,10 +202,10 @@ def dp_fedavg(base: Algorithm | None = None, *, noise_multiplier: float, clip_no
   def base_ctx(ctx):
     return ctx._replace(server_aux=ctx.server_aux["base"])
 
-  regularizer = None
-  if base.regularizer is not None:
-    def regularizer(params, global_params, ctx):
-      return base.regularizer(params, global_params, base_ctx(ctx))
+  def wrapped_regularizer(params, global_params, ctx):
+    return base.regularizer(params, global_params, base_ctx(ctx))
+
+  regularizer = wrapped_regularizer if base.regularizer is not None else None
 
   def server_aux_init(params):
     b = base.server_aux_init(params) if base.server_aux_init is not None else None
