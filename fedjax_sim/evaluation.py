@@ -57,21 +57,24 @@ def as_arrays(data: Any) -> dict[str, np.ndarray]:
                    f"{type(data).__name__}")
 
 
+def batched_metrics(model: Model, params, x, y, mask):
+  """ONE client's summed ``(loss, correct, count)`` over masked batches ``x [S, B, ...]``,
+  ``y [S, B]``, ``mask [S, B]`` (a scan over the batches)."""
+  def body(carry, batch):
+    _, (loss_sum, correct, count) = model.batch_loss(params, *batch)
+    return carry, (loss_sum, correct, count)
+  _, (l, c, n) = jax.lax.scan(body, None, (x, y, mask))
+  return jnp.sum(l), jnp.sum(c), jnp.sum(n)
+
+
 def make_client_evaluate(model: Model, max_client_size: int, batch_size: int = 256,
                          chunk_size: int = 32):
   """Builds jitted ``f(params, x [N,...], y [N], offsets [P], sizes [P]) -> dict of [P] arrays``
   (``loss``, ``accuracy``, ``count``): each client's examples in masked batches of
   ``batch_size``, ``chunk_size`` clients at a time (vmap inside a scan, bounded memory)."""
   work = LocalWork(batch_size, local_epochs=1)
-
-  def one_client(params, x, y, mask):
-    def body(carry, batch):
-      _, (loss_sum, correct, count) = model.batch_loss(params, *batch)
-      return carry, (loss_sum, correct, count)
-    _, (l, c, n) = jax.lax.scan(body, None, (x, y, mask))
-    return jnp.sum(l), jnp.sum(c), jnp.sum(n)
-
-  per_chunk = jax.vmap(one_client, in_axes=(None, 0, 0, 0))
+  per_chunk = jax.vmap(lambda p, x, y, m: batched_metrics(model, p, x, y, m),
+                       in_axes=(None, 0, 0, 0))
 
   @jax.jit
   def evaluate(params, x, y, offsets, sizes):

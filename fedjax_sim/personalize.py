@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim import tree
+from fedjax_sim import evaluation, tree
 from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
 from fedjax_sim.models.core import Model
 
@@ -78,11 +78,7 @@ def make_personalize(model: Model, optimizer: optax.GradientTransformation, *, s
   grad_fn = jax.value_and_grad(model.batch_loss, has_aux=True)
 
   def evaluate(params, x, y, mask):
-    def body(_, batch):
-      _, (loss_sum, correct, count) = model.batch_loss(params, *batch)
-      return None, (loss_sum, correct, count)
-    _, (l, c, n) = jax.lax.scan(body, None, (x, y, mask))
-    return jnp.sum(l), jnp.sum(c), jnp.sum(n)
+    return evaluation.batched_metrics(model, params, x, y, mask)
 
   def one_client(global_params, tx, ty, tm, ex, ey, em):
     l0, c0, n = evaluate(global_params, ex, ey, em)
