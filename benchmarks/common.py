@@ -76,3 +76,23 @@ def device_info() -> dict:
 
 def emit(record: dict):
   print(json.dumps(record), flush=True)
+
+
+def seconds_per_round(algo, model, state, data, *, population: int, cohort: int,
+                      max_client_size: int, repeats: int = 5, chunk_size: int | None = None,
+                      mesh=None) -> tuple[float, float]:
+  """(median s/round after a warm-up round, compile seconds) of the compiled round."""
+  from fedjax_sim import engine
+  t = time.perf_counter()
+  rf = jax.jit(engine.make_round(algo, model, population=population, cohort_size=cohort,
+                                 max_client_size=max_client_size, chunk_size=chunk_size,
+                                 mesh=mesh)).lower(state, data, jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - t
+  holder = [state]
+
+  def step(r=[0]):
+    r[0] += 1
+    holder[0], out = rf(holder[0], data, jax.random.key(r[0]))
+    jax.block_until_ready(out.metrics)
+  step()
+  return median_time(step, repeats)[0], compile_s

@@ -26,33 +26,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "scale.jsonl")
 
 
-def seconds_per_round(algo, model, state, data, *, population: int, cohort: int,
-                      max_client_size: int, repeats: int = 5) -> tuple[float, float]:
-  """(median s/round after a warm-up round, compile seconds) of the compiled round."""
-  import jax
-  from common import median_time
-  from fedjax_sim import engine
-  t = time.perf_counter()
-  rf = jax.jit(engine.make_round(algo, model, population=population, cohort_size=cohort,
-                                 max_client_size=max_client_size)
-               ).lower(state, data, jax.random.key(0)).compile()
-  compile_s = time.perf_counter() - t
-  holder = [state]
-
-  def step(r=[0]):
-    r[0] += 1
-    holder[0], out = rf(holder[0], data, jax.random.key(r[0]))
-    jax.block_until_ready(out.metrics)
-  step()
-  return median_time(step, repeats)[0], compile_s
-
-
 def case_stored():
   import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from common import median_time, peak_rss_gb
+  from common import median_time, peak_rss_gb, seconds_per_round
   import fedjax_sim as fs
   from fedjax_sim import engine, testing
   P, n, dim, C = 1_000_000, 20, 60, 10_000
@@ -103,7 +82,7 @@ def case_stored():
 def case_procedural():
   import jax
   import optax
-  from common import peak_rss_gb
+  from common import peak_rss_gb, seconds_per_round
   import fedjax_sim as fs
   from fedjax_sim import engine
   from fedjax_sim.data.procedural import synthetic_population
@@ -120,7 +99,7 @@ def case_procedural():
 
 def case_cohort(c: int):
   import jax
-  from common import peak_rss_gb, workload
+  from common import peak_rss_gb, seconds_per_round, workload
   from fedjax_sim import engine
   P = 100_000
   data, model, algo, _ = workload("W2", P)

@@ -19,7 +19,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +29,7 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
         baseline: bool) -> dict:
   import jax
   import numpy as np
-  from common import median_time, peak_rss_gb, workload
+  from common import median_time, peak_rss_gb, seconds_per_round, workload
   from fedjax_sim import engine, testing
 
   name, c = spec.split(":")
@@ -38,21 +37,10 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
   data, model, algo, flops = workload(name, c)
   state = engine.init_state(algo, model.init(jax.random.key(0)), c)
   dev = engine.to_device(data)
-  rf = engine.make_round(algo, model, population=c, cohort_size=c,
-                         max_client_size=data.max_client_size, chunk_size=chunk_size,
-                         mesh=engine.client_mesh() if jax.device_count() > 1 else None)
-  t = time.perf_counter()
-  compiled = jax.jit(rf).lower(state, dev, jax.random.key(0)).compile()
-  compile_s = time.perf_counter() - t
-  holder = [state]
-
-  def step(r=[0]):
-    r[0] += 1
-    holder[0], out = compiled(holder[0], dev, jax.random.key(r[0]))
-    jax.block_until_ready(out.metrics)
-
-  step()   # warm-up
-  sec, _ = median_time(step, rounds)
+  sec, compile_s = seconds_per_round(
+      algo, model, state, dev, population=c, cohort=c, max_client_size=data.max_client_size,
+      repeats=rounds, chunk_size=chunk_size,
+      mesh=engine.client_mesh() if jax.device_count() > 1 else None)
   rec = {"workload": name, "clients": c, "engine": "vectorized", "devices": jax.device_count(),
          "chunk_size": min(c, chunk_size or engine.DEFAULT_CHUNK_SIZE),
          "sec_per_round": sec, "sec_per_client": sec / c, "gflops": flops / sec / 1e9,

@@ -329,13 +329,9 @@ def shakespeare(data_dir: str | os.PathLike | None = None, *, train_fraction: fl
 
   kept = []   # (role, codes, train starts, test starts)
   for role in load_roles(data_dir, min_lines):
-    text = role.text
-    starts = window_starts(len(text), seq_len, stride)
-    if starts.size < max(min_examples, 1):
-      continue
-    tr, te = split_starts(starts, train_fraction, seq_len)
-    if tr.size and te.size:
-      kept.append((role, text, tr, te))
+    split = _role_split(role.text, train_fraction, min_examples, stride, seq_len)
+    if split is not None:
+      kept.append((role, role.text) + split)
   if not kept:
     raise ValueError("no client has both training and test windows; lower min_examples or "
                      "seq_len")
@@ -358,6 +354,15 @@ def shakespeare(data_dir: str | os.PathLike | None = None, *, train_fraction: fl
           FederatedData.from_clients(test, ids, VOCAB_SIZE))
 
 
+def _role_split(text: str, train_fraction: float, min_examples: int, stride: int, seq_len: int):
+  """A role's (train starts, test starts), or None if it has too few windows or an empty side."""
+  starts = window_starts(len(text), seq_len, stride)
+  if starts.size < max(min_examples, 1):
+    return None
+  tr, te = split_starts(starts, train_fraction, seq_len)
+  return (tr, te) if tr.size and te.size else None
+
+
 def statistics(data_dir: str | os.PathLike | None = None, *, train_fraction: float = 0.9,
                min_lines: int = 3, min_examples: int = 64, stride: int = 1,
                seq_len: int = SEQ_LEN) -> dict:
@@ -366,15 +371,11 @@ def statistics(data_dir: str | os.PathLike | None = None, *, train_fraction: flo
   tr_sizes, te_sizes = [], []
   oov = chars = 0
   for role in roles:
-    text = role.text
-    starts = window_starts(len(text), seq_len, stride)
-    if starts.size < max(min_examples, 1):
-      continue
-    tr, te = split_starts(starts, train_fraction, seq_len)
-    if tr.size and te.size:
-      tr_sizes.append(tr.size)
-      te_sizes.append(te.size)
-      codes = encode(text)
+    split = _role_split(role.text, train_fraction, min_examples, stride, seq_len)
+    if split is not None:
+      tr_sizes.append(split[0].size)
+      te_sizes.append(split[1].size)
+      codes = encode(role.text)
       oov += int(np.sum(codes == OOV_INDEX))
       chars += codes.size
   tr_sizes, te_sizes = np.array(tr_sizes), np.array(te_sizes)
