@@ -17,6 +17,7 @@ caps, 80 rounds; needs an accelerator)::
   python benchmarks/shakespeare.py                              # reduced default (< 10 min, CPU)
   python benchmarks/shakespeare.py --rounds 80 --max-examples-per-client 200
   python benchmarks/shakespeare.py --leaf                       # LEAF's full setting
+  python benchmarks/shakespeare.py --rounds 120 --checkpoint-dir /tmp/sh --resume  # resumable
 
 Prints one JSON line per round (round, train loss, test accuracy on evaluation rounds, seconds),
 then a summary line; writes ``benchmarks/results/shakespeare.jsonl`` and ``shakespeare.png``
@@ -57,6 +58,10 @@ def parse_args(argv=None):
                  help="cap on the pooled test set (a seeded random subset; 0 = all)")
   p.add_argument("--chunk-size", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--checkpoint-dir", default=None,
+                 help="save the state and history here every --eval-every rounds; with "
+                      "--resume, continue a run (e.g. with a larger --rounds) from its latest step")
+  p.add_argument("--resume", action="store_true")
   p.add_argument("--leaf", action="store_true",
                  help="LEAF's setting: all clients, no caps, 80 rounds, full test set")
   p.add_argument("--out", default=os.path.join(RESULTS, "shakespeare"),
@@ -128,7 +133,9 @@ def main(argv=None):
   t0 = time.perf_counter()
   res = loop.run(algo, model, train, rounds=args.rounds, cohort_size=args.clients_per_round,
                  eval_data=test_arrays, eval_every=args.eval_every, seed=args.seed,
-                 chunk_size=args.chunk_size, progress=False, eval_batch_size=500)
+                 chunk_size=args.chunk_size, progress=False, eval_batch_size=500,
+                 checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.eval_every,
+                 resume=args.resume)
   wall = time.perf_counter() - t0
   h = res.history
   records = []
