@@ -9,6 +9,7 @@ GFLOP/s as the roofline. Each configuration runs in a fresh subprocess so peak m
   python benchmarks/w1_w2.py                        # W1 C=10,100,1000,10000; W2 C=1000,10000,100000
   python benchmarks/w1_w2.py --only W1:1000 W2:10000
   python benchmarks/w1_w2.py --chunk-sweep W1:1000  # seconds per round by chunk size
+  python benchmarks/w1_w2.py --cpu-devices 1        # one CPU device (default: one per core)
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ DEFAULT = ["W1:10", "W1:100", "W1:1000", "W1:10000", "W2:1000", "W2:10000", "W2:
 
 
 def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: int,
-        baseline: bool) -> dict:
+        baseline: bool, cpu_devices: int | None) -> dict:
+  from fedjax_sim import distributed
+  if cpu_devices is not None:
+    distributed.cpu_devices(cpu_devices or None)
   import jax
   import numpy as np
   from common import median_time, peak_rss_gb, seconds_per_round, workload
@@ -69,18 +73,22 @@ def main():
   p.add_argument("--chunk-sweep", default=None, help="WORKLOAD:CLIENTS to sweep chunk sizes on")
   p.add_argument("--baseline-max-clients", type=int, default=1000)
   p.add_argument("--no-baseline", action="store_true")
+  p.add_argument("--cpu-devices", type=int, default=0,
+                 help="CPU devices the vectorized engine splits the cohort over "
+                      "(fedjax_sim.distributed.cpu_devices; default 0 = one per core)")
   p.add_argument("--out", default=None, help="also append the JSON lines to this file")
   p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
   a = p.parse_args()
   if a._one:
     print(json.dumps(one(a._one, a.rounds, a.chunk_size, a.baseline_max_clients,
-                         not a.no_baseline)), flush=True)
+                         not a.no_baseline, a.cpu_devices)), flush=True)
     return
   from common import device_info, emit, matmul_roofline
 
   def sub(spec, extra):
     cmd = [sys.executable, __file__, "--_one", spec, "--rounds", str(a.rounds),
-           "--baseline-max-clients", str(a.baseline_max_clients)] + extra
+           "--baseline-max-clients", str(a.baseline_max_clients),
+           "--cpu-devices", str(a.cpu_devices)] + extra
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
       return {"spec": spec, "error": res.stderr.strip().splitlines()[-1:]}

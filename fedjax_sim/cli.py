@@ -151,6 +151,9 @@ class Config:
                                   flag="--chunk-size", positive=True)
   rounds_per_call: int = _field(1, "rounds per compiled call", flag="--rounds-per-call",
                                 positive=True)
+  cpu_devices: int | None = _field(None, "CPU devices to split each cohort over (default: one "
+                                   "per core; see fedjax_sim.distributed.cpu_devices)",
+                                   flag="--cpu-devices", positive=True)
   out: str | None = _field(None, "output folder (default runs/<timestamp>)", flag="--out")
   progress: bool = _field(True, "show a progress bar", flag="--progress")
   partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
@@ -602,8 +605,9 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
   train, test, input_shape = load_data(cfg, seed)
   model = fs.models.make(cfg.model, tuple(input_shape), 10)
   algo = make_algorithm(cfg)
+  import jax
   print(f"{train!r}\nmodel {model.name}, {algo.name}, {cfg.rounds} rounds x {cfg.cohort_size} "
-        f"clients, seed {seed} -> {out}")
+        f"clients, seed {seed}, {jax.device_count()} {jax.default_backend()} device(s) -> {out}")
   client_records: dict[int, dict] = {}
   callback = (_client_eval_callback(cfg, model, train, client_records) if cfg.client_eval
               else None)
@@ -639,6 +643,9 @@ def cmd_run(args) -> int:
   if args.print_config:
     print(to_toml(to_dict(cfg)), end="")
     return 0
+  # Before any JAX computation; the resolved config records the count actually used.
+  from fedjax_sim import distributed
+  cfg.cpu_devices = distributed.cpu_devices(cfg.cpu_devices)
   out = Path(cfg.out)
   seeds = cfg.seeds
   if len(seeds) == 1:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np, optax
@@ -44,3 +46,33 @@ def test_sharded_equals_single_device():
   for key, (params, loss) in out.items():
     np.testing.assert_allclose(params, ref_params, atol=1e-5, err_msg=key)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=key)
+
+
+def test_cpu_devices_in_a_started_process():
+  import jax
+  import pytest
+  from fedjax_sim import distributed
+  have = jax.device_count("cpu")
+  assert distributed.cpu_devices() == have          # default: keep what the backend started with
+  assert distributed.cpu_devices(have) == have
+  with pytest.raises(ValueError, match="already started"):
+    distributed.cpu_devices(have + 1)
+  for bad in (0, -2, 1.5, True):
+    with pytest.raises(ValueError, match="positive integer"):
+      distributed.cpu_devices(bad)
+
+
+def test_cli_splits_the_cpu_into_devices(tmp_path):
+  """A fresh CLI process makes the requested CPU devices, trains on them, records the count."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  res = subprocess.run([sys.executable, "-m", "fedjax_sim", "run", "--dataset", "digits",
+                        "--num-clients", "10", "--cohort-size", "4", "--rounds", "2",
+                        "--eval-every", "2", "--cpu-devices", "2", "--no-progress",
+                        "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "cpu_devices = 2" in (tmp_path / "run" / "config.toml").read_text()
+  assert "2 cpu device(s)" in res.stdout
+  hist = json.loads((tmp_path / "run" / "history.json").read_text())
+  assert hist["round"] == [1.0, 2.0] and all(np.isfinite(hist["train_loss"]))
