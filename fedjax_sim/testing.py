@@ -1,4 +1,4 @@
-"""A plain sequential reference for the vectorized round, and assertion helpers.
+"""A plain sequential reference for the vectorized round, a test population, and assertion helpers.
 
 :func:`sequential_round` is the definition the vectorized engine must match: a Python loop over
 the cohort's clients and over each client's local steps, one jitted step per batch (the way
@@ -193,3 +193,23 @@ def assert_trees_close(a, b, atol: float = 1e-5, rtol: float = 0.0):
     err = np.max(np.abs(x - y) - rtol * np.abs(y)) if x.size else 0.0
     worst = max(worst, float(err))
   assert worst <= atol, f"trees differ by {worst:.3g} > atol {atol:g}"
+
+
+RAGGED_SIZES = (1, 3, 7, 20, 33, 50, 64, 99, 120, 150, 180, 200)
+
+
+def ragged_clients(sizes=RAGGED_SIZES, dim: int = 8, num_classes: int = 4,
+                   seed: int = 0) -> FederatedData:
+  """A small learnable population with ragged clients, the one the test suite shares.
+
+  Client ``i`` holds ``sizes[i]`` examples ``x ~ N(0, 1)`` of shape ``[dim]`` with labels
+  ``argmax(x @ W)`` for one random ``W [dim, num_classes]``; deterministic in ``seed``. The
+  default sizes 1..200 exercise partial last batches, single-example clients and several steps.
+  """
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(dim, num_classes))
+  clients = []
+  for n in sizes:
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    clients.append({"x": x, "y": np.argmax(x @ w, 1).astype(np.int32)})
+  return FederatedData.from_clients(clients, num_classes=num_classes)

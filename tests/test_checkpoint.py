@@ -16,21 +16,15 @@ import optax
 import pytest
 
 import fedjax_sim as fs
+from fedjax_sim import testing
 
 ROUNDS = 6
 REPO = Path(__file__).resolve().parent.parent
 
 
 def make_data():
-  """Same as the ``ragged_data`` fixture (12 ragged clients, 8 features, 4 classes)."""
-  rng = np.random.default_rng(0)
-  sizes = [1, 3, 7, 20, 33, 50, 64, 99, 120, 150, 180, 200]
-  w = rng.normal(size=(8, 4))
-  clients = []
-  for n in sizes:
-    x = rng.normal(size=(n, 8)).astype(np.float32)
-    clients.append({"x": x, "y": np.argmax(x @ w, 1).astype(np.int32)})
-  return fs.FederatedData.from_clients(clients, num_classes=4)
+  """The ``ragged_data`` fixture's population (12 ragged clients, 8 features, 4 classes)."""
+  return testing.ragged_clients()
 
 
 def make_eval():
