@@ -3,10 +3,19 @@
 Images (Fashion-MNIST): the McMahan CNN is pretrained centrally on classes 0-4; its 512-unit
 feature layer is frozen and only a linear head is trained federated on classes 5-9 over 100
 Dirichlet(0.3) clients of at most 50 examples each. Compared with federated training of the whole
-CNN from scratch for the same rounds: accuracy at the last round, parameters sent per client per
-round, and seconds per round of head training on cached features vs the frozen encoder run inside
-every local step. Then every client personalizes the head (local fine-tuning) and is evaluated on
-its own held-out 20%.
+CNN from scratch for the same rounds and cohorts (3 seeds): accuracy at the last round,
+parameters sent per client per round, and seconds per round of head training on cached features
+vs the frozen encoder run inside every local step. Then every client personalizes the head
+(local fine-tuning) and is evaluated on its own held-out 20%.
+
+Each model has its own tuned local training. Head (20 rounds, 10 clients per round, final
+accuracy, 2-3 seeds): client lr 0.01 / 0.03 / 0.1 / 0.3 / 1 with one local epoch and FedAvgM 0.9
+reached 76-89%; five epochs, lr 0.3 and server momentum 0.5 about 87-91% (the default); a
+20-client cohort 90-91%; a head trained centrally on the same features 94.3%; pretraining on 10,000
+instead of 2,000 source examples (source accuracy 90.4 vs 85.1%) did not help the head. The CNN
+from scratch (momentum SGD lr 0.05, one epoch, FedAvgM 0.9; lr 0.02 was worse) swings between 80
+and 93% at round 20 from seed to seed: these five classes are easy enough that 20 rounds of
+federated training from scratch get close to what the frozen features allow.
 
 Text (Debian ``fortunes``): a frozen all-MiniLM-L6-v2 with a federated linear head over
 Dirichlet-split clients, vs the same head trained centrally on the same features, vs the same
@@ -161,13 +170,15 @@ def images(args, out):
         "max_client_size": int(fed.max_client_size + held.max_client_size),
         "test_examples": int(te.size)}, out)
 
-  # Same server optimizer (FedAvgM), local work and cohorts; each model its own client lr.
-  server_opt = optax.sgd(1.0, momentum=0.9)
-  algo_head = fs.algorithms.fedavg(optax.sgd(args.head_lr), server_opt, batch_size=10,
-                                   local_epochs=1)
-  algo_cnn = fs.algorithms.fedavg(optax.sgd(args.cnn_lr, momentum=0.9), server_opt,
-                                  batch_size=10, local_epochs=1)
-  common = dict(rounds=args.rounds, cohort_size=args.cohort, seed=0, progress=False,
+  # Each model with its own tuned local training (sweeps in the module docstring); the same
+  # cohorts (sampled from the seed) and rounds. The head is a convex problem on cached features:
+  # a high client lr, several local epochs (a few milliseconds of compute) and light server
+  # momentum; the CNN from scratch: momentum SGD, one epoch, FedAvgM.
+  algo_head = fs.algorithms.fedavg(optax.sgd(args.head_lr), optax.sgd(1.0, momentum=0.5),
+                                   batch_size=10, local_epochs=args.head_epochs)
+  algo_cnn = fs.algorithms.fedavg(optax.sgd(args.cnn_lr, momentum=0.9),
+                                  optax.sgd(1.0, momentum=0.9), batch_size=10, local_epochs=1)
+  common = dict(rounds=args.rounds, cohort_size=args.cohort, progress=False,
                 eval_every=max(1, args.rounds // 4))
 
   # 3. transferred: head on cached features
@@ -177,23 +188,35 @@ def images(args, out):
   test_f = transfer.feature_cache(enc_apply, enc_params, test_t)
   cache_s = time.perf_counter() - t
   head = transfer.head_model(enc_apply, enc_params, nn.Dense(5), (28, 28, 1), 5)
-  r_head = fs.run(algo_head, head, fed_f, eval_data=test_f, **common)
   # 4. the same head with the frozen encoder inside every local step (timing only)
   in_step = transfer.frozen_encoder_model(enc_apply, enc_params, nn.Dense(5), (28, 28, 1), 5)
-  r_in = fs.run(algo_head, in_step, fed, **dict(common, rounds=args.timing_rounds))
-  # 5. the whole CNN from scratch, same rounds
-  r_scr = fs.run(algo_cnn, cnn, fed, eval_data=test_t, **common)
+  r_in = fs.run(algo_head, in_step, fed, seed=0, **dict(common, rounds=args.timing_rounds))
+  # 5. head and whole CNN from scratch over several seeds (init and cohorts): with 10 of 100
+  # non-IID clients per round, one run's last-round accuracy swings by several points.
+  r_heads, r_scrs = [], []
+  for seed in range(args.seeds):
+    r_heads.append(fs.run(algo_head, head, fed_f, eval_data=test_f, seed=seed, **common))
+    r_scrs.append(fs.run(algo_cnn, cnn, fed, eval_data=test_t, seed=seed, **common))
+  r_head, r_scr = r_heads[0], r_scrs[0]
 
   head_p, cnn_p = r_head.params, r_scr.params
   c_head, c_cnn = transfer.communication(head_p), transfer.communication(cnn_p)
-  acc_head = r_head.history.last("test_accuracy")
-  acc_scr = r_scr.history.last("test_accuracy")
+  acc_head = np.array([r.history.last("test_accuracy") for r in r_heads])
+  acc_scr = np.array([r.history.last("test_accuracy") for r in r_scrs])
   s_head, s_in = median_round_seconds(r_head), median_round_seconds(r_in)
   emit({"experiment": "images", "stage": "federated", "rounds": args.rounds,
-        "cohort_size": args.cohort, "head_client_lr": args.head_lr, "cnn_client_lr": args.cnn_lr,
-        "transferred_test_accuracy": round(acc_head, 4),
-        "scratch_test_accuracy": round(acc_scr, 4),
-        "accuracy_gain_points": round(100 * (acc_head - acc_scr), 2),
+        "cohort_size": args.cohort, "seeds": args.seeds,
+        "head_client_lr": args.head_lr, "head_local_epochs": args.head_epochs,
+        "cnn_client_lr": args.cnn_lr, "cnn_local_epochs": 1,
+        "transferred_test_accuracy": round(float(acc_head.mean()), 4),
+        "transferred_test_accuracy_sd": round(float(acc_head.std(ddof=1)), 4)
+        if args.seeds > 1 else None,
+        "transferred_test_accuracy_per_seed": acc_head.round(4).tolist(),
+        "scratch_test_accuracy": round(float(acc_scr.mean()), 4),
+        "scratch_test_accuracy_sd": round(float(acc_scr.std(ddof=1)), 4)
+        if args.seeds > 1 else None,
+        "scratch_test_accuracy_per_seed": acc_scr.round(4).tolist(),
+        "accuracy_gain_points": round(100 * float(acc_head.mean() - acc_scr.mean()), 2),
         "transferred_params_per_client_round": c_head["params_per_client_round"],
         "scratch_params_per_client_round": c_cnn["params_per_client_round"],
         "transferred_bytes_up_per_client_round": c_head["bytes_up_per_client_round"],
@@ -205,11 +228,11 @@ def images(args, out):
         "in_step_encoder_seconds_per_round": round(s_in, 4),
         "scratch_seconds_per_round": round(median_round_seconds(r_scr), 4),
         "cached_speedup_x": round(s_in / s_head, 1),
-        "accuracy_curve_transferred": _curve(r_head),
-        "accuracy_curve_scratch": _curve(r_scr)}, out)
+        "accuracy_curves_transferred": [_curve(r) for r in r_heads],
+        "accuracy_curves_scratch": [_curve(r) for r in r_scrs]}, out)
 
   # 6. personalization of the head on each client's own data
-  p = personalize.personalize(head, head_p, fed_f, held_f, optax.sgd(args.head_lr), steps=20,
+  p = personalize.personalize(head, head_p, fed_f, held_f, optax.sgd(args.personal_lr), steps=20,
                               batch_size=10, seed=0)
   for when in ("before", "after"):
     s = p[when]["summary"]
@@ -296,8 +319,11 @@ def main(argv=None):
   args.rounds = 20 if full else 4
   args.timing_rounds = 4 if full else 2
   args.cohort = 10 if full else 5
-  args.head_lr = 0.01
+  args.head_lr = 0.3
+  args.head_epochs = 5
   args.cnn_lr = 0.05
+  args.seeds = 3 if full else 1
+  args.personal_lr = 0.01
   args.per_topic = 400 if full else 40
   args.max_tokens = 64 if full else 32
   args.text_clients = 20 if full else 5
