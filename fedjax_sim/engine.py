@@ -168,14 +168,16 @@ class RoundKeys(NamedTuple):
   heterogeneity: jax.Array
   server: jax.Array
   availability: jax.Array
+  aggregate: jax.Array
 
 
 def round_keys(key: jax.Array) -> RoundKeys:
   """Derives the round's independent keys (cohort sampling, local batching, update transforms,
-  heterogeneity draws, server-side noise, availability)."""
+  heterogeneity draws, server-side noise, availability, keyed aggregators)."""
   k_sample, k_batch = jax.random.split(key)
   return RoundKeys(k_sample, k_batch, jax.random.fold_in(key, 0x7F), jax.random.fold_in(key, 0x4E),
-                   jax.random.fold_in(key, 0x5E), jax.random.fold_in(key, 0xA7))
+                   jax.random.fold_in(key, 0x5E), jax.random.fold_in(key, 0xA7),
+                   jax.random.fold_in(key, 0xC3))
 
 
 def transform_updates(transform, key: jax.Array, client_ids: jax.Array, deltas, states=None):
@@ -382,7 +384,13 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     accs, ups, clients = fold_cohort(state.params, state.aux, state.clients, state.hparams, data,
                                      keys, ids.reshape(shape), valid.reshape(shape))
     clients = jax.tree.map(lambda a: a.reshape((padded,) + a.shape[3:])[:cohort_size], clients)
-    update, total_w = agg.finalize(agg.combine(accs))
+    if agg.keyed:
+      # Slots of the combined state follow ids' (device, chunk, k) order; empty slots get
+      # distinct ids outside the population so that every slot has its own.
+      slot_ids = jnp.where(valid, ids, population + jnp.arange(padded, dtype=jnp.int32))
+      update, total_w = agg.finalize(agg.combine(accs), keys.aggregate, slot_ids)
+    else:
+      update, total_w = agg.finalize(agg.combine(accs))
     counted = clients["counted"]
     aux = state.aux
     if algorithm.server_finish is not None:

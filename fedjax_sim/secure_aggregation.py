@@ -246,8 +246,8 @@ def cost(num_params: int, cohort_size: int, bits: int, clip: float,
 
 
 def cohort_key(seed: int, weights: jax.Array) -> jax.Array:
-  """The masks' round key inside :func:`secure_sum`: ``seed`` folded with a hash of the cohort's
-  weights (the aggregator interface carries neither the round key nor client ids)."""
+  """A mask key for :func:`secure_sum`'s ``finalize`` called without a round key (outside the
+  engine, e.g. on a hand-fed state): ``seed`` folded with a hash of the cohort's weights."""
   w = jax.lax.bitcast_convert_type(weights.astype(jnp.float32), jnp.uint32)
   mult = jnp.arange(1, w.shape[0] + 1, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1)
   h = jnp.sum(w * mult, dtype=jnp.uint32) ^ jnp.uint32(w.shape[0])
@@ -271,9 +271,11 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
 
   equal, in integer space, to the plain sum of the quantized updates (masks cancel exactly).
 
-  The masks' seeds derive from ``seed`` and a hash of the cohort's weights (:func:`cohort_key`),
-  with the slot positions standing in for client ids: the Aggregator interface carries no round
-  key or client ids. The revealed sum does not depend on the seeds.
+  Inside :func:`fedjax_sim.run` the masks' seeds derive from the round's fresh aggregation key
+  (folded with ``seed``) and the clients' population ids, as the pairwise key agreement of the
+  protocol would give: new masks every round, the same for a pair of clients at both ends.
+  Called by hand without a key, ``finalize(state)`` uses :func:`cohort_key` and the slot
+  positions as ids. The revealed sum does not depend on the seeds.
 
   Args:
     clip: coordinate bound of the (weighted) updates; clip the updates' L2 norm first
@@ -297,7 +299,7 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
   def validate(cohort_size):
     check_ring(bits, ring_bits, cohort_size)
 
-  def finalize(state):
+  def finalize(state, key=None, client_ids=None):
     valid = state.weights > 0
     w = jnp.where(valid, state.weights, 0.0)
     leaves = jax.tree.leaves(state.updates)
@@ -307,8 +309,10 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
     w_ref = jnp.float32(weight_bound) if weight_bound is not None else jnp.max(w)
     w_ref = jnp.where(w_ref > 0, w_ref, 1.0)
     enc = encode(flat * (w / w_ref)[:, None], clip, bits, ring_bits)
-    key = cohort_key(seed, w)
-    ids = jnp.arange(cap, dtype=jnp.int32)
+    if key is None:
+      key, ids = cohort_key(seed, w), jnp.arange(cap, dtype=jnp.int32)
+    else:
+      key, ids = jax.random.fold_in(key, seed), client_ids.astype(jnp.int32)
     masked = mask_updates(key, ids, enc, valid, ring_bits, self_mask)
     total = unmask_sum(key, ids, masked, valid, ring_bits, self_mask)
     total_w = jnp.sum(w)
@@ -317,4 +321,4 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
     return unflatten(mean, template), total_w
 
   agg = _buffered(lambda updates, valid: updates)   # reuse the buffer; finalize is our own
-  return agg._replace(finalize=finalize, validate=validate)
+  return agg._replace(finalize=finalize, validate=validate, keyed=True)

@@ -243,3 +243,34 @@ def test_secure_sum_inside_run_matches_the_plain_mean(ragged_data):
   with pytest.raises(ValueError, match="ring bits"):
     fs.run(dataclasses.replace(base, aggregator=sa.secure_sum(CLIP, 16, ring_bits=18)), model,
            ragged_data, rounds=1, cohort_size=5, progress=False)
+
+
+def test_keyed_aggregators_get_a_fresh_key_and_the_cohort_ids(ragged_data):
+  """The engine hands a keyed aggregator's finalize a new key every round and the population
+  ids of its slots (distinct; empty slots outside the population), which is what secure_sum
+  derives its pairwise masks from."""
+  seen = []
+
+  def record(key_data, ids, weights):
+    seen.append((np.asarray(key_data).copy(), np.asarray(ids).copy(), np.asarray(weights).copy()))
+
+  inner = fs.aggregators.robust._buffered(lambda ups, valid: jax.tree.map(lambda u: u[0], ups))
+
+  def finalize(state, key, client_ids):
+    jax.debug.callback(record, jax.random.key_data(key), client_ids, state.weights)
+    return inner.finalize(state)
+
+  spy = inner._replace(finalize=finalize, keyed=True)
+  algo = dataclasses.replace(fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16), aggregator=spy)
+  fs.run(algo, fs.models.mlp(8, (16,), 4), ragged_data, rounds=3, cohort_size=5, chunk_size=2,
+         progress=False)
+  assert len(seen) == 3
+  keys = [k.tobytes() for k, _, _ in seen]
+  assert len(set(keys)) == 3                       # a fresh key every round
+  P = ragged_data.num_clients
+  for _, ids, w in seen:
+    assert len(set(ids.tolist())) == ids.size      # every slot its own id
+    real = ids[ids < P]
+    assert real.size == 5 and np.all(real >= 0)    # the 5 sampled clients ...
+    assert np.all(w[ids >= P] == 0)                # ... and weightless padding (6 slots: 3 x 2)
+  assert len({tuple(sorted(ids[ids < P].tolist())) for _, ids, _ in seen}) > 1

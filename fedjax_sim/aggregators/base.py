@@ -29,12 +29,17 @@ class Aggregator(NamedTuple):
     validate: optional ``cohort_size -> None``, called by :func:`fedjax_sim.engine.make_round`
       (so at ``run`` start) to reject cohort sizes the aggregator cannot work with (e.g. Krum
       needs ``C > 2f + 2``) with a ``ValueError``.
+    keyed: if true, the engine calls ``finalize(state, key, client_ids)`` instead: ``key`` is
+      fresh every round (:attr:`fedjax_sim.engine.RoundKeys.aggregate`) and ``client_ids [cap]``
+      are the population ids of the combined state's client slots, in slot order (padding slots
+      carry weight 0). Secure aggregation derives its pairwise mask seeds from them.
   """
   init: Callable[[PyTree, int], Any]
   accumulate: Callable[[Any, PyTree, jax.Array], Any]
   finalize: Callable[[Any], tuple[PyTree, jax.Array]]
   combine: Callable[[Any], Any]
   validate: Callable[[int], None] | None = None
+  keyed: bool = False
 
 
 class MeanState(NamedTuple):
