@@ -97,9 +97,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if jax.distributed.is_initialized():
     return
   if local_device_count is not None:
-    if local_device_count <= 0:
-      raise ValueError(f"local_device_count must be positive, got {local_device_count}")
-    jax.config.update("jax_num_cpu_devices", int(local_device_count))
+    cpu_devices(int(local_device_count))
   if num_processes == 1:
     return
   if cpu_collectives not in ("gloo", "mpi"):

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -50,7 +51,6 @@ def test_sharded_equals_single_device():
 
 def test_cpu_devices_in_a_started_process():
   import jax
-  import pytest
   from fedjax_sim import distributed
   have = jax.device_count("cpu")
   assert distributed.cpu_devices() == have          # default: keep what the backend started with
