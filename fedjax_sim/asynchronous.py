@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.struct
@@ -503,60 +502,36 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *, s
   def block_fn(state, data, key, ts):
     return jax.lax.scan(lambda s, r: step_fn(s, data, jax.random.fold_in(key, r)), state, ts)
 
-  block_jit = jax.jit(block_fn)
-  compiled: dict[int, Any] = {}
-  compile_seconds = 0.0
-
-  def compiled_block(length):
-    nonlocal compile_seconds
-    if length not in compiled:
-      t0 = time.perf_counter()
-      compiled[length] = block_jit.lower(state, data, key_steps,
-                                         jnp.zeros(length, jnp.int32)).compile()
-      compile_seconds += time.perf_counter() - t0
-    return compiled[length]
-
+  blocks = loop.CompiledBlocks(jax.jit(block_fn))
   evaluate = None
   if eval_arrays is not None:
     evaluate = evaluation.make_evaluate(model, eval_batch_size)
-    ex, ey = jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)
-  compiled_block(min(steps_per_call, server_steps))
+    eval_xy = (jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32))
+  blocks(min(steps_per_call, server_steps), state, data, key_steps)
   records = []
   bar = tqdm(total=server_steps, desc=config.name, disable=not progress, leave=True)
   try:
     r = 1
     while r <= server_steps:
-      end = r
-      while (end < server_steps and end - r + 1 < steps_per_call and
-             not (evaluate is not None and end % eval_every == 0)):
-        end += 1
-      t0 = time.perf_counter()
-      state, outs = compiled_block(end - r + 1)(state, data, key_steps,
-                                                jnp.arange(r, end + 1, dtype=jnp.int32))
-      metrics = jax.device_get(outs.metrics)
-      seconds = (time.perf_counter() - t0) / (end - r + 1)
-      for i, rr in enumerate(range(r, end + 1)):
-        rec = {"round": rr, **{k: float(v[i]) for k, v in metrics.items()}, "seconds": seconds}
+      end = loop.block_end(r, server_steps, steps_per_call,
+                           lambda t: evaluate is not None and t % eval_every == 0)
+      state, outs, seconds = blocks.run(state, data, key_steps, r, end)
+      block = loop.block_records(jax.device_get(outs.metrics), r, seconds)
+      for i, rec in enumerate(block):
         if callback is not None:
-          extra = callback(rr, state, jax.tree.map(lambda a: a[i], outs))
+          extra = callback(rec["round"], state, jax.tree.map(lambda a: a[i], outs))
           if isinstance(extra, dict):
             rec.update({k: float(v) for k, v in extra.items()})
         records.append(rec)
       done = until_time is not None and records[-1]["sim_time"] >= until_time
       if evaluate is not None and (end % eval_every == 0 or end == server_steps or done):
-        ev = jax.device_get(evaluate(state.server.params, ex, ey))
-        records[-1]["test_loss"] = float(ev["loss"])
-        records[-1]["test_accuracy"] = float(ev["accuracy"])
-      rec = records[-1]
-      post = {"loss": f"{rec['train_loss']:.4f}", "stale": f"{rec['mean_staleness']:.1f}"}
-      if "test_accuracy" in rec:
-        post["test_acc"] = f"{rec['test_accuracy']:.4f}"
-      bar.set_postfix(post, refresh=False)
-      bar.update(end - r + 1)
+        loop.add_evaluation(records[-1], evaluate, state.server.params, eval_xy)
+      loop.show_progress(bar, records[-1], end - r + 1,
+                         stale=f"{records[-1]['mean_staleness']:.1f}")
       r = end + 1
       if done:
         break
   finally:
     bar.close()
   return AsyncRunResult(state.server.params, state, History.from_records(records),
-                        compile_seconds)
+                        blocks.seconds)

@@ -137,6 +137,68 @@ def _communication(comm: dict[str, float], rec: dict[str, float]) -> dict[str, f
               bytes_down=comm["bytes_down_per_client"] * rec.get("num_clients", 0.0))
 
 
+
+# --- block driver shared by run() and asynchronous.run_async() ---------------------------------
+
+class CompiledBlocks:
+  """One compiled program per distinct block length of a jitted ``block_fn(state, data, key, rs)``
+  (a ``lax.scan`` over the rounds ``rs``); ``seconds`` is the total compile time so far."""
+
+  def __init__(self, block_jit, put: Callable[[Any], Any] = lambda t: t):
+    self._jit, self._put, self._cache = block_jit, put, {}
+    self.seconds = 0.0
+
+  def __call__(self, length: int, state, data, key):
+    """The compiled program for blocks of ``length`` rounds (compiled on first use)."""
+    if length not in self._cache:
+      t0 = time.perf_counter()
+      self._cache[length] = self._jit.lower(
+          state, data, key, self._put(jnp.zeros(length, jnp.int32))).compile()
+      self.seconds += time.perf_counter() - t0
+    return self._cache[length]
+
+  def run(self, state, data, key, first: int, last: int):
+    """Runs rounds ``first..last`` as one block: ``(state, outputs [last - first + 1, ...],
+    seconds per round)``."""
+    t0 = time.perf_counter()
+    prog = self(last - first + 1, state, data, key)
+    state, outs = prog(state, data, key, self._put(jnp.arange(first, last + 1, dtype=jnp.int32)))
+    jax.block_until_ready(outs.metrics)
+    return state, outs, (time.perf_counter() - t0) / (last - first + 1)
+
+
+def block_end(first: int, last: int, per_call: int, host_work: Callable[[int], bool]) -> int:
+  """Last round of the block that starts at ``first``: at most ``per_call`` rounds, not past
+  ``last``, and ending at the first round where the host has work (evaluation, checkpoint)."""
+  end = first
+  while end < last and end - first + 1 < per_call and not host_work(end):
+    end += 1
+  return end
+
+
+def block_records(metrics: dict[str, np.ndarray], first: int, seconds: float) -> list[dict]:
+  """One history record per round of a block from its stacked (host) metrics."""
+  n = len(next(iter(metrics.values())))
+  return [{"round": first + i, **{k: float(v[i]) for k, v in metrics.items()},
+           "seconds": seconds} for i in range(n)]
+
+
+def add_evaluation(record: dict, evaluate, params, eval_xy) -> None:
+  """Adds ``test_loss`` / ``test_accuracy`` of ``params`` on ``eval_xy = (x, y)`` to ``record``."""
+  ev = jax.device_get(evaluate(params, *eval_xy))
+  record["test_loss"] = float(ev["loss"])
+  record["test_accuracy"] = float(ev["accuracy"])
+
+
+def show_progress(bar, record: dict, rounds_done: int, **extra: str) -> None:
+  """Advances the progress bar by ``rounds_done`` with the latest loss / test accuracy."""
+  post = {"loss": f"{record['train_loss']:.4f}", **extra}
+  if "test_accuracy" in record:
+    post["test_acc"] = f"{record['test_accuracy']:.4f}"
+  bar.set_postfix(post, refresh=False)
+  bar.update(rounds_done)
+
+
 def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds: int,
         cohort_size: int, eval_data: Any = None, eval_every: int = 10, seed: int = 0,
         chunk_size: int | None = None, num_devices: int | None = None, init_params: Any = None,
@@ -281,18 +343,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
 
   # Multi-process: replicated outputs, so every process can read the state and metrics.
   jit_kw = {"out_shardings": distributed.replicated(mesh)} if multi else {}
-  block_jit = jax.jit(block_fn, **jit_kw)
-  compiled_blocks: dict[int, Any] = {}
-  compile_seconds = 0.0
-
-  def compiled_block(length):
-    nonlocal compile_seconds
-    if length not in compiled_blocks:
-      t0 = time.perf_counter()
-      compiled_blocks[length] = block_jit.lower(
-          state, data, key_rounds, put(jnp.zeros(length, jnp.int32))).compile()
-      compile_seconds += time.perf_counter() - t0
-    return compiled_blocks[length]
+  blocks = CompiledBlocks(jax.jit(block_fn, **jit_kw), put)
 
   def host_work(r):
     return ((eval_arrays is not None and r % eval_every == 0) or
@@ -305,53 +356,40 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
                                          for a in jax.tree.leaves(state.clients)))
   stop_at = None
   start = len(records) + 1
-  compiled_block(min(rounds_per_call, max(rounds - start + 1, 1)))
+  blocks(min(rounds_per_call, max(rounds - start + 1, 1)), state, data, key_rounds)
   evaluate = None
   if eval_arrays is not None:
     evaluate = evaluation.make_evaluate(model, eval_batch_size)
-    ex, ey = put((jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)))
+    eval_xy = put((jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)))
 
   bar = tqdm(total=rounds, initial=start - 1, desc=f"{algorithm.name}",
              disable=not progress or jax.process_index() != 0, leave=True)
   try:
     r = start
     while r <= rounds:
-      end = r
-      while end < rounds and end - r + 1 < rounds_per_call and not host_work(end):
-        end += 1
-      t = time.perf_counter()
-      rs = put(jnp.arange(r, end + 1, dtype=jnp.int32))
-      state, outs = compiled_block(end - r + 1)(state, data, key_rounds, rs)
-      metrics = jax.device_get(outs.metrics)
-      seconds = (time.perf_counter() - t) / (end - r + 1)
-      for i, rr in enumerate(range(r, end + 1)):
-        rec = {"round": rr, **{k: float(v[i]) for k, v in metrics.items()}, "seconds": seconds}
+      end = block_end(r, rounds, rounds_per_call, host_work)
+      state, outs, seconds = blocks.run(state, data, key_rounds, r, end)
+      block = block_records(jax.device_get(outs.metrics), r, seconds)
+      for i, rec in enumerate(block):
         rec.update(_communication(comm, rec))
         records.append(rec)
         if callback is not None and stop_at is None:
-          extra = callback(rr, state, jax.tree.map(lambda a: a[i], outs))
+          extra = callback(rec["round"], state, jax.tree.map(lambda a: a[i], outs))
           if isinstance(extra, dict):
             stop = bool(extra.pop("stop", False))
             rec.update({k: float(v) for k, v in extra.items()})
-            if stop and rr < rounds:
-              stop_at = rr   # the block's remaining rounds already ran: they stay recorded
+            if stop and rec["round"] < rounds:
+              stop_at = rec["round"]   # the block's remaining rounds already ran: they stay
       if stop_at is not None:
         records[-1]["stopped_early"] = 1.0
       if evaluate is not None and (end % eval_every == 0 or end == rounds or stop_at is not None):
-        ev = jax.device_get(evaluate(state.params, ex, ey))
-        records[-1]["test_loss"] = float(ev["loss"])
-        records[-1]["test_accuracy"] = float(ev["accuracy"])
+        add_evaluation(records[-1], evaluate, state.params, eval_xy)
       if ckpt is not None and (end % checkpoint_every == 0 or end == rounds or
                                stop_at is not None):
         ckpt.save(end, state, records, {"fingerprint": fingerprint})
       rec = records[-1]
-      post = {"loss": f"{rec['train_loss']:.4f}"}
-      if "test_accuracy" in rec:
-        post["test_acc"] = f"{rec['test_accuracy']:.4f}"
-      if rec["num_nonfinite"]:
-        post["nonfinite"] = int(rec["num_nonfinite"])
-      bar.set_postfix(post, refresh=False)
-      bar.update(end - r + 1)
+      extra = {"nonfinite": str(int(rec["num_nonfinite"]))} if rec["num_nonfinite"] else {}
+      show_progress(bar, rec, end - r + 1, **extra)
       r = end + 1
       if stop_at is not None:
         break
@@ -362,4 +400,4 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   if stops_early and records and records[-1]["round"] == rounds:
     records[-1]["stopped_early"] = 1.0
   history = History.from_records(records)
-  return RunResult(state.params, state, history, compile_seconds)
+  return RunResult(state.params, state, history, blocks.seconds)
