@@ -68,6 +68,32 @@ def matmul_roofline(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n ** 3 / t / 1e9
 
 
+def batched_gemm_gflops(clients: int = 8, batch: int = 20, d_in: int = 784, d_out: int = 200,
+                        chunks: int = 100, repeats: int = 5) -> float:
+  """GFLOP/s of W1's dominant operation run alone: the first layer's forward product of
+  ``clients`` clients at once, each with its own weights (``[K, B, 784] x [K, 784, 200]``, the
+  batched ``dot_general`` that ``vmap`` over clients makes), ``lax.map``-ed over ``chunks``
+  chunks, split over all devices as the engine splits a cohort. It is the ceiling of a
+  per-client engine on this backend, next to the big-matmul roofline: small per-client products
+  run far below a 2048^3 matmul."""
+  k = jax.random.key(0)
+  n_dev = jax.device_count()
+  chunks = -(-chunks // n_dev) * n_dev
+  x = jax.random.normal(k, (chunks, clients, batch, d_in), jnp.float32)
+  w = jax.random.normal(k, (clients, d_in, d_out), jnp.float32)
+  body = lambda x, w: jax.lax.map(lambda xc: jnp.einsum("kbi,kio->kbo", xc, w), x)  # noqa: E731
+  if n_dev > 1:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+    spec = jax.sharding.PartitionSpec("d")
+    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+    body = jax.shard_map(body, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()),
+                         out_specs=spec)
+  f = jax.jit(body)
+  f(x, w).block_until_ready()
+  t, _ = median_time(lambda: f(x, w).block_until_ready(), repeats)
+  return 2 * chunks * clients * batch * d_in * d_out / t / 1e9
+
+
 def device_info() -> dict:
   d = jax.devices()[0]
   return {"backend": jax.default_backend(), "device": d.device_kind, "num_devices": jax.device_count(),

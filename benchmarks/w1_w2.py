@@ -4,7 +4,11 @@ Prints one JSON line per (workload, client count): seconds per round (median aft
 round, compile time apart), achieved GFLOP/s, peak memory, and the same for the sequential
 baseline (a Python loop over clients with one jitted step per batch, FedJAX's default backend
 style: ``fedjax_sim.testing.sequential_round``); then one line with a large jitted matmul's
-GFLOP/s as the roofline. Each configuration runs in a fresh subprocess so peak memory is its own.
+GFLOP/s as the roofline. W1 records also carry ``batched_gemm_gflops``: W1's dominant operation
+run alone on the same devices (the first layer's per-client products for chunks of 8 clients, a
+batched ``dot_general``), the ceiling on this backend of an engine that runs every client's
+products on that client's own weights.
+Each configuration runs in a fresh subprocess so peak memory is its own.
 
   python benchmarks/w1_w2.py                        # W1 C=10,100,1000,10000; W2 C=1000,10000,100000
   python benchmarks/w1_w2.py --only W1:1000 W2:10000
@@ -33,7 +37,7 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
     distributed.cpu_devices(cpu_devices or None)
   import jax
   import numpy as np
-  from common import median_time, peak_rss_gb, seconds_per_round, workload
+  from common import batched_gemm_gflops, median_time, peak_rss_gb, seconds_per_round, workload
   from fedjax_sim import engine, testing
 
   name, c = spec.split(":")
@@ -49,6 +53,8 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
          "chunk_size": min(c, chunk_size or engine.DEFAULT_CHUNK_SIZE),
          "sec_per_round": sec, "sec_per_client": sec / c, "gflops": flops / sec / 1e9,
          "compile_sec": compile_s, "peak_rss_gb": peak_rss_gb()}
+  if name == "W1":   # the per-client product W1 is made of, alone, on the same devices
+    rec["batched_gemm_gflops"] = batched_gemm_gflops()
   if baseline:
     # The baseline is timed on at most `baseline_max_clients` clients (a subset population with
     # the same per-client work) and scaled linearly: its cost is exactly per-client.
@@ -118,6 +124,8 @@ def main():
     if "fraction_of_roofline" in r:
       emit({"workload": r["workload"], "clients": r["clients"], "chunk_size": r["chunk_size"],
             "fraction_of_roofline": round(r["fraction_of_roofline"], 3),
+            "fraction_of_batched_gemm": round(r["gflops"] / r["batched_gemm_gflops"], 3)
+            if "batched_gemm_gflops" in r else None,
             "speedup_vs_sequential": round(r.get("speedup", math.nan), 2)})
   if out:
     out.write(json.dumps(roof) + "\n")
