@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 FMNIST  := /usr/share/datasets/fashion-mnist
 RUN_ARGS ?=
 
-.PHONY: run test install install-dev fashion-mnist bench clean
+.PHONY: run test install install-dev fashion-mnist bench fedjax-venv clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -45,5 +45,14 @@ test: install-dev fashion-mnist
 bench: install
 	$(VPY) benchmarks/w1_w2.py
 
+# FedJAX 0.0.17 in its own environment (it needs an older JAX) for the side-by-side timing
+# benchmarks/fedjax_w1_w2.py.
+fedjax-venv: .venv-fedjax/.installed
+.venv-fedjax/.installed:
+	$(PY) -m venv .venv-fedjax
+	.venv-fedjax/bin/python -m pip install -q fedjax==0.0.17 jax==0.4.30 jaxlib==0.4.30 \
+	  dm-haiku==0.0.12 optax==0.2.2 "numpy<2"
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-fedjax runs .pytest_cache
