@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 FMNIST  := /usr/share/datasets/fashion-mnist
 RUN_ARGS ?=
 
-.PHONY: run test install install-dev fashion-mnist bench fedjax-venv clean
+.PHONY: run test install install-dev fashion-mnist bench fedjax-venv flower-venv clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -54,5 +54,13 @@ fedjax-venv: .venv-fedjax/.installed
 	  dm-haiku==0.0.12 optax==0.2.2 "numpy<2"
 	touch $@
 
+# Flower's simulation engine (Ray backend) for benchmarks/flower_w1_w2.py. 1.20: newer releases
+# need a certifi newer than some package mirrors carry.
+flower-venv: .venv-flower/.installed
+.venv-flower/.installed:
+	$(PY) -m venv .venv-flower
+	.venv-flower/bin/python -m pip install -q "flwr[simulation]==1.20.0"
+	touch $@
+
 clean:
-	rm -rf $(VENV) .venv-fedjax runs .pytest_cache
+	rm -rf $(VENV) .venv-fedjax .venv-flower runs .pytest_cache
