@@ -14,13 +14,7 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
-
-WORKLOADS = {
-    # name: (input dim, hidden layers, examples per client, batch size, lr)
-    "W1": dict(dim=784, hidden=(200, 200), per_client=100, batch_size=20, lr=0.1),
-    "W2": dict(dim=60, hidden=(), per_client=50, batch_size=10, lr=0.1),
-}
-
+from workloads import WORKLOADS, workload_arrays  # noqa: F401  (re-exported)
 
 def workload(name: str, num_clients: int, seed: int = 0):
   """(FederatedData, Model, Algorithm, flops per round) of workload W1 or W2 with C clients.
@@ -29,11 +23,7 @@ def workload(name: str, num_clients: int, seed: int = 0):
   of examples; 1 local epoch of plain SGD; FedAvg with example weighting.
   """
   w = WORKLOADS[name]
-  rng = np.random.default_rng(seed)
-  w_true = rng.standard_normal((w["dim"], 10)).astype(np.float32)
-  n = num_clients * w["per_client"]
-  x = rng.standard_normal((n, w["dim"]), dtype=np.float32)
-  y = np.argmax(x @ w_true, axis=1).astype(np.int32)
+  x, y, _ = workload_arrays(name, num_clients, seed)
   offsets = np.arange(num_clients + 1, dtype=np.int64) * w["per_client"]
   data = fs.FederatedData({"x": x, "y": y}, offsets, np.arange(num_clients), 10)
   model = fs.models.mlp(w["dim"], w["hidden"], 10) if w["hidden"] else \
@@ -41,7 +31,7 @@ def workload(name: str, num_clients: int, seed: int = 0):
   algo = fs.algorithms.fedavg(optax.sgd(w["lr"]), optax.sgd(1.0), local_epochs=1,
                               batch_size=w["batch_size"])
   n_params = fs.tree.num_params(model.init(jax.random.key(0)))
-  return data, model, algo, 6.0 * n_params * n
+  return data, model, algo, 6.0 * n_params * x.shape[0]
 
 
 def peak_rss_gb() -> float:

@@ -24,21 +24,7 @@ import time
 
 import numpy as np
 
-WORKLOADS = {
-    "W1": dict(dim=784, hidden=(200, 200), per_client=100, batch_size=20, lr=0.1),
-    "W2": dict(dim=60, hidden=(), per_client=50, batch_size=10, lr=0.1),
-}
-
-
-def workload_arrays(name: str, num_clients: int, seed: int = 0):
-  """``(x [N, d], y [N], per_client)``: the same draws as ``benchmarks/common.workload``."""
-  w = WORKLOADS[name]
-  rng = np.random.default_rng(seed)
-  w_true = rng.standard_normal((w["dim"], 10)).astype(np.float32)
-  n = num_clients * w["per_client"]
-  x = rng.standard_normal((n, w["dim"]), dtype=np.float32)
-  y = np.argmax(x @ w_true, axis=1).astype(np.int32)
-  return x, y, w["per_client"]
+from workloads import WORKLOADS, workload_arrays
 
 
 def one(spec: str, rounds: int) -> dict:

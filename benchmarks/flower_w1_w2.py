@@ -26,25 +26,16 @@ import time
 
 import numpy as np
 
-WORKLOADS = {
-    "W1": dict(dim=784, hidden=(200, 200), per_client=100, batch_size=20, lr=0.1),
-    "W2": dict(dim=60, hidden=(), per_client=50, batch_size=10, lr=0.1),
-}
+from workloads import WORKLOADS, workload_arrays
+
 _DATA: dict = {}
 
 
-def workload_arrays(name: str, num_clients: int, seed: int = 0):
-  """``(x [N, d], y [N], per_client)``: the same draws as ``benchmarks/common.workload``."""
-  key = (name, num_clients, seed)
-  if key not in _DATA:
-    w = WORKLOADS[name]
-    rng = np.random.default_rng(seed)
-    w_true = rng.standard_normal((w["dim"], 10)).astype(np.float32)
-    n = num_clients * w["per_client"]
-    x = rng.standard_normal((n, w["dim"]), dtype=np.float32)
-    y = np.argmax(x @ w_true, axis=1).astype(np.int32)
-    _DATA[key] = (x, y, w["per_client"])
-  return _DATA[key]
+def cached_arrays(name: str, num_clients: int):
+  """The workload's arrays, drawn once per process (each Ray actor is a process)."""
+  if (name, num_clients) not in _DATA:
+    _DATA[name, num_clients] = workload_arrays(name, num_clients)
+  return _DATA[name, num_clients]
 
 
 def init_params(name: str, seed: int = 0) -> list[np.ndarray]:
@@ -99,7 +90,7 @@ def run(spec: str, rounds: int) -> dict:
       self.cid = cid
 
     def fit(self, parameters, config):
-      x, y, per = workload_arrays(name, c)
+      x, y, per = cached_arrays(name, c)
       sl = slice(self.cid * per, (self.cid + 1) * per)
       rng = np.random.default_rng(int(config.get("round", 0)) * c + self.cid)
       new = sgd_epoch(parameters, x[sl], y[sl], w["batch_size"], w["lr"], rng)
@@ -120,14 +111,16 @@ def run(spec: str, rounds: int) -> dict:
                            min_available_clients=c, min_evaluate_clients=0,
                            initial_parameters=ndarrays_to_parameters(init_params(name)),
                            on_fit_config_fn=lambda r: {"round": r})
-    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds + 1))
+    return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds + 2))
 
   t0 = time.perf_counter()
   run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
                  num_supernodes=c,
                  backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
   total = time.perf_counter() - t0
-  gaps = np.diff(starts)[1:]   # round 1 includes the actors' start-up
+  # Gaps between round starts: the first (round 1) includes the actors' start-up, and the last
+  # round (which no later start closes) is not timed.
+  gaps = np.diff(starts)[1:]
   sec = statistics.median(gaps) if len(gaps) else float("nan")
   n_params = sum(p.size for p in init_params(name))
   return {"workload": name, "clients": c, "engine": "flower-1.20 run_simulation (ray), NumPy clients",
