@@ -56,6 +56,10 @@ def parse_args(argv=None):
   p.add_argument("--eval-every", type=int, default=5)
   p.add_argument("--max-test-examples", type=int, default=2000,
                  help="cap on the pooled test set (a seeded random subset; 0 = all)")
+  p.add_argument("--final-eval-examples", type=int, default=0,
+                 help="also evaluate the final model on a larger seeded subset of the pooled "
+                      "test set (0 = all of it, -1 = skip): a 2,000-window test set has a "
+                      "standard error of about 1.1 points at 45%% accuracy")
   p.add_argument("--chunk-size", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--checkpoint-dir", default=None,
@@ -147,7 +151,22 @@ def main(argv=None):
            "seconds": float(h["seconds"][i])}
     records.append(rec)
     print(json.dumps(rec), flush=True)
+  final_eval = None
+  if args.final_eval_examples >= 0:
+    full = test.centralized()
+    k = full["y"].shape[0]
+    if 0 < args.final_eval_examples < k:
+      keep = np.sort(np.random.default_rng(args.seed + 1).choice(k, args.final_eval_examples,
+                                                                 replace=False))
+      full = {n: v[keep] for n, v in full.items()}
+    from fedjax_sim import evaluation
+    ev = evaluation.make_evaluate(model, 500)(res.params, full["x"], full["y"])
+    acc = float(ev["accuracy"])
+    n = int(full["y"].shape[0])
+    final_eval = {"round": int(h["round"][-1]), "test_examples": n, "test_accuracy": acc,
+                  "standard_error": math.sqrt(acc * (1 - acc) / n)}
   summary = {"summary": {"final_test_accuracy": records[-1]["test_accuracy"],
+                         "final_eval_larger_test_set": final_eval,
                          "best_test_accuracy": max(r["test_accuracy"] for r in records
                                                    if r["test_accuracy"] is not None),
                          "leaf_reported": list(LEAF_ACCURACY),
