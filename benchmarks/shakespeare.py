@@ -18,10 +18,21 @@ caps, 80 rounds; needs an accelerator)::
   python benchmarks/shakespeare.py --rounds 80 --max-examples-per-client 200
   python benchmarks/shakespeare.py --leaf                       # LEAF's full setting
   python benchmarks/shakespeare.py --rounds 120 --checkpoint-dir /tmp/sh --resume  # resumable
+  # every client, thinned windows; 47.9% at round 200 on all test windows (~65 min on 2 CPU cores)
+  python benchmarks/shakespeare.py --rounds 200 --max-clients 0 --stride 8 \
+      --max-examples-per-client 300 --eval-every 10 --checkpoint-dir /tmp/sh --resume \
+      --out benchmarks/results/shakespeare_all_clients
 
 Prints one JSON line per round (round, train loss, test accuracy on evaluation rounds, seconds),
 then a summary line; writes ``benchmarks/results/shakespeare.jsonl`` and ``shakespeare.png``
-(test accuracy by round, LEAF's value as a horizontal line).
+(test accuracy by round, LEAF's value as a horizontal line), and evaluates the final model on the
+whole pooled test set (``--final-eval-examples``).
+
+With 100 clients and 300 windows each at stride 3 (29.5k windows), test accuracy plateaued near
+45% from round 120 while train accuracy climbed to 63%: the model was memorising a small corpus.
+Spreading the same per-round work (10 clients x 30 steps) over all 716 clients and a wider slice
+of each one's text (stride 8: 170k windows) removed the plateau: 47.5% at round 200 on the
+2,000-window curve, 47.9 +- 0.4% on all 16,148 test windows, inside LEAF's 47-55%.
 """
 
 from __future__ import annotations
@@ -77,7 +88,7 @@ def parse_args(argv=None):
   return args
 
 
-def plot(records, path, title):
+def plot(records, path, title, final_eval=None):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -86,6 +97,11 @@ def plot(records, path, title):
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.plot([r["round"] for r in ev], [r["test_accuracy"] for r in ev], "o-",
           label="fedjax_sim FedAvg (this run)")
+  if final_eval:
+    ax.errorbar([final_eval["round"]], [final_eval["test_accuracy"]],
+                yerr=[final_eval["standard_error"]], fmt="*", ms=11, color="tab:green",
+                label=f"final model on {final_eval['test_examples']:,} test windows: "
+                      f"{final_eval['test_accuracy']:.3f}")
   lo, hi = LEAF_ACCURACY
   ax.axhspan(lo, hi, color="tab:orange", alpha=0.15)
   ax.axhline(lo, color="tab:orange", ls="--", label=f"LEAF FedAvg, reported {lo:.2f}-{hi:.2f}")
@@ -181,7 +197,7 @@ def main(argv=None):
   plot(records, args.out + ".png",
        f"Shakespeare, FedAvg char-LSTM: {config['clients']} clients, "
        f"{config['clients_per_round']}/round, <= {args.max_examples_per_client or 'all'} ex/client, "
-       f"lr {args.lr}")
+       f"lr {args.lr}", final_eval)
   return records, summary
 
 
