@@ -17,14 +17,12 @@ includes compilation), GFLOP/s by the workload's 6 x params x examples conventio
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 
 import numpy as np
 
-from workloads import WORKLOADS, workload_arrays
+from workloads import WORKLOADS, side_by_side_main, workload_arrays
 
 
 def one(spec: str, rounds: int) -> dict:
@@ -79,17 +77,7 @@ def one(spec: str, rounds: int) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--only", nargs="*", default=["W1:1000", "W2:10000"])
-  p.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up")
-  p.add_argument("--out", default=None, help="also append the JSON lines to this file")
-  a = p.parse_args()
-  for spec in a.only:
-    rec = one(spec, a.rounds)
-    print(json.dumps(rec), flush=True)
-    if a.out:
-      with open(a.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+  side_by_side_main(one, ["W1:1000", "W2:10000"], __doc__.split("\n")[0], "timed rounds after the warm-up")
 
 
 if __name__ == "__main__":

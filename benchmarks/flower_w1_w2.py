@@ -18,15 +18,13 @@ between successive rounds' ``configure_fit`` calls, the first round (actor start
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import time
 
 import numpy as np
 
-from workloads import WORKLOADS, workload_arrays
+from workloads import WORKLOADS, side_by_side_main, workload_arrays
 
 _DATA: dict = {}
 
@@ -130,17 +128,7 @@ def run(spec: str, rounds: int) -> dict:
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--only", nargs="*", default=["W2:1000", "W1:100"])
-  p.add_argument("--rounds", type=int, default=3, help="timed rounds after the first")
-  p.add_argument("--out", default=None, help="also append the JSON lines to this file")
-  a = p.parse_args()
-  for spec in a.only:
-    rec = run(spec, a.rounds)
-    print(json.dumps(rec), flush=True)
-    if a.out:
-      with open(a.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+  side_by_side_main(run, ["W2:1000", "W1:100"], __doc__.split("\n")[0], "timed rounds after the first")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ system trains on the same draws.
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import numpy as np
 
 WORKLOADS = {
@@ -27,3 +30,19 @@ def workload_arrays(name: str, num_clients: int, seed: int = 0):
   x = rng.standard_normal((n, w["dim"]), dtype=np.float32)
   y = np.argmax(x @ w_true, axis=1).astype(np.int32)
   return x, y, w["per_client"]
+
+
+def side_by_side_main(measure, defaults: list[str], description: str, rounds_help: str):
+  """Command line of a side-by-side script: ``measure(spec, rounds) -> dict`` for each
+  ``WORKLOAD:CLIENTS`` of ``--only``, printed (and appended to ``--out``) as JSON lines."""
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--only", nargs="*", default=defaults, help="WORKLOAD:CLIENTS items")
+  p.add_argument("--rounds", type=int, default=3, help=rounds_help)
+  p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+  a = p.parse_args()
+  for spec in a.only:
+    rec = measure(spec, a.rounds)
+    print(json.dumps(rec), flush=True)
+    if a.out:
+      with open(a.out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
