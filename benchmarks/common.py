@@ -14,7 +14,8 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
-from workloads import WORKLOADS, workload_arrays  # noqa: F401  (re-exported)
+from workloads import WORKLOADS, workload_arrays
+
 
 def workload(name: str, num_clients: int, seed: int = 0):
   """(FederatedData, Model, Algorithm, flops per round) of workload W1 or W2 with C clients.
@@ -72,9 +73,9 @@ def batched_gemm_gflops(clients: int = 8, batch: int = 20, d_in: int = 784, d_ou
   x = jax.random.normal(k, (chunks, clients, batch, d_in), jnp.float32)
   w = jax.random.normal(k, (clients, d_in, d_out), jnp.float32)
   body = lambda x, w: jax.lax.map(lambda xc: jnp.einsum("kbi,kio->kbo", xc, w), x)  # noqa: E731
-  if n_dev > 1:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
-    spec = jax.sharding.PartitionSpec("d")
+  if n_dev > 1:   # the engine's own client mesh, so the split is the one a round uses
+    mesh = fs.engine.client_mesh()
+    spec = jax.sharding.PartitionSpec("clients")
     x = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
     body = jax.shard_map(body, mesh=mesh, in_specs=(spec, jax.sharding.PartitionSpec()),
                          out_specs=spec)
