@@ -491,7 +491,8 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *, s
   if eval_data is not None:
     eval_arrays = evaluation.as_arrays(eval_data)
     loop.check_eval_data(model, eval_arrays)
-  weights = loop.resolve_client_weights(train_data, config.algorithm.weighting, client_weights)
+  weights = loop.resolve_client_weights(train_data, config.algorithm.weighting, client_weights,
+                                        algorithm=config.algorithm)
   key_params, key_sim, key_steps = run_keys(seed)
   params = init_params if init_params is not None else model.init(key_params)
   data = engine.to_device(train_data, weights)
