@@ -66,6 +66,9 @@ def test_fedprox_mu_zero_is_fedavg_and_mu_pulls_toward_global(ragged_data):
     (algorithms.fedadam, {"server_lr": 0.0}, "server_lr must be"),
     (algorithms.fedyogi, {"server_lr": -1.0}, "server_lr must be"),
     (algorithms.fedavgm, {"momentum": 1.5}, "momentum must"),
+    (algorithms.fedadam, {"beta1": 1.0}, "beta1 must"),
+    (algorithms.fedyogi, {"beta2": -0.1}, "beta2 must"),
+    (algorithms.fedadagrad, {"tau": 0.0}, "tau must"),
 ])
 def test_bad_hyperparameters(make, kwargs, match):
   with pytest.raises(ValueError, match=match):
