@@ -484,6 +484,10 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *, s
   """
   validate(config, model, train_data, server_steps=server_steps, eval_every=eval_every,
            chunk_size=chunk_size)
+  if callback is not None and callable(getattr(callback, "check_run", None)):
+    # e.g. a privacy accountant: its sampling model must be this run's (it is not a cohort).
+    callback.check_run(population=train_data.num_clients, cohort_size=config.concurrency,
+                       cohort_sampling="asynchronous")
   _positive_int("steps_per_call", steps_per_call)
   if until_time is not None and not (isinstance(until_time, (int, float)) and until_time > 0):
     raise ValueError(f"until_time must be a number > 0, got {until_time!r}")

@@ -4,7 +4,9 @@
 Clients run local SGD from the global model; the server averages the models weighted by
 example counts. Written as a server optimizer on the pseudo-gradient ``mean(global - local)``
 (Reddi et al. 2021): ``server_optimizer=optax.sgd(1.0)`` is FedAvg exactly, server momentum is
-FedAvgM, ``optax.adam``/``yogi``/``adagrad`` give FedAdam/FedYogi/FedAdagrad.
+FedAvgM, :func:`fedjax_sim.algorithms.adaptive_server_optimizer` gives the paper's
+FedAdam/FedYogi/FedAdagrad (:mod:`fedjax_sim.algorithms.fedopt`; optax's ``adam``/``yogi``/
+``adagrad`` are other algorithms, usable here as any optax optimizer).
 """
 
 from __future__ import annotations
