@@ -75,7 +75,8 @@ def accuracy_runs(a, emit):
            "seconds": round(time.perf_counter() - t, 1)}
     if eps is not None:
       rec.update(epsilon_fixed_size_replace_one=float(h["epsilon"][-1]),
-                 epsilon_poisson_add_remove=accounting.epsilon(z, q, a.rounds, a.delta),
+                 epsilon_poisson_add_remove=accounting.epsilon(z, q, a.rounds, a.delta,
+                                                               sampling="poisson"),
                  final_clip_norm=float(h["clip_norm"][-1]))
     emit(rec)
 

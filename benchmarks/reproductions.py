@@ -40,7 +40,6 @@ subcommand continues where it stopped; ``--fresh`` starts the file over.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -180,7 +179,7 @@ FEDPROX_PAPER = {
 def fedprox_algo(kind, lr, epochs, batch):
   common = dict(local_epochs=epochs, batch_size=batch)
   if kind == "fedavg":
-    return dataclasses.replace(fs.algorithms.fedavg(optax.sgd(lr), **common), drop_stragglers=True)
+    return fs.algorithms.fedavg(optax.sgd(lr), drop_stragglers=True, **common)
   mu = {"fedprox_mu0": 0.0, "fedprox_mu1": 1.0}[kind]
   return fs.algorithms.fedprox(optax.sgd(lr), mu=mu, **common)
 

@@ -484,6 +484,10 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *, s
   """
   validate(config, model, train_data, server_steps=server_steps, eval_every=eval_every,
            chunk_size=chunk_size)
+  if callback is not None and callable(getattr(callback, "check_run", None)):
+    # e.g. a privacy accountant: its sampling model must be this run's (it is not a cohort).
+    callback.check_run(population=train_data.num_clients, cohort_size=config.concurrency,
+                       cohort_sampling="asynchronous")
   _positive_int("steps_per_call", steps_per_call)
   if until_time is not None and not (isinstance(until_time, (int, float)) and until_time > 0):
     raise ValueError(f"until_time must be a number > 0, got {until_time!r}")
@@ -491,7 +495,8 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *, s
   if eval_data is not None:
     eval_arrays = evaluation.as_arrays(eval_data)
     loop.check_eval_data(model, eval_arrays)
-  weights = loop.resolve_client_weights(train_data, config.algorithm.weighting, client_weights)
+  weights = loop.resolve_client_weights(train_data, config.algorithm.weighting, client_weights,
+                                        algorithm=config.algorithm)
   key_params, key_sim, key_steps = run_keys(seed)
   params = init_params if init_params is not None else model.init(key_params)
   data = engine.to_device(train_data, weights)

@@ -24,7 +24,8 @@ and values of the wrong type are errors::
   alpha = 0.3
 
   [algorithm]                   # fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad
-  name = "fedprox"
+  name = "fedprox"              # fedadam/fedyogi/fedadagrad: Reddi et al. (2021), Algorithm 2
+                                # (server_lr = eta, tau, beta1, beta2; uniform weighting)
   mu = 0.01
   client_lr = 0.1
   server_lr = 1.0
@@ -54,12 +55,19 @@ DATASETS = ("fashion_mnist", "digits", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew")
 MODELS = ("mlp_2nn", "cnn", "logistic_regression")
 ALGORITHMS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
+# adam / yogi / adagrad are Reddi et al. (2021), Algorithm 2 (fedjax_sim.algorithms.fedopt);
+# optax_* are optax's own optimizers of those names (bias correction etc.: other algorithms).
+ADAPTIVE_SERVERS = ("adam", "yogi", "adagrad")
+SERVER_OPTIMIZERS = ("sgd", "momentum", *ADAPTIVE_SERVERS, "optax_adam", "optax_yogi",
+                     "optax_adagrad")
 WEIGHTINGS = ("examples", "uniform")
 # the server optimizer each named algorithm implies (fedavg/fedprox take algorithm.server_optimizer)
 IMPLIED_SERVER_OPTIMIZER = {"fedavgm": "momentum", "fedadam": "adam", "fedyogi": "yogi",
                             "fedadagrad": "adagrad"}
-DEFAULT_SERVER_LR = {"sgd": 1.0, "momentum": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1e-1}
+DEFAULT_SERVER_LR = {"sgd": 1.0, "momentum": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1e-1,
+                     "optax_adam": 1e-2, "optax_yogi": 1e-2, "optax_adagrad": 1e-1}
+# Algorithm 2 of Reddi et al. averages client changes uniformly; the others weight by examples.
+DEFAULT_WEIGHTING = {"fedadam": "uniform", "fedyogi": "uniform", "fedadagrad": "uniform"}
 
 
 class ConfigError(ValueError):
@@ -104,11 +112,16 @@ class AlgorithmConfig:
                                    positive=True)
   server_momentum: float = _field(0.9, "server momentum (fedavgm, server_optimizer momentum)",
                                   flag="--server-momentum", minimum=0.0)
-  tau: float = _field(1e-3, "adaptivity of adam/yogi/adagrad servers (optax eps)",
-                      flag="--tau", minimum=0.0)
+  tau: float = _field(1e-3, "adaptivity tau of adam/yogi/adagrad servers (Reddi et al. 2021, "
+                      "Algorithm 2; optax's eps for optax_*)", flag="--tau", positive=True)
+  beta1: float = _field(0.9, "first-moment decay of adam/yogi/adagrad servers (0: adagrad "
+                        "without momentum)", flag="--beta1", minimum=0.0)
+  beta2: float = _field(0.99, "second-moment decay of adam/yogi servers", flag="--beta2",
+                        minimum=0.0)
   mu: float = _field(0.01, "fedprox only: proximal coefficient", flag="--mu", minimum=0.0)
-  weighting: str = _field("examples", "client weights in the average", flag="--weighting",
-                          choices=WEIGHTINGS)
+  weighting: str | None = _field(None, "client weights in the average (default: uniform for "
+                                 "fedadam/fedyogi/fedadagrad, as in Algorithm 2; examples "
+                                 "otherwise)", flag="--weighting", choices=WEIGHTINGS)
 
 
 @dataclasses.dataclass
@@ -356,7 +369,9 @@ def _applies(key: str, cfg: Config) -> bool:
       "partition.exponent": not synthetic and p.name == "quantity_skew",
       "algorithm.server_optimizer": a.name in ("fedavg", "fedprox"),
       "algorithm.server_momentum": server == "momentum",
-      "algorithm.tau": server in ("adam", "yogi", "adagrad"),
+      "algorithm.tau": server in ADAPTIVE_SERVERS or server.startswith("optax_"),
+      "algorithm.beta1": server in ADAPTIVE_SERVERS or server in ("optax_adam", "optax_yogi"),
+      "algorithm.beta2": server in ("adam", "yogi", "optax_adam", "optax_yogi"),
       "algorithm.mu": a.name == "fedprox",
       "checkpoint.every": cfg.checkpoint.dir is not None,
       "checkpoint.resume": cfg.checkpoint.dir is not None,
@@ -405,6 +420,12 @@ def resolve(cfg: Config, explicit: dict[str, str]) -> tuple[Config, list[str]]:
   server = IMPLIED_SERVER_OPTIMIZER.get(a.name, a.server_optimizer)
   if a.server_lr is None:
     a.server_lr = DEFAULT_SERVER_LR[server]
+  if a.weighting is None:
+    a.weighting = DEFAULT_WEIGHTING.get(a.name, "examples")
+  for b in ("beta1", "beta2"):
+    if not getattr(a, b) < 1:
+      raise ConfigError(f"{explicit.get('algorithm.' + b, 'default')}: algorithm.{b} must lie in "
+                        f"[0, 1), got {getattr(a, b)!r}")
   if loc.epochs is None and loc.steps is None:
     loc.epochs = 1
   if cfg.chunk_size is None:
@@ -510,14 +531,21 @@ def config_from_args(args: argparse.Namespace) -> tuple[Config, list[str]]:
 
 # ------------------------------------------------------------------------------------ running
 
-def server_optimizer(name: str, lr: float, momentum: float = 0.9, tau: float = 1e-3):
+def server_optimizer(name: str, lr: float, momentum: float = 0.9, tau: float = 1e-3,
+                     beta1: float = 0.9, beta2: float = 0.99):
+  """The server optimizer ``name`` (:data:`SERVER_OPTIMIZERS`): adam/yogi/adagrad are Reddi et
+  al.'s Algorithm 2 (:func:`fedjax_sim.algorithms.adaptive_server_optimizer`), optax_* optax's."""
   import optax
+
+  from fedjax_sim.algorithms import adaptive_server_optimizer
   if not lr > 0:
     raise ValueError(f"--server-lr must be > 0, got {lr}")
+  if name in ADAPTIVE_SERVERS:
+    return adaptive_server_optimizer(name, lr, beta1=beta1, beta2=beta2, tau=tau)
   return {"sgd": lambda: optax.sgd(lr), "momentum": lambda: optax.sgd(lr, momentum=momentum),
-          "adam": lambda: optax.adam(lr, b1=0.9, b2=0.99, eps=tau),
-          "yogi": lambda: optax.yogi(lr, b1=0.9, b2=0.99, eps=tau),
-          "adagrad": lambda: optax.adagrad(lr, eps=tau)}[name]()
+          "optax_adam": lambda: optax.adam(lr, b1=beta1, b2=beta2, eps=tau),
+          "optax_yogi": lambda: optax.yogi(lr, b1=beta1, b2=beta2, eps=tau),
+          "optax_adagrad": lambda: optax.adagrad(lr, eps=tau)}[name]()
 
 
 def make_algorithm(cfg: Config):
@@ -530,12 +558,15 @@ def make_algorithm(cfg: Config):
             weighting=a.weighting)
   if a.name in ("fedavg", "fedprox"):
     kw["server_optimizer"] = server_optimizer(a.server_optimizer, a.server_lr,
-                                              a.server_momentum, a.tau)
+                                              a.server_momentum, a.tau, a.beta1, a.beta2)
     if a.name == "fedprox":
       kw["mu"] = a.mu
   else:
     kw["server_lr"] = a.server_lr
-    kw.update({"momentum": a.server_momentum} if a.name == "fedavgm" else {"tau": a.tau})
+    if a.name == "fedavgm":
+      kw["momentum"] = a.server_momentum
+    else:
+      kw.update(tau=a.tau, beta1=a.beta1, **({"beta2": a.beta2} if a.name != "fedadagrad" else {}))
   return algorithms.make(a.name, **kw)
 
 

@@ -283,7 +283,8 @@ def run_rounds(algorithm, model, train_data, *, rounds: int, cohort_size: int, s
   mesh = global_mesh() if mesh is None else mesh
   loop.validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
                 eval_every=1, chunk_size=chunk_size)
-  weights = loop.resolve_client_weights(train_data, algorithm.weighting, client_weights)
+  weights = loop.resolve_client_weights(train_data, algorithm.weighting, client_weights,
+                                        algorithm=algorithm)
   key_init, key_rounds = jax.random.split(jax.random.key(seed))
   state = engine.init_state(algorithm, model.init(key_init), train_data.num_clients)
   data = engine.to_device(train_data, weights, heterogeneity, algorithm.work)

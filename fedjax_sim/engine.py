@@ -137,6 +137,10 @@ def sample_cohort(key: jax.Array, population: int, cohort_size: int,
     draw picks client i with probability ``w_i / sum of the remaining w``), by the Gumbel top-k
     trick; O(P).
   * ``online [P]`` (bool): only online clients are drawn; O(P).
+
+  Privacy accounting: the uniform sampler draws fixed-size cohorts without replacement, whose
+  analysis is :func:`fedjax_sim.privacy.epsilon` with ``population=P`` (not Poisson sampling's);
+  size-weighted or availability-restricted cohorts are covered by neither.
   """
   if online is not None or weights is not None:
     if weights is None:

@@ -42,8 +42,16 @@ def _positive_int(name: str, v):
 
 
 def resolve_client_weights(data: FederatedData, weighting: str,
-                   custom: Sequence[float] | None = None) -> np.ndarray:
-  """``[P]`` aggregation weights p_i: example counts, uniform, or user-given (checked)."""
+                   custom: Sequence[float] | None = None, *,
+                   algorithm: Algorithm | None = None) -> np.ndarray:
+  """``[P]`` aggregation weights p_i: example counts, uniform, or user-given (checked).
+
+  Raises ValueError for custom weights when ``algorithm.fixed_weighting`` (e.g. DP-FedAvg).
+  """
+  if custom is not None and algorithm is not None and algorithm.fixed_weighting:
+    raise ValueError(f"{algorithm.name} does not take client_weights: its guarantee assumes its "
+                     f"own {algorithm.weighting!r} weighting (DP-FedAvg's sensitivity bound and "
+                     "accounting hold for equally weighted, clipped updates only)")
   if custom is not None:
     w = np.asarray(custom, dtype=np.float64)
     if w.shape != (data.num_clients,):
@@ -228,7 +236,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       per core). Results equal the single-device run to float summation order (~1e-6).
     init_params: start from these global params instead of ``model.init``.
     client_weights: optional ``[P]`` weights p_i of the objective ``sum_i p_i f_i`` (default:
-      example counts, or uniform if the algorithm says so).
+      example counts, or uniform if the algorithm says so). Refused (ValueError) by algorithms
+      whose weighting is fixed (``Algorithm.fixed_weighting``: DP-FedAvg).
     progress: show a progress bar.
     callback: called after every round with ``(round, state, RoundOutput)``; with
       ``rounds_per_call > 1`` it runs when the round's block has finished and sees the block's
@@ -236,7 +245,9 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       record (e.g. a privacy accountant's ``epsilon``), and ``"stop": True`` ends the run after
       this round (the history then records ``stopped_early``). A callback with a
       ``max_rounds()`` method (e.g. :func:`fedjax_sim.privacy.privacy_callback`) caps ``rounds``
-      up front, so a block of rounds never runs past it.
+      up front, so a block of rounds never runs past it; one with a ``check_run(population=,
+      cohort_size=, cohort_sampling=, heterogeneity=)`` method is called first and may refuse
+      the run with a ValueError (a privacy accountant whose sampling model is not the run's).
     rounds_per_call: run up to this many rounds as one compiled ``lax.scan`` (sampling included),
       so small models are not bound by Python overhead between rounds. Blocks end at evaluation
       and checkpoint rounds; results equal ``rounds_per_call=1`` exactly. ``seconds`` is then the
@@ -271,6 +282,11 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   ``client_state_bytes`` (the per-client state stores of the whole population),
   ``test_loss``/``test_accuracy`` (NaN on rounds without evaluation).
   """
+  if callback is not None and callable(getattr(callback, "check_run", None)):
+    # A callback whose numbers depend on how cohorts are drawn (a privacy accountant) checks
+    # that they describe this run before anything is compiled.
+    callback.check_run(population=train_data.num_clients, cohort_size=cohort_size,
+                       cohort_sampling=cohort_sampling, heterogeneity=heterogeneity)
   if callback is not None and callable(getattr(callback, "max_rounds", None)):
     # A callback that knows its last allowed round (a privacy budget) caps the run up front, so
     # blocks of rounds (rounds_per_call > 1) never run past it.
@@ -303,7 +319,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       raise ValueError("per-client heterogeneity arrays need a stored population; a "
                        "ProceduralPopulation supports straggler_fraction and dropout_fraction")
   else:
-    weights = resolve_client_weights(train_data, algorithm.weighting, client_weights)
+    weights = resolve_client_weights(train_data, algorithm.weighting, client_weights,
+                                     algorithm=algorithm)
   multi = distributed.is_multiprocess()
   if multi and checkpoint_dir is not None:
     raise ValueError("checkpoint_dir is not supported in multi-process runs")

@@ -261,9 +261,11 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
   In ``finalize`` every client slot of the round's buffer is one cohort member (padding and
   clients whose update did not count, weight 0, are treated as drop-outs). Client c encodes its
   weighted update ``(w_c / w_ref) * delta_c`` (coordinates clipped to ``[-clip, clip]``,
-  ``bits``-bit fixed point, :func:`encode`), with ``w_ref = weight_bound`` or, by default, the
-  largest weight of the cohort (weights are public here, as the server knows them to divide by
-  the total); the updates are masked (:func:`mask_updates`), the server sums the masked view
+  ``bits``-bit fixed point, :func:`encode`), with ``w_ref = max(weight_bound, max_c w_c)`` (by
+  default the largest weight of the cohort; weights are public here, as the server knows them to
+  divide by the total), so ``w_c / w_ref <= 1`` and no weight is ever cut: a weight above
+  ``weight_bound`` raises that round's reference instead of being clipped (the result stays the
+  exact weighted mean up to rounding, at a coarser resolution that round); the updates are masked (:func:`mask_updates`), the server sums the masked view
   modulo ``2**ring_bits``, recovers the drop-outs' masks (:func:`unmask_sum`), decodes and
   divides by the total weight::
 
@@ -283,7 +285,8 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
     bits: signed fixed-point bits per coordinate, ``2..min(ring_bits, 24)``.
     ring_bits: the ring ``Z_{2**ring_bits}``, at most 32; the cohort size C must satisfy
       ``bits + ceil(log2 C) <= ring_bits`` (checked when the round is built).
-    weight_bound: public bound on the aggregation weights (default: the cohort's largest).
+    weight_bound: public reference weight (default: the cohort's largest); a round whose
+      largest weight exceeds it uses that weight instead (exact, never clipped).
     self_mask: double masking (self masks, removed for the survivors in the recovery).
     seed: seed of the masks.
 
@@ -306,7 +309,9 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
     cap = w.shape[0]
     flat = jnp.concatenate([jnp.reshape(x, (cap, -1)).astype(jnp.float32) for x in leaves],
                            axis=1)
-    w_ref = jnp.float32(weight_bound) if weight_bound is not None else jnp.max(w)
+    # Never below the cohort's largest weight: w_c / w_ref > 1 would be cut by the clip.
+    w_ref = jnp.max(w) if weight_bound is None else jnp.maximum(jnp.float32(weight_bound),
+                                                                 jnp.max(w))
     w_ref = jnp.where(w_ref > 0, w_ref, 1.0)
     enc = encode(flat * (w / w_ref)[:, None], clip, bits, ring_bits)
     if key is None:

@@ -73,8 +73,9 @@ def update(server_optimizer: optax.GradientTransformation, state: ServerState,
   """Applies the server optimizer to ``pseudo_gradient`` (mean of ``global - local``).
 
   ``optax.sgd(1.0)`` makes the new model the weighted mean of the clients' models (FedAvg);
-  momentum / Adam / Yogi / Adagrad give FedAvgM / FedAdam / FedYogi / FedAdagrad. When ``apply``
-  is False (no client contributed a finite update) params and optimizer state stay as they were.
+  momentum gives FedAvgM, :func:`fedjax_sim.algorithms.adaptive_server_optimizer` FedAdam /
+  FedYogi / FedAdagrad. When ``apply`` is False (no client contributed a finite update) params
+  and optimizer state stay as they were.
   """
   updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
   if "server_lr_scale" in state.hparams:

@@ -1,6 +1,7 @@
 """Registry contract: every algorithm equals the sequential reference and compiles once."""
 
 import jax
+import numpy as np
 import optax
 import pytest
 
@@ -66,7 +67,19 @@ def test_fedprox_mu_zero_is_fedavg_and_mu_pulls_toward_global(ragged_data):
     (algorithms.fedadam, {"server_lr": 0.0}, "server_lr must be"),
     (algorithms.fedyogi, {"server_lr": -1.0}, "server_lr must be"),
     (algorithms.fedavgm, {"momentum": 1.5}, "momentum must"),
+    (algorithms.fedadam, {"beta1": 1.0}, "beta1 must"),
+    (algorithms.fedyogi, {"beta2": -0.1}, "beta2 must"),
+    (algorithms.fedadagrad, {"tau": 0.0}, "tau must"),
 ])
 def test_bad_hyperparameters(make, kwargs, match):
   with pytest.raises(ValueError, match=match):
     make(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_adaptive_servers_learn_with_the_paper_defaults(ragged_data, name):
+  model = fs.models.logistic_regression(8, 4)
+  algo = algorithms.make(name, client_optimizer=optax.sgd(0.1), batch_size=16)
+  h = fs.run(algo, model, ragged_data, rounds=30, cohort_size=6, progress=False,
+             rounds_per_call=10).history
+  assert np.mean(h["train_loss"][-5:]) < 0.7 * np.mean(h["train_loss"][:3])

@@ -144,6 +144,36 @@ def test_cli_overrides_and_yaml(tmp_path, capsys):
   assert resolved["rounds"] == 4
   assert resolved["algorithm"]["tau"] == 1e-4 and resolved["algorithm"]["server_lr"] == 0.01
   assert "server_optimizer" not in resolved["algorithm"]
+  # Algorithm 2's defaults: uniform weighting, beta1 = 0.9, beta2 = 0.99
+  assert resolved["algorithm"]["weighting"] == "uniform"
+  assert resolved["algorithm"]["beta1"] == 0.9 and resolved["algorithm"]["beta2"] == 0.99
+
+
+def test_cli_adaptive_servers_are_algorithm_2():
+  import optax
+
+  from fedjax_sim import algorithms
+  args = cli.build_parser().parse_args(["run", "--algorithm", "fedadagrad", "--beta1", "0",
+                                        "--tau", "0.01"])
+  cfg, _ = cli.config_from_args(args)
+  algo = cli.make_algorithm(cfg)
+  assert algo.name == "fedadagrad" and algo.weighting == "uniform"
+  import jax.numpy as jnp
+  params = {"w": jnp.zeros(2)}
+  g = {"w": jnp.asarray([0.5, -0.2])}
+  ref = algorithms.adaptive_server_optimizer("adagrad", 0.1, beta1=0.0, tau=0.01)
+  got, _ = algo.server_optimizer.update(g, algo.server_optimizer.init(params), params)
+  want, _ = ref.update(g, ref.init(params), params)
+  assert jnp.allclose(got["w"], want["w"]) and float(got["w"][0]) < 0   # descends along g
+  # fedavg with server_optimizer = optax_adam reaches optax's own Adam
+  args = cli.build_parser().parse_args(["run", "--server-optimizer", "optax_adam"])
+  cfg, _ = cli.config_from_args(args)
+  assert cfg.algorithm.weighting == "examples" and cfg.algorithm.server_lr == 0.01
+  opt = cli.make_algorithm(cfg).server_optimizer
+  got, _ = opt.update(g, opt.init(params), params)
+  adam = optax.adam(0.01, b1=0.9, b2=0.99, eps=1e-3)
+  want, _ = adam.update(g, adam.init(params), params)
+  assert jnp.allclose(got["w"], want["w"])
 
 
 @pytest.mark.parametrize("text, name, message", [

@@ -450,3 +450,22 @@ def test_synthetic_iid_and_heterogeneity():
   assert mean_tv(het) > mean_tv(train)
   with pytest.raises(ValueError, match="alpha"):
     datasets.synthetic(-1, 1)
+
+
+def test_fixed_batch_order_reads_the_stored_order():
+  """shuffle=False: FedJAX-style fixed order, independent of the key."""
+  import jax.numpy as jnp
+  offsets, sizes = jnp.asarray([0, 5]), jnp.asarray([5, 3])
+  ids = jnp.asarray([0, 1])
+  epochs = fs.LocalWork(batch_size=2, local_epochs=2, shuffle=False)
+  rows, mask = batch_indices(jax.random.key(0), ids, offsets, sizes, epochs, 5)
+  again, _ = batch_indices(jax.random.key(1), ids, offsets, sizes, epochs, 5)
+  np.testing.assert_array_equal(rows, again)
+  valid = [np.asarray(r)[np.asarray(m)].tolist() for r, m in zip(rows, mask)]
+  assert valid == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4], [5, 6, 7, 5, 6, 7]]
+  assert mask.shape == (2, 6, 2)   # 3 steps per pass (5 examples, B=2), 2 passes
+  steps = fs.LocalWork(batch_size=2, local_epochs=None, local_steps=4, shuffle=False)
+  rows, mask = batch_indices(jax.random.key(0), ids, offsets, sizes, steps, 5)
+  assert np.asarray(mask).all()
+  assert np.asarray(rows).reshape(2, -1).tolist() == [[0, 1, 2, 3, 4, 0, 1, 2],
+                                                       [5, 6, 7, 5, 6, 7, 5, 6]]

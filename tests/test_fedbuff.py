@@ -307,3 +307,13 @@ def test_run_until_simulated_time(ragged_data):
   assert int(res.state.server.round) == 3
   np.testing.assert_array_equal(jax.random.key_data(res.state.speed_key),
                                 jax.random.key_data(asynchronous.speed_key(4)))
+
+
+def test_run_async_refuses_a_cohort_privacy_accountant(ragged_data):
+  pytest.importorskip("dp_accounting")
+  from fedjax_sim.privacy import accounting
+  cb = accounting.privacy_callback(1.0, 4 / 12, 1e-5, population=12)
+  config = fedbuff(optax.sgd(0.1), buffer_size=2, concurrency=4, batch_size=16)
+  with pytest.raises(ValueError, match="asynchronous"):
+    fs.run_async(config, fs.models.logistic_regression(8, 4), ragged_data, server_steps=2,
+                 callback=cb, progress=False)

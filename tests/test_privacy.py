@@ -1,5 +1,6 @@
 """DP-FedAvg (central/local, fixed/adaptive clipping) and its privacy accounting."""
 
+import functools
 import importlib.util
 import math
 
@@ -190,29 +191,74 @@ def _direct(z, q, rounds, delta, acc, population=None):
 @needs_dpa
 @pytest.mark.parametrize("acc, population", [("rdp", None), ("pld", None), ("rdp", 1000)])
 def test_epsilon_equals_dp_accounting(acc, population):
-  got = accounting.epsilon(1.1, 0.1, 37, 1e-5, acc, population=population)
+  kw = {"population": population} if population else {"sampling": "poisson"}
+  got = accounting.epsilon(1.1, 0.1, 37, 1e-5, acc, **kw)
   assert got == pytest.approx(_direct(1.1, 0.1, 37, 1e-5, acc, population), rel=1e-12)
-  curve = accounting.EpsilonCurve(1.1, 0.1, 1e-5, acc, population)
+  curve = accounting.EpsilonCurve(1.1, 0.1, 1e-5, acc, **kw)
   eps = [curve(r) for r in (1, 3)]
   assert eps[0] < eps[1] < got
   assert eps[1] == pytest.approx(_direct(1.1, 0.1, 3, 1e-5, acc, population), rel=1e-12)
-  assert accounting.epsilon(0.0, 0.1, 3, 1e-5, acc, population=population) == math.inf
-  assert accounting.epsilon(1.1, 0.1, 0, 1e-5, acc, population=population) == 0.0
+  assert accounting.epsilon(0.0, 0.1, 3, 1e-5, acc, **kw) == math.inf
+  assert accounting.epsilon(1.1, 0.1, 0, 1e-5, acc, **kw) == 0.0
+
+
+@needs_dpa
+def test_accounting_needs_the_sampler_of_the_run(ragged_data):
+  # No silent default: fedjax_sim.run draws fixed-size cohorts, so the matching analysis needs P.
+  for f in (lambda: accounting.epsilon(1.0, 0.1, 10, 1e-5),
+            lambda: accounting.privacy_callback(1.0, 0.1, 1e-5),
+            lambda: accounting.noise_multiplier_for(3.0, 1e-5, 0.1, 10)):
+    with pytest.raises(ValueError, match="population=P"):
+      f()
+  fixed = accounting.epsilon(1.0, 0.1, 10, 1e-5, population=1000)
+  poisson = accounting.epsilon(1.0, 0.1, 10, 1e-5, sampling="poisson")
+  assert fixed > 1.2 * poisson   # replace-one vs add/remove: larger (x1.3 here)
+  # q = 1 (no amplification, e.g. local DP) needs no population: the Gaussian mechanism.
+  assert accounting.epsilon(1.0, 1.0, 10, 1e-5) == pytest.approx(_direct(1.0, 1.0, 10, 1e-5,
+                                                                         "rdp"), rel=1e-12)
+  algo = dp.dp_fedavg(algorithms.fedavg(**KW), noise_multiplier=1.0, clip_norm=0.5)
+  run = functools.partial(fs.run, algo, _model(), ragged_data, rounds=2, cohort_size=4,
+                          progress=False)
+  # run() refuses an accountant whose sampling model is not the run's, before compiling.
+  bad = [(accounting.privacy_callback(1.0, 4 / 12, 1e-5, sampling="poisson"), {}, "poisson"),
+         (accounting.privacy_callback(1.0, 4 / 12, 1e-5, population=24), {}, "4 out of 12"),
+         (accounting.privacy_callback(1.0, 6 / 12, 1e-5, population=12), {}, "4 out of 12"),
+         (accounting.privacy_callback(1.0, 4 / 12, 1e-5, population=12),
+          {"cohort_sampling": "size"}, "uniform"),
+         (accounting.privacy_callback(1.0, 4 / 12, 1e-5, population=12),
+          {"heterogeneity": fs.Heterogeneity(availability=np.full(12, 0.5))}, "availability")]
+  for cb, kw, match in bad:
+    with pytest.raises(ValueError, match=match):
+      run(callback=cb, **kw)
+  h = run(callback=accounting.privacy_callback(1.0, 4 / 12, 1e-5, population=12)).history
+  np.testing.assert_allclose(h["epsilon"], [accounting.epsilon(1.0, 4 / 12, r, 1e-5,
+                                                               population=12) for r in (1, 2)])
+  assert run(callback=accounting.privacy_callback(1.0, 1.0, 1e-5)).history["epsilon"][-1] > 0
+
+
+def test_dp_algorithms_refuse_client_weights(ragged_data):
+  for local in (False, True):
+    algo = dp.dp_fedavg(algorithms.fedavg(**KW), noise_multiplier=1.0, clip_norm=0.5,
+                        local=local)
+    with pytest.raises(ValueError, match="does not take client_weights"):
+      fs.run(algo, _model(), ragged_data, rounds=1, cohort_size=4, progress=False,
+             client_weights=np.ones(12))
 
 
 @needs_dpa
 def test_noise_multiplier_for_hits_the_target():
-  z = accounting.noise_multiplier_for(3.0, 1e-5, 0.05, 200)
-  assert accounting.epsilon(z, 0.05, 200, 1e-5) <= 3.0
-  assert accounting.epsilon(z * 0.995, 0.05, 200, 1e-5) > 3.0
+  for kw in ({"population": 2000}, {"sampling": "poisson"}):
+    z = accounting.noise_multiplier_for(3.0, 1e-5, 0.05, 200, **kw)
+    assert accounting.epsilon(z, 0.05, 200, 1e-5, **kw) <= 3.0
+    assert accounting.epsilon(z * 0.995, 0.05, 200, 1e-5, **kw) > 3.0
 
 
 @needs_dpa
 def test_run_stops_at_budget_and_records_epsilon(ragged_data):
   z, q, delta = 1.0, 4 / 12, 1e-5
-  curve = accounting.EpsilonCurve(z, q, delta)
+  curve = accounting.EpsilonCurve(z, q, delta, population=12)
   target = 0.5 * (curve(3) + curve(4))   # rounds 1..3 fit, round 4 would not
-  cb = accounting.privacy_callback(z, q, delta, target_epsilon=target)
+  cb = accounting.privacy_callback(z, q, delta, target_epsilon=target, population=12)
   assert cb.max_rounds() == 3
   algo = dp.dp_fedavg(algorithms.fedavg(**KW), noise_multiplier=z, clip_norm=0.5, adaptive=True,
                       clipped_count_stddev=1.0)
@@ -225,7 +271,7 @@ def test_run_stops_at_budget_and_records_epsilon(ragged_data):
   assert h["stopped_early"][-1] == 1.0
   assert h["clip_norm"][-1] == pytest.approx(float(res.state.aux["clip_norm"]))
   with pytest.raises(ValueError, match="one round already costs"):
-    accounting.privacy_callback(z, q, delta, target_epsilon=0.5 * curve(1))
+    accounting.privacy_callback(z, q, delta, target_epsilon=0.5 * curve(1), population=12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,8 +331,10 @@ def test_dp_fedavg_rejects_robust_aggregator():
     ((1.0, 1.5, 10, 1e-5), {}, "sampling_probability"),
     ((-1.0, 0.1, 10, 1e-5), {}, "noise_multiplier"),
     ((1.0, 0.1, 10, 0.0), {}, "delta"),
-    ((1.0, 0.1, -1, 1e-5), {}, "rounds"),
+    ((1.0, 0.1, -1, 1e-5), {"population": 100}, "rounds"),
     ((1.0, 0.1, 10, 1e-5, "moments"), {}, "accountant"),
+    ((1.0, 0.1, 10, 1e-5), {"sampling": "uniform"}, "sampling"),
+    ((1.0, 0.1, 10, 1e-5), {"sampling": "poisson", "population": 100}, "no population"),
     ((1.0, 0.1, 10, 1e-5, "pld"), {"population": 100}, "RDP"),
     ((1.0, 0.105, 10, 1e-5), {"population": 100}, "cohort size"),
 ])

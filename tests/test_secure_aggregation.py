@@ -180,6 +180,26 @@ def test_secure_sum_is_the_quantized_mean_in_integer_space():
   assert np.max(np.abs(got - mean)) <= bound * (1 + 1e-3)
 
 
+def test_weights_above_weight_bound_are_exact_not_clipped():
+  rng = np.random.default_rng(5)
+  ups = {"v": rng.uniform(-0.5, 0.5, size=(6, 8)).astype(np.float32)}
+  w = np.array([1.0, 2.0, 50.0, 3.0, 1.0, 120.0], np.float32)   # two above the bound
+  agg = sa.secure_sum(CLIP, BITS, weight_bound=10.0)
+  update, total_w = jax.jit(agg.finalize)(_feed(agg, ups, w, k=3))   # equal chunks, as the engine
+  mean = (w[:, None] * ups["v"]).sum(0) / w.sum()
+  scale = sa.scale_for(CLIP, BITS)
+  # Each client's rounding costs at most half a step of the reference weight max(w) = 120.
+  bound = 0.5 / scale * len(w) * w.max() / w.sum()
+  np.testing.assert_allclose(np.asarray(update["v"]), mean, rtol=0, atol=bound * (1 + 1e-3))
+  assert float(total_w) == pytest.approx(float(w.sum()))
+  # Weights within the bound keep the public reference weight_bound (finer than max w here).
+  small = np.minimum(w, 10.0)
+  update, _ = jax.jit(agg.finalize)(_feed(agg, ups, small, k=3))
+  np.testing.assert_allclose(np.asarray(update["v"]),
+                             (small[:, None] * ups["v"]).sum(0) / small.sum(), rtol=0,
+                             atol=0.5 / scale * len(w) * 10.0 / small.sum() * (1 + 1e-3))
+
+
 def test_secure_sum_combines_device_states():
   rng = np.random.default_rng(4)
   ups = {"v": rng.normal(scale=0.3, size=(8, 6)).astype(np.float32)}

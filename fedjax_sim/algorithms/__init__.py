@@ -1,7 +1,8 @@
 """Federated algorithms, one short module each, and a registry by name."""
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.algorithms.fedavg import fedavg
-from fedjax_sim.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi
+from fedjax_sim.algorithms.fedopt import (adaptive_server_optimizer, fedadagrad, fedadam, fedavgm,
+                                          fedyogi)
 from fedjax_sim.algorithms.fedbuff import fedbuff   # asynchronous: run with fedjax_sim.run_async
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox, proximal_term
@@ -18,5 +19,5 @@ def make(name: str, **kwargs) -> Algorithm:
   return REGISTRY[name](**kwargs)
 
 
-__all__ = ["Algorithm", "REGISTRY", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "fednova",
+__all__ = ["Algorithm", "REGISTRY", "adaptive_server_optimizer", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "fednova",
            "fedprox", "fedyogi", "make", "proximal_term", "scaffold"]

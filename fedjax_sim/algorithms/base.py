@@ -50,6 +50,9 @@ class Algorithm:
   # (clients that stopped part-way) are discarded, as FedAvg does in the FedProx paper, or
   # aggregated with their partial work.
   drop_stragglers: bool = False
+  # Whether the algorithm's weighting is part of its guarantee (DP-FedAvg bounds every client's
+  # contribution by the same clip norm): run() then refuses custom client_weights.
+  fixed_weighting: bool = False
 
   def __post_init__(self):
     if self.weighting not in WEIGHTINGS:

@@ -4,7 +4,9 @@
 Clients run local SGD from the global model; the server averages the models weighted by
 example counts. Written as a server optimizer on the pseudo-gradient ``mean(global - local)``
 (Reddi et al. 2021): ``server_optimizer=optax.sgd(1.0)`` is FedAvg exactly, server momentum is
-FedAvgM, ``optax.adam``/``yogi``/``adagrad`` give FedAdam/FedYogi/FedAdagrad.
+FedAvgM, :func:`fedjax_sim.algorithms.adaptive_server_optimizer` gives the paper's
+FedAdam/FedYogi/FedAdagrad (:mod:`fedjax_sim.algorithms.fedopt`; optax's ``adam``/``yogi``/
+``adagrad`` are other algorithms, usable here as any optax optimizer).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from fedjax_sim.data.federated import LocalWork
 def fedavg(client_optimizer: optax.GradientTransformation | None = None,
            server_optimizer: optax.GradientTransformation | None = None, *,
            local_epochs: int | None = None, local_steps: int | None = None, batch_size: int = 32,
-           weighting: str = "examples") -> Algorithm:
+           weighting: str = "examples", drop_stragglers: bool = False,
+           shuffle: bool = True) -> Algorithm:
   """FedAvg.
 
   Args:
@@ -29,6 +32,14 @@ def fedavg(client_optimizer: optax.GradientTransformation | None = None,
     local_steps: fixed number of local steps per round instead of epochs.
     batch_size: local batch size B.
     weighting: ``"examples"`` (weight = client's example count, the FedAvg paper) or ``"uniform"``.
+    drop_stragglers: under simulated heterogeneity (:mod:`fedjax_sim.heterogeneity`), discard the
+      updates of clients that stopped part-way, as the FedAvg baseline of the FedProx paper (Li et
+      al. 2020) does; by default their partial work is aggregated.
+    shuffle: reshuffle each client's examples every pass (default). ``False``: FedJAX-style fixed
+      batch order, the client's examples in the order they are stored, every pass (see
+      :class:`fedjax_sim.data.federated.LocalWork`); to give each client's batch order
+      explicitly, store its examples in that order (``FederatedData.from_partition`` keeps the
+      order of each client's index array).
   """
   if local_epochs is None and local_steps is None:
     local_epochs = 1
@@ -36,5 +47,5 @@ def fedavg(client_optimizer: optax.GradientTransformation | None = None,
       name="fedavg",
       client_optimizer=client_optimizer if client_optimizer is not None else optax.sgd(0.05),
       server_optimizer=server_optimizer if server_optimizer is not None else optax.sgd(1.0),
-      work=LocalWork(batch_size, local_epochs, local_steps),
-      weighting=weighting)
+      work=LocalWork(batch_size, local_epochs, local_steps, shuffle),
+      weighting=weighting, drop_stragglers=bool(drop_stragglers))

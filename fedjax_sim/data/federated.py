@@ -41,10 +41,18 @@ class LocalWork:
   fresh shuffle, the last batch of a pass possibly partial (masked). Clients smaller than the
   largest get trailing all-masked steps, which change nothing. With ``local_steps`` every client
   makes exactly that many steps of ``batch_size`` examples, cycling through reshuffled passes.
+
+  With ``shuffle=False`` the order is fixed (FedJAX's ``batch`` / ``repeat().batch`` without a
+  shuffle): every pass reads the client's examples in their stored order. In epoch mode pass e
+  is ``rows[0:B], rows[B:2B], ...`` (last batch partial); in step mode step t reads stored
+  positions ``(t B + j) mod n`` for ``j < B`` (the data repeated, then cut into batches of B, so
+  a batch may wrap around). A test or a reproduction gives each client's batch order explicitly
+  by storing its examples in that order.
   """
   batch_size: int = 32
   local_epochs: int | None = 1
   local_steps: int | None = None
+  shuffle: bool = True
 
   def __post_init__(self):
     if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size <= 0:
@@ -80,6 +88,14 @@ def _client_indices(key, offset, size, work: LocalWork, max_client_size: int):
     u = jnp.where(valid, jax.random.uniform(k, (span,)), 2.0)
     return jnp.argsort(u)
 
+  if not work.shuffle:
+    if work.local_steps is None:
+      rows = jnp.tile(pos, work.local_epochs).reshape(-1, b)
+      mask = jnp.tile(valid, work.local_epochs).reshape(-1, b)
+    else:
+      rows = (jnp.arange(work.local_steps * b) % jnp.maximum(size, 1)).reshape(work.local_steps, b)
+      mask = jnp.broadcast_to(size > 0, rows.shape)
+    return offset + rows, mask
   if work.local_steps is None:
     perms = jax.vmap(one_pass)(jax.random.split(key, work.local_epochs))   # [E, span]
     rows = perms.reshape(-1, b)
@@ -104,7 +120,8 @@ def batch_indices(key: jax.Array, client_ids: jax.Array, offsets: jax.Array, siz
 
   Args:
     key: the round's PRNG key. Client ``i`` uses ``fold_in(key, client_ids[i])``, so its shuffle
-      does not depend on its position in the cohort, the chunk size or the device count.
+      does not depend on its position in the cohort, the chunk size or the device count (unused
+      with ``work.shuffle=False``: the stored order).
     client_ids: ``[C]`` int ids (positions in the population).
     offsets: ``[C]`` first row of each client in the flat arrays.
     sizes: ``[C]`` number of examples per client (0 for padding clients).

@@ -3,8 +3,9 @@
 >>> import fedjax_sim as fs
 >>> from fedjax_sim import privacy
 >>> algo = privacy.dp_fedavg(noise_multiplier=1.0, clip_norm=0.5, adaptive=True)
->>> cb = privacy.privacy_callback(1.0, q=0.1, delta=1e-5, target_epsilon=8.0)
->>> # fs.run(algo, model, data, rounds=cb.max_rounds(), cohort_size=..., callback=cb)
+>>> # 100 of 1000 clients per round: fixed-size cohorts, the sampler of fs.run
+>>> cb = privacy.privacy_callback(1.0, q=0.1, delta=1e-5, target_epsilon=8.0, population=1000)
+>>> # fs.run(algo, model, data, rounds=cb.max_rounds(), cohort_size=100, callback=cb)
 
 The accountant (:mod:`fedjax_sim.privacy.accounting`) needs ``pip install dp-accounting``.
 """

@@ -3,20 +3,30 @@
 One round of central DP-FedAvg with noise multiplier ``z`` (:func:`fedjax_sim.privacy.dp_fedavg`;
 with adaptive clipping, ``z`` is the multiplier the round is calibrated to, see its docstring)
 is a sampled Gaussian mechanism on the client-level dataset; ``R`` rounds are its ``R``-fold
-composition. Two models of the sampling:
+composition. The analysis must match how cohorts are drawn; two samplers, two analyses:
 
-* Poisson sampling with probability ``q`` (the default; ``population=None``): each client takes
-  part independently with probability ``q``. This is the analysis of McMahan et al. (2018) and
-  Andrew et al. (2021); neighbouring datasets differ by adding or removing one client.
-  ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, RDP or PLD.
-* Fixed-size sampling without replacement (``population=P``): a cohort of exactly
-  ``m = round(q P)`` distinct clients, which is what :func:`fedjax_sim.engine.sample_cohort`
-  draws. ``SampledWithoutReplacementDpEvent(P, m, GaussianDpEvent(z))``; dp_accounting supports
-  it with RDP only and for the replace-one neighbouring relation (one client's data swapped for
+* ``sampling="fixed"`` (the default; needs ``population=P``): a cohort of exactly
+  ``m = round(q P)`` distinct clients drawn uniformly without replacement. **This is the sampler
+  of** :func:`fedjax_sim.run` (:func:`fedjax_sim.engine.sample_cohort` with
+  ``cohort_sampling="uniform"``), so it is the matching analysis for every run of this library.
+  ``SampledWithoutReplacementDpEvent(P, m, GaussianDpEvent(z))``; dp_accounting supports it with
+  RDP only and for the replace-one neighbouring relation (one client's data swapped for
   another's), whose epsilon is about twice the add/remove one at the same noise.
+* ``sampling="poisson"`` (ask for it explicitly): each client takes part independently with
+  probability ``q``, a cohort of random size. The analysis of McMahan et al. (2018) and Andrew et
+  al. (2021); neighbouring datasets differ by adding or removing one client.
+  ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, RDP or PLD. fedjax_sim's engine does not
+  sample this way, so this epsilon does **not** describe a :func:`fedjax_sim.run`:
+  :class:`PrivacyCallback` refuses to be used in a run with it (see
+  :meth:`PrivacyCallback.check_run`); :func:`epsilon` computes it for comparisons.
+
+Without ``population`` and without ``sampling="poisson"`` these functions raise a ValueError
+rather than guess. Size-weighted cohorts (``cohort_sampling="size"``) and availability-restricted
+cohorts (``Heterogeneity(availability=...)``) match neither analysis: a privacy callback refuses
+those runs.
 
 Local DP (``dp_fedavg(local=True)``) gets no amplification by sampling: account with ``q = 1``
-over the number of rounds a client takes part in.
+(every round counted, whatever the sampler: no ``population`` needed) over the rounds.
 
 ``dp_accounting`` is imported on first use; install it with ``pip install dp-accounting``.
 """
@@ -27,6 +37,7 @@ import math
 from typing import Any, Callable
 
 ACCOUNTANTS = ("rdp", "pld")
+SAMPLINGS = ("fixed", "poisson")
 
 
 def _dpa():
@@ -36,6 +47,26 @@ def _dpa():
     raise ImportError("privacy accounting needs Google's dp-accounting package: "
                       "pip install dp-accounting") from e
   return dp_accounting
+
+
+def _resolve_sampling(sampling_probability, population, sampling):
+  """The ``population`` argument of the dp_event for ``sampling`` (None: Poisson), or ValueError."""
+  if sampling not in SAMPLINGS:
+    raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+  if sampling == "poisson":
+    if population is not None:
+      raise ValueError("sampling='poisson' takes no population (each client takes part with "
+                       "probability q); population=P is for sampling='fixed'")
+    return None
+  if population is None:
+    if sampling_probability == 1:
+      return None   # every client in every round: no amplification, the Gaussian mechanism
+    raise ValueError(
+        "give population=P (the number of clients): fedjax_sim.run draws fixed-size cohorts of "
+        "round(q P) clients without replacement, and that is the analysis that matches it. "
+        "Poisson sampling's epsilon (about half) does not describe such a run; pass "
+        "sampling='poisson' to compute it anyway.")
+  return population
 
 
 def _check(noise_multiplier, sampling_probability, delta, accountant, population):
@@ -70,7 +101,10 @@ def _check_rounds(rounds):
 
 def dp_event(noise_multiplier: float, sampling_probability: float, rounds: int = 1,
              population: int | None = None):
-  """The ``dp_accounting`` event of ``rounds`` rounds (see the module docstring)."""
+  """The ``dp_accounting`` event of ``rounds`` rounds (see the module docstring): fixed-size
+  sampling without replacement from ``population`` clients, or Poisson sampling with probability
+  ``sampling_probability`` when ``population`` is None (this low-level builder does not check
+  which one a run uses; :func:`epsilon` and :func:`privacy_callback` do)."""
   dpa = _dpa()
   gauss = dpa.GaussianDpEvent(noise_multiplier)
   if population is None:
@@ -95,6 +129,8 @@ def make_accountant(accountant: str = "rdp", population: int | None = None):
 class EpsilonCurve:
   """``epsilon(r)`` for r = 1, 2, ... rounds at fixed ``(z, q, delta)``, computed lazily, cached.
 
+  Arguments as :func:`epsilon` (``sampling="fixed"`` needs ``population``).
+
   RDP composes additively, so the one-round RDP vector is computed once and ``r`` rounds cost one
   RDP-to-(epsilon, delta) conversion (the same arithmetic as composing
   ``SelfComposedDpEvent(event, r)`` in a fresh accountant). PLD composes ``r`` rounds afresh for
@@ -102,13 +138,15 @@ class EpsilonCurve:
   """
 
   def __init__(self, noise_multiplier: float, sampling_probability: float, delta: float,
-               accountant: str = "rdp", population: int | None = None):
+               accountant: str = "rdp", population: int | None = None, sampling: str = "fixed"):
     _check(noise_multiplier, sampling_probability, delta, accountant, population)
+    population = _resolve_sampling(sampling_probability, population, sampling)
     self.noise_multiplier = float(noise_multiplier)
     self.sampling_probability = float(sampling_probability)
     self.delta = float(delta)
     self.accountant = accountant
     self.population = population
+    self.sampling = sampling
     self._cache: dict[int, float] = {0: 0.0}
     self._rdp_one = None
 
@@ -156,7 +194,8 @@ class EpsilonCurve:
 
 
 def epsilon(noise_multiplier: float, sampling_probability: float, rounds: int, delta: float,
-            accountant: str = "rdp", *, population: int | None = None) -> float:
+            accountant: str = "rdp", *, population: int | None = None,
+            sampling: str = "fixed") -> float:
   """Epsilon of ``rounds`` rounds of the sampled Gaussian mechanism at ``delta``.
 
   Args:
@@ -167,16 +206,21 @@ def epsilon(noise_multiplier: float, sampling_probability: float, rounds: int, d
     delta: target delta in (0, 1).
     accountant: ``"rdp"`` (Renyi DP, default orders) or ``"pld"`` (privacy loss distributions,
       tighter, slower).
-    population: if given, fixed-size sampling without replacement of ``q * population`` clients
-      (RDP, replace-one neighbours) instead of Poisson sampling (see the module docstring).
+    population: P, the number of clients: fixed-size cohorts of ``q * population`` clients drawn
+      without replacement, the sampler of :func:`fedjax_sim.run` (RDP, replace-one neighbours).
+      Required with ``sampling="fixed"`` unless ``q == 1``.
+    sampling: ``"fixed"`` (default, matches :func:`fedjax_sim.run`) or ``"poisson"`` (each client
+      independently with probability q: a different sampler, asked for explicitly; see the
+      module docstring).
   """
   _check_rounds(rounds)
-  return EpsilonCurve(noise_multiplier, sampling_probability, delta, accountant, population)(rounds)
+  return EpsilonCurve(noise_multiplier, sampling_probability, delta, accountant, population,
+                      sampling)(rounds)
 
 
 def noise_multiplier_for(target_epsilon: float, delta: float, q: float, rounds: int,
                          accountant: str = "rdp", *, population: int | None = None,
-                         rtol: float = 1e-3) -> float:
+                         sampling: str = "fixed", rtol: float = 1e-3) -> float:
   """The smallest noise multiplier (to relative tolerance ``rtol``, rounded up) whose
   ``rounds``-round epsilon is ``<= target_epsilon``: a bracketing then bisection search in z,
   each step one accountant call. Arguments as :func:`epsilon`."""
@@ -184,12 +228,13 @@ def noise_multiplier_for(target_epsilon: float, delta: float, q: float, rounds: 
       not target_epsilon > 0 or not math.isfinite(target_epsilon):
     raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
   _check(1.0, q, delta, accountant, population)
+  _resolve_sampling(q, population, sampling)
   _check_rounds(rounds)
   if rounds == 0 or q == 0:
     return 0.0
 
   def eps(z):
-    return epsilon(z, q, rounds, delta, accountant, population=population)
+    return epsilon(z, q, rounds, delta, accountant, population=population, sampling=sampling)
 
   hi = 1.0
   while eps(hi) > target_epsilon:
@@ -215,8 +260,9 @@ class PrivacyCallback:
   budget, at the last round ``R`` with ``epsilon(R) <= target_epsilon`` (:meth:`max_rounds`).
 
   ``round`` is the absolute round number, so a resumed run is accounted correctly.
-  :func:`fedjax_sim.run` calls :meth:`max_rounds` up front and caps ``rounds`` with it, so
-  blocks of rounds (``rounds_per_call > 1``) never run past the budget either.
+  :func:`fedjax_sim.run` calls :meth:`check_run` (the analysis must match the run's cohort
+  sampler) and :meth:`max_rounds` up front and caps ``rounds`` with the latter, so blocks of
+  rounds (``rounds_per_call > 1``) never run past the budget either.
   """
 
   def __init__(self, curve: EpsilonCurve, target_epsilon: float | None):
@@ -225,6 +271,37 @@ class PrivacyCallback:
 
   def epsilon(self, rounds: int) -> float:
     return self.curve(rounds)
+
+  def check_run(self, *, population: int, cohort_size: int, cohort_sampling: str = "uniform",
+                heterogeneity: Any = None) -> None:
+    """ValueError unless this accountant's sampling model is the one of a run drawing
+    ``cohort_size`` of ``population`` clients with ``cohort_sampling`` (called by
+    :func:`fedjax_sim.run` before it compiles anything).
+
+    ``q = 1`` (no amplification, e.g. local DP) holds for any sampler. Otherwise the run must
+    draw uniform fixed-size cohorts (``cohort_sampling="uniform"``, no availability pattern) of
+    ``round(q P)`` clients from the accountant's population.
+    """
+    c = self.curve
+    if c.sampling_probability == 1:
+      return
+    where = "privacy_callback"
+    if c.sampling == "poisson":
+      raise ValueError(f"{where}(sampling='poisson') assumes Poisson-sampled cohorts, but "
+                       "fedjax_sim.run draws fixed-size cohorts without replacement: pass "
+                       f"population={population} (and no sampling) for the matching epsilon")
+    if cohort_sampling != "uniform":
+      raise ValueError(f"{where}: cohort_sampling={cohort_sampling!r} is not a uniform sample of "
+                       "the population; no accountant here covers it (use 'uniform')")
+    if heterogeneity is not None and getattr(heterogeneity, "availability", None) is not None:
+      raise ValueError(f"{where}: with Heterogeneity(availability=...) cohorts are drawn among the "
+                       "online clients only, not uniformly from the population; the fixed-size "
+                       "analysis does not cover it")
+    if c.population != population or round(c.sampling_probability * population) != cohort_size:
+      raise ValueError(f"{where} accounts for cohorts of round(q P) = "
+                       f"{round(c.sampling_probability * c.population)} out of P = {c.population} "
+                       f"clients, but this run draws {cohort_size} out of {population}: pass "
+                       f"q = {cohort_size}/{population} and population={population}")
 
   def max_rounds(self, limit: int = 1_000_000) -> int:
     """Rounds the budget allows (``limit`` if there is no target)."""
@@ -246,15 +323,19 @@ class PrivacyCallback:
 
 def privacy_callback(noise_multiplier: float, q: float, delta: float,
                      target_epsilon: float | None = None, accountant: str = "rdp", *,
-                     population: int | None = None) -> Callable[..., dict]:
+                     population: int | None = None, sampling: str = "fixed"
+                     ) -> Callable[..., dict]:
   """A :class:`PrivacyCallback` for :func:`fedjax_sim.run` (``callback=``): records ``epsilon``
   (at ``delta``, after each round) in the history and, with ``target_epsilon``, stops the run at
-  the last round whose epsilon is within the budget. Arguments as :func:`epsilon`.
+  the last round whose epsilon is within the budget. Arguments as :func:`epsilon`: give
+  ``q = cohort_size / P`` and ``population=P``, the fixed-size analysis that matches
+  :func:`fedjax_sim.run`'s cohorts; ``run`` checks that they match (:meth:`PrivacyCallback.check_run`)
+  and refuses a Poisson (``sampling="poisson"``) callback.
 
   Raises:
     ValueError: on bad arguments, or if a single round already exceeds ``target_epsilon``.
   """
-  curve = EpsilonCurve(noise_multiplier, q, delta, accountant, population)
+  curve = EpsilonCurve(noise_multiplier, q, delta, accountant, population, sampling)
   if target_epsilon is not None:
     if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or \
         not target_epsilon > 0:

@@ -140,7 +140,8 @@ def dp_fedavg(base: Algorithm | None = None, *, noise_multiplier: float, clip_no
     base: the algorithm to privatize (default ``fedavg(weighting="uniform")``). Must use uniform
       weighting: DP-FedAvg's sensitivity analysis bounds every client's contribution by the same
       ``C``, so ``fedavg()`` (example weighting) is rejected; pass ``fedavg(...,
-      weighting="uniform")`` and no ``client_weights`` to :func:`fedjax_sim.run`. Central DP
+      weighting="uniform")``. The result refuses ``client_weights`` in :func:`fedjax_sim.run`
+      (``Algorithm.fixed_weighting``, a ValueError). Central DP
       also needs the mean aggregator (a robust aggregator has a different sensitivity).
     noise_multiplier: z >= 0, noise std relative to the clip norm (0: clipping only).
     clip_norm: C > 0, the (initial, if adaptive) L2 clip norm of a client's update.
@@ -186,7 +187,8 @@ def dp_fedavg(base: Algorithm | None = None, *, noise_multiplier: float, clip_no
                        "unclipped count); it cannot be combined with local=True")
     noise = local_gaussian_noise(z, c0)
     t = noise if base.update_transform is None else chain(base.update_transform, noise)
-    return dataclasses.replace(base, name=f"ldp_{base.name}", update_transform=t)
+    return dataclasses.replace(base, name=f"ldp_{base.name}", update_transform=t,
+                               fixed_weighting=True)
 
   if not _is_mean(base.aggregator):
     raise ValueError("central DP-FedAvg calibrates its noise to the sensitivity of the mean; "
@@ -249,7 +251,8 @@ def dp_fedavg(base: Algorithm | None = None, *, noise_multiplier: float, clip_no
 
   return dataclasses.replace(base, name=f"dp_{base.name}", regularizer=regularizer,
                              update_transform=transform, server_aux_init=server_aux_init,
-                             client_finish=client_finish, server_finish=server_finish)
+                             client_finish=client_finish, server_finish=server_finish,
+                             fixed_weighting=True)
 
 
 def current_clip_norm(state) -> float | None:
