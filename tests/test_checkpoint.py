@@ -58,7 +58,7 @@ def two_rounds(tmp_path_factory):
   # resume=True on a missing directory starts from scratch
   res = run(rounds=2, checkpoint_dir=str(ckpt), checkpoint_every=1, resume=True)
   assert res.history.num_rounds == 2
-  assert sorted(p.name for p in ckpt.iterdir()) == ["1", "2"]
+  assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["1", "2"]
   return ckpt
 
 
@@ -160,13 +160,28 @@ def test_incompatible_or_misused_checkpoint_is_rejected(tmp_path, two_rounds):
 # ("Exception ignored ... Event loop is closed"): harmless, waited for and ignored here
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("item", ["meta", "state", "state/d"])   # state/d: the array data
-def test_corrupt_finalized_step_raises(tmp_path, two_rounds, item):
+def test_corrupt_finalized_step_falls_back(tmp_path, two_rounds, uninterrupted, item):
+  """A truncated newest step is detected; the run resumes from the older intact step (with a
+  warning) and still equals the uninterrupted run. With every step corrupt, a clear error."""
   ckpt = copy_of(two_rounds, tmp_path)
-  for f in (ckpt / "2" / item).rglob("*"):
-    if f.is_file() and f.name != "commit_success.txt":
-      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-  with pytest.raises(ValueError, match=rf"checkpoint {ckpt / '2'} is corrupt"):
+  for step in ("2", "1"):
+    for f in (ckpt / step / item).rglob("*"):
+      if f.is_file() and f.name != "commit_success.txt":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    if step == "2":
+      backup = Path(shutil.copytree(ckpt, tmp_path / "one_corrupt"))
+  with pytest.raises(ValueError, match=rf"no intact checkpoint in {ckpt}: checkpoint "
+                                       rf"{ckpt / '2'} is corrupt.*checkpoint {ckpt / '1'} is "
+                                       "corrupt"):
     run(checkpoint_dir=str(ckpt), resume=True)
+  seen = []
+  with pytest.warns(UserWarning, match=rf"checkpoint {backup / '2'} is corrupt.*newest intact "
+                                       "step, round 1"):
+    res = run(checkpoint_dir=str(backup), checkpoint_every=1, resume=True,
+              callback=lambda r, s, o: seen.append(r))
+  assert seen == [2, 3, 4, 5, 6]
+  assert_same(res, uninterrupted)
+  assert [p.name.split("-")[1] for p in backup.iterdir() if p.name.startswith("corrupt-")] == ["2"]
   time.sleep(0.5)   # let orbax's pending reads finish inside this test
   gc.collect()
 
