@@ -499,3 +499,44 @@ def open_for_run(directory: str | Path, state: server.ServerState, fp: Mapping[s
   except BaseException:
     ckpt.close()
     raise
+
+
+def save_params(path: str | Path, params: Any) -> Path:
+  """Writes a params pytree (e.g. :attr:`fedjax_sim.RunResult.params`) to one Flax msgpack file
+  (``flax.serialization``: nested dicts of arrays, no pickle), atomically (see
+  :mod:`fedjax_sim.files`). Read it back with :func:`load_params`."""
+  from flax import serialization
+
+  from fedjax_sim import files
+  state = serialization.to_state_dict(jax.device_get(params))
+  return files.write_bytes(path, serialization.msgpack_serialize(state))
+
+
+def load_params(path: str | Path, like: Any = None) -> Any:
+  """Reads params written by :func:`save_params` (the CLI's ``final_params.msgpack``).
+
+  Without ``like``: nested dicts of NumPy arrays (what Flax models take as params). With
+  ``like`` (e.g. ``model.init(key)``): the values in ``like``'s tree structure, checked to have
+  its leaf shapes and dtypes. Raises ``FileNotFoundError`` if there is no file, ``ValueError`` naming
+  ``path`` if it is not a params file or does not match ``like``.
+  """
+  from flax import serialization
+  path = Path(path)
+  data = path.read_bytes()
+  try:
+    state = serialization.msgpack_restore(data)
+  except Exception as e:  # noqa: BLE001 -- any decoding failure: not a params file
+    raise ValueError(f"{path} is not a params file written by save_params (or is truncated): "
+                     f"{type(e).__name__}: {e}") from None
+  if like is None:
+    return state
+  try:
+    out = serialization.from_state_dict(like, state)
+  except Exception as e:  # noqa: BLE001
+    raise ValueError(f"{path} does not have the structure of `like`: {e}") from None
+  want, got = _tree_signature(like), _tree_signature(out)
+  if want != got:
+    bad = next(f"{g} vs {w}" for w, g in zip(want, got) if w != g) if len(want) == len(got) \
+        else f"{len(got)} leaves vs {len(want)}"
+    raise ValueError(f"{path} does not match `like`: {bad} (file vs expected)")
+  return out
