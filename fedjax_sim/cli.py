@@ -50,6 +50,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import typing
 from pathlib import Path
 from typing import Any
@@ -582,9 +583,9 @@ def load_data(cfg: Config, seed: int):
 def _check_writable(out: Path):
   try:
     out.mkdir(parents=True, exist_ok=True)
-    probe = out / ".write_test"
-    probe.write_text("")
-    probe.unlink()
+    # a probe of its own: concurrent runs probing the same folder must not delete each other's
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test."):
+      pass
   except OSError as e:
     raise ValueError(f"cannot write to output folder {str(out)!r} (out): "
                      f"{e.strerror or e}") from None

@@ -319,3 +319,128 @@ def test_corruption_matrix(tmp_path, two_steps):
       assert v.startswith("fell back"), (rel, how, v)
   assert outcomes[(_largest_file(step), "flip")] == "fell back (digest)"
   assert outcomes[("meta/metadata", "digit")] == "fell back (digest)"
+
+
+# ------------------------------------------------------------------------ output folders/files
+
+def test_default_out_folders_are_unique(tmp_path, monkeypatch):
+  """Runs started in the same second get runs/<stamp>, <stamp>-2, ...; created exclusively, so
+  8 threads racing get 8 different folders."""
+  import datetime as dt
+  import threading
+
+  class Frozen(dt.datetime):
+    @classmethod
+    def now(cls, tz=None):
+      return dt.datetime(2026, 1, 2, 3, 4, 5)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(cli.datetime, "datetime", Frozen)
+  got, lock = [], threading.Lock()
+
+  def make():
+    try:
+      folder, fd = cli.make_out_folder(None, overwrite=False)
+    except Exception as e:  # noqa: BLE001 -- reported by the assertion below
+      folder, fd = e, None
+    with lock:
+      got.append((folder, fd))
+  threads = [threading.Thread(target=make) for _ in range(8)]
+  for th in threads:
+    th.start()
+  for th in threads:
+    th.join()
+  assert not [f for f, fd in got if fd is None], got
+  names = sorted(f.name for f, _ in got)
+  assert names == sorted(["20260102-030405"] + [f"20260102-030405-{i}" for i in range(2, 9)])
+  for _, fd in got:
+    os.close(fd)
+
+
+def test_cli_out_folder_final_params_and_resume_override(tmp_path, capsys):
+  """A non-empty --out is refused (its files untouched) unless --overwrite; the final model is
+  saved and reads back to the reported accuracy; --resume with another learning rate is refused
+  naming it, --resume-override accepts it and records the change."""
+  out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+  out.mkdir()
+  (out / "notes.txt").write_text("mine")
+  args = ["run", "--dataset", "digits", "--num-clients", "12", "--cohort-size", "4",
+          "--rounds", "2", "--eval-every", "2", "--model", "logistic_regression", "--no-progress",
+          "--cpu-devices", "1", "--checkpoint-dir", str(ckpt), "--out", str(out)]
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"output folder {str(out)!r} is not empty (holds notes.txt)" in err[0]
+  assert "--overwrite" in err[0] and not ckpt.exists()
+  assert cli.main(args + ["--overwrite"]) == 0
+  assert (out / "notes.txt").read_text() == "mine"
+  h = json.loads((out / "history.json").read_text())
+  model = fs.models.make("logistic_regression", (64,), 10)
+  params = checkpoint.load_params(out / "final_params.msgpack", like=model.init(jax.random.key(0)))
+  test = fs.datasets.digits()[1]
+  acc = fs.evaluation.make_evaluate(model, 1000)(params, test["x"], test["y"])["accuracy"]
+  assert float(acc) == pytest.approx(h["test_accuracy"][-1], abs=1e-6)
+  capsys.readouterr()
+
+  more = ["--rounds", "3", "--client-lr", "0.2", "--overwrite", "--resume"]
+  assert cli.main(args + more) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "different experiment" in err[0], err
+  assert "experiment.algorithm.client_lr: checkpoint has 0.05, this run has 0.2" in err[0]
+  with pytest.warns(UserWarning, match="changed experiment"):
+    assert cli.main(args + more + ["--resume-override"]) == 0
+  h = json.loads((out / "history.json").read_text())
+  assert h["resumed_with_changes"] == [None, None, 1.0]
+  (o,) = json.loads((out / "config.json").read_text())["resume_overrides"]
+  assert o["round"] == 2 and any("client_lr" in c for c in o["changes"])
+
+
+def test_atomic_write_keeps_the_old_file_and_names_the_new(tmp_path):
+  """A write that fails part-way (file size limit standing in for a full disk) leaves the old
+  file whole and no temporary file; the error names the file."""
+  import resource
+
+  from fedjax_sim import files
+  p = tmp_path / "history.json"
+  files.write_text(p, "old")
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))   # Python ignores SIGXFSZ: EFBIG
+  try:
+    with pytest.raises(OSError, match=rf"cannot write {p}: File too large"):
+      files.write_text(p, "x" * 5000)
+    with pytest.raises(OSError, match=rf"cannot write {p}"):
+      fs.History.from_records([{"round": r, "loss": 0.5} for r in range(1, 200)]).to_json(p)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+  assert p.read_text() == "old" and sorted(x.name for x in tmp_path.iterdir()) == [p.name]
+  assert oct(p.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+
+
+def _umask():
+  m = os.umask(0)
+  os.umask(m)
+  return m
+
+
+@pytest.mark.slow   # a subprocess; test_atomic_write_keeps_the_old_file_and_names_the_new is fast
+def test_cli_full_disk_is_one_line_naming_the_file(tmp_path):
+  """The CLI on a 'full disk' (a 6 kB file size limit): exit 2, one error line naming the file
+  it could not write, and every file in the folder complete (no 0-byte history.json)."""
+  import resource
+  out = tmp_path / "out"
+
+  def limit():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (6000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+  res = subprocess.run(
+      [sys.executable, "-m", "fedjax_sim", "run", "--dataset", "digits", "--num-clients", "12",
+       "--cohort-size", "4", "--rounds", "2", "--model", "logistic_regression", "--no-progress",
+       "--cpu-devices", "1", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}, preexec_fn=limit,
+      timeout=300)
+  err = res.stderr.strip().splitlines()
+  assert res.returncode == 2 and len(err) == 1, res.stderr[-3000:]
+  assert err[0].startswith(f"error: [Errno 27] cannot write {out}/") and "File too large" in err[0]
+  written = {p.name: p for p in out.iterdir() if p.name != checkpoint.LOCK_FILE}
+  assert "config.toml" in written and not [n for n in written if n.endswith(".tmp")]
+  assert all(p.stat().st_size > 0 for p in written.values())
+  for name in ("config.json", "history.json"):
+    if name in written:
+      json.loads(written[name].read_text())
