@@ -95,7 +95,9 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted):
   ckpt, marker = tmp_path / "ckpt", tmp_path / "at_round_3"
   script = tmp_path / "child.py"
   script.write_text(CHILD.format(tests=str(REPO / "tests"), marker=str(marker), ckpt=str(ckpt)))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  # as many CPU devices as this process: results are bit-identical on the same device count
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "XLA_FLAGS":
+         f"--xla_force_host_platform_device_count={__import__('jax').device_count()}"}
   log = tmp_path / "child.log"
   with open(log, "wb") as out:
     child = subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, stdout=out,

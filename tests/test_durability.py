@@ -91,13 +91,22 @@ CHILD = textwrap.dedent("""
     """)
 
 
+def same_devices(env):
+  """``env`` for a child with as many CPU devices as this process (results are bit-identical
+  only on the same device count; an earlier in-process CLI run may have split the CPU)."""
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return {**env, "XLA_FLAGS": " ".join(
+      flags + [f"--xla_force_host_platform_device_count={jax.device_count()}"])}
+
+
 def start_child(tmp_path, kill, k, *, ckpt=None, cli_args=None, name="child"):
   marker = tmp_path / f"{name}.marker"
   spec = json.dumps({"kill": kill, "round": k, "ckpt": str(ckpt), "cli": cli_args,
                      "marker": str(marker)})
   script = tmp_path / f"{name}.py"
   script.write_text(CHILD.format(tests=str(REPO / "tests"), spec=spec))
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  env = same_devices({**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
   log = tmp_path / f"{name}.log"
   with open(log, "wb") as out:
     child = subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp_path, stdout=out,
@@ -148,7 +157,7 @@ def cli_args(out, ckpt, *extra):
   return ["run", "--dataset", "digits", "--num-clients", "12", "--cohort-size", "4",
           "--rounds", "4", "--eval-every", "2", "--model", "logistic_regression",
           "--batch-size", "16", "--client-lr", "0.1", "--client-eval", "--no-progress",
-          "--cpu-devices", "1",
+          "--cpu-devices", str(jax.device_count()),
           "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--out", str(out), *extra]
 
 
@@ -365,7 +374,8 @@ def test_cli_out_folder_final_params_and_resume_override(tmp_path, capsys):
   (out / "notes.txt").write_text("mine")
   args = ["run", "--dataset", "digits", "--num-clients", "12", "--cohort-size", "4",
           "--rounds", "2", "--eval-every", "2", "--model", "logistic_regression", "--no-progress",
-          "--cpu-devices", "1", "--checkpoint-dir", str(ckpt), "--out", str(out)]
+          "--cpu-devices", str(jax.device_count()), "--checkpoint-dir", str(ckpt),
+          "--out", str(out)]
   assert cli.main(args) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"output folder {str(out)!r} is not empty (holds notes.txt)" in err[0]
