@@ -48,7 +48,7 @@ LOCK_FILE = ".fedjax_sim.lock"
 # older intact step is resumed, so that the step can be written again.
 CORRUPT_PREFIX = "corrupt-"
 # Fingerprint keys that fix the structure of the saved state: a resume override cannot change them.
-STRUCTURAL_KEYS = ("params", "opt_state", "opt_state_treedef")
+STRUCTURAL_KEYS = ("params", "opt_state", "opt_state_treedef", "state")
 # Arrays up to this size are hashed whole for the data digest; larger ones by a sample of rows.
 FULL_DIGEST_BYTES = 64 << 20
 SAMPLED_ROWS = 4096
@@ -196,6 +196,8 @@ def fingerprint(state: server.ServerState, *, algorithm: Any, population: int,
   fp = {"params": _tree_signature(state.params),
         "opt_state": _tree_signature(state.opt_state),
         "opt_state_treedef": str(jax.tree_util.tree_structure(state.opt_state)),
+        # the whole state (server aux, per-client state, hparams): what a restore reads into
+        "state": _tree_signature(state),
         "algorithm": algorithm if isinstance(algorithm, str) else describe(algorithm),
         "population": int(population), "num_examples": int(num_examples),
         "cohort_size": int(cohort_size), "seed": int(seed)}
@@ -385,7 +387,7 @@ class Checkpointer:
                          f"experiment: {'; '.join(changes)}. Resume with the same settings, use "
                          "another checkpoint directory, or override deliberately (run(..., "
                          "resume='override'); CLI --resume-override)")
-      structural = [k for k in STRUCTURAL_KEYS if meta.get("fingerprint", {}).get(k) != fp[k]]
+      structural = [k for k in STRUCTURAL_KEYS if meta.get("fingerprint", {}).get(k) != fp.get(k)]
       if structural:
         raise ValueError(f"checkpoint in {self.directory} has another model or server "
                          f"optimizer state ({', '.join(structural)} differ), which no override "
@@ -419,8 +421,9 @@ class Checkpointer:
 
     ``like`` gives the structure, shapes and dtypes of the state. A step that cannot be read or
     whose arrays or metadata do not match the digests stored with it is skipped with a warning
-    and moved to ``corrupt-<step>-<time>/`` (kept for inspection); the next older step is tried.
-    If every step is corrupt, raises ``ValueError`` naming each. If ``fp`` is given and differs
+    and the next older step is tried; once one is intact, the skipped steps are moved to
+    ``corrupt-<step>-<time>/`` (kept for inspection, and so their rounds can be saved again).
+    If every step is corrupt, raises ``ValueError`` naming each and moves nothing. If ``fp`` is given and differs
     from the checkpoint's fingerprint, raises ``ValueError`` naming what differs, unless
     ``allow_changes``: then ``metadata["changes"]`` lists the differences (the model and
     optimizer state structure must still match).
@@ -438,8 +441,7 @@ class Checkpointer:
         self._set_aside([s for s, _ in problems])
       self.overrides = list(out[2].get("overrides", []))
       return out
-    if problems:
-      self._set_aside([s for s, _ in problems])
+    if problems:   # left in place: nothing is moved unless there is something to resume
       raise ValueError(f"no intact checkpoint in {self.directory}: "
                        f"{'; '.join(p for _, p in problems)}")
     return None

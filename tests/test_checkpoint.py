@@ -338,6 +338,10 @@ def test_resume_override_is_recorded(tmp_path, two_rounds):
     fs.run(changed, model(hidden=32), make_data(), rounds=6, cohort_size=5,
            eval_data=make_eval(), eval_every=2, seed=3, progress=False, checkpoint_dir=ckpt,
            resume="override")
+  with pytest.raises(ValueError, match=r"\(state differ\), which no override can resume: .*"
+                                       r"hparams"):   # another state tree: nothing to read into
+    go(6, "override", hparams={"client_lr_scale": 0.5})
+  assert sorted(p.name for p in Path(ckpt).iterdir() if p.name.isdigit()) == ["4", "6"]
   with pytest.raises(ValueError, match="resume must be True, False or 'override'"):
     go(6, "force")
 
