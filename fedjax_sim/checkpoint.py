@@ -423,10 +423,11 @@ class Checkpointer:
     whose arrays or metadata do not match the digests stored with it is skipped with a warning
     and the next older step is tried; once one is intact, the skipped steps are moved to
     ``corrupt-<step>-<time>/`` (kept for inspection, and so their rounds can be saved again).
-    If every step is corrupt, raises ``ValueError`` naming each and moves nothing. If ``fp`` is given and differs
-    from the checkpoint's fingerprint, raises ``ValueError`` naming what differs, unless
-    ``allow_changes``: then ``metadata["changes"]`` lists the differences (the model and
-    optimizer state structure must still match).
+    If every step is corrupt, raises ``ValueError`` naming each and moves nothing.
+
+    If ``fp`` is given and differs from the checkpoint's fingerprint, raises ``ValueError``
+    naming what differs, unless ``allow_changes``: then ``metadata["changes"]`` lists the
+    differences (the state's structure, :data:`STRUCTURAL_KEYS`, must still match).
     """
     problems = []
     for step in reversed(self.steps()):
@@ -519,8 +520,8 @@ def load_params(path: str | Path, like: Any = None) -> Any:
 
   Without ``like``: nested dicts of NumPy arrays (what Flax models take as params). With
   ``like`` (e.g. ``model.init(key)``): the values in ``like``'s tree structure, checked to have
-  its leaf shapes and dtypes. Raises ``FileNotFoundError`` if there is no file, ``ValueError`` naming
-  ``path`` if it is not a params file or does not match ``like``.
+  its leaf shapes and dtypes. Raises ``FileNotFoundError`` if there is no file, ``ValueError``
+  naming ``path`` if it is not a params file or does not match ``like``.
   """
   from flax import serialization
   path = Path(path)
