@@ -271,13 +271,15 @@ class CorruptCheckpoint(ValueError):
 
 
 class CheckpointInUse(ValueError):
-  """Another live process holds the lock of a checkpoint directory."""
+  """Another live process holds the lock of a checkpoint (or output) directory."""
 
 
-def _acquire_lock(directory: Path) -> int:
+def lock_directory(directory: Path, what: str | None = None) -> int:
   """Takes the exclusive lock of ``directory`` (an ``fcntl.flock`` on :data:`LOCK_FILE`, released
-  when the file descriptor is closed, also when the process dies); returns the descriptor."""
-  path = directory / LOCK_FILE
+  when the returned file descriptor is closed, also when the process dies); raises
+  :class:`CheckpointInUse` naming ``what`` (default ``checkpoint_dir <directory>``) and the
+  holder if another process has it."""
+  path = Path(directory) / LOCK_FILE
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -287,7 +289,7 @@ def _acquire_lock(directory: Path) -> int:
     finally:
       os.close(fd)
     raise CheckpointInUse(
-        f"checkpoint_dir {directory} is in use by another run ({holder}; lock file {path}): "
+        f"{what or f'checkpoint_dir {directory}'} is in use by another run ({holder}; lock file {path}): "
         "wait for it to finish, or use another directory") from None
   except BaseException:
     os.close(fd)
@@ -319,7 +321,7 @@ class Checkpointer:
     except OSError as e:
       raise OSError(e.errno, f"cannot create checkpoint_dir {self.directory}: "
                              f"{e.strerror or e}") from None
-    self._lock_fd = _acquire_lock(self.directory)
+    self._lock_fd = lock_directory(self.directory)
     # resume overrides so far: [{"round": r, "changes": [...]}], carried from step to step
     self.overrides: list[dict[str, Any]] = []
     try:

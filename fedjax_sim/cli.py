@@ -619,12 +619,7 @@ def make_out_folder(out: str | None, overwrite: bool) -> tuple[Path, int]:
     if folder.exists() and not folder.is_dir():
       raise ConfigError(f"out: {str(folder)!r} exists and is not a folder")
     _check_writable(folder)
-  try:
-    fd = checkpoint._acquire_lock(folder)
-  except checkpoint.CheckpointInUse as e:
-    raise ConfigError(f"out: output folder {str(folder)!r} is in use by another run "
-                      f"({str(e).split('(', 1)[1].split(';')[0]}): wait for it, or choose "
-                      "another --out") from None
+  fd = checkpoint.lock_directory(folder, what=f"out: output folder {str(folder)!r}")
   held = sorted(p.name for p in folder.iterdir() if p.name != checkpoint.LOCK_FILE)
   if out is not None and held and not overwrite:
     os.close(fd)
