@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def _umask() -> int:
+  mask = os.umask(0o022)   # reading the umask means setting it; set it straight back
+  os.umask(mask)
+  return mask
+
+
 def _error(path: Path, e: OSError) -> OSError:
   return OSError(e.errno, f"cannot write {path}: {e.strerror or e}")
 
@@ -38,7 +44,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
       yield f
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)   # mkstemp's 0600 is not what a plain write would give
+    os.chmod(tmp, 0o666 & ~_umask())   # what a plain open() would give, not mkstemp's 0600
     os.replace(tmp, path)
   except OSError as e:
     with contextlib.suppress(OSError):

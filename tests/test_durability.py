@@ -421,13 +421,7 @@ def test_atomic_write_keeps_the_old_file_and_names_the_new(tmp_path):
   finally:
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
   assert p.read_text() == "old" and sorted(x.name for x in tmp_path.iterdir()) == [p.name]
-  assert oct(p.stat().st_mode & 0o777) == oct(0o644 & ~_umask())
-
-
-def _umask():
-  m = os.umask(0)
-  os.umask(m)
-  return m
+  assert oct(p.stat().st_mode & 0o777) == oct(0o666 & ~files._umask())   # as open() gives
 
 
 @pytest.mark.slow   # a subprocess; test_atomic_write_keeps_the_old_file_and_names_the_new is fast
