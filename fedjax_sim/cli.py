@@ -64,10 +64,6 @@ WEIGHTINGS = ("examples", "uniform")
 # the server optimizer each named algorithm implies (fedavg/fedprox take algorithm.server_optimizer)
 IMPLIED_SERVER_OPTIMIZER = {"fedavgm": "momentum", "fedadam": "adam", "fedyogi": "yogi",
                             "fedadagrad": "adagrad"}
-# Configuration keys that do not change the experiment (how it runs, where it writes, how long):
-# left out of the checkpoint fingerprint, so a resume may change them.
-NOT_IDENTITY = ("out", "overwrite", "progress", "rounds", "eval_every", "client_eval",
-                "chunk_size", "rounds_per_call", "cpu_devices", "data_dir", "checkpoint")
 DEFAULT_SERVER_LR = {"sgd": 1.0, "momentum": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1e-1}
 
 
@@ -444,6 +440,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
       d = d.setdefault(s, {})
     d[name] = v
   return out
+
+
+# Configuration keys that do not change the experiment (how it runs, where it writes, how long):
+# left out of the checkpoint fingerprint, so a resume may change them.
+NOT_IDENTITY = ("out", "overwrite", "progress", "rounds", "eval_every", "client_eval",
+                "chunk_size", "rounds_per_call", "cpu_devices", "data_dir", "checkpoint")
 
 
 def experiment_identity(resolved: dict[str, Any]) -> dict[str, Any]:
