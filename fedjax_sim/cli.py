@@ -3,8 +3,11 @@
 The defaults are the reference experiment of ``make run``: FedAvg with the 2NN MLP on
 Fashion-MNIST, 100 clients from a Dirichlet(0.5) label split, 10 clients per round, 100 rounds,
 evaluation every 10 rounds on the 10k test set. Writes ``config.toml`` (the resolved
-configuration: every value the run used), ``history.json``, ``config.json`` and ``history.png``
-to the output folder. Bad input gives one ``error:`` line and exit status 2.
+configuration: every value the run used), ``history.json``, ``config.json``, ``history.png`` and
+the trained model ``final_params.msgpack`` (read it with :func:`fedjax_sim.checkpoint.load_params`)
+to the output folder: a new ``runs/<timestamp>[-N]``, or ``--out``, which must be empty unless
+``--overwrite``. Each file is written to a temporary file and renamed into place, so none is ever
+left half-written. Bad input gives one ``error:`` line and exit status 2.
 
 An experiment can be described in a TOML (or, with PyYAML installed, YAML) file; flags given on
 the command line override its values. Every key is optional (the default is used); unknown keys
@@ -46,7 +49,9 @@ import datetime
 import difflib
 import json
 import math
+import os
 import sys
+import tempfile
 import typing
 from pathlib import Path
 from typing import Any
@@ -140,7 +145,11 @@ class CheckpointConfig:
   dir: str | None = _field(None, "checkpoint folder (one sub-folder per seed with several seeds)",
                            flag="--checkpoint-dir")
   every: int = _field(10, "rounds between checkpoints", flag="--checkpoint-every", positive=True)
-  resume: bool = _field(False, "continue from the latest checkpoint in dir", flag="--resume")
+  resume: bool = _field(False, "continue from the newest intact checkpoint in dir (refused if "
+                        "the experiment changed)", flag="--resume")
+  override: bool = _field(False, "resume even though the experiment changed (deliberately: the "
+                          "changes are recorded in the history and config.json)",
+                          flag="--resume-override")
 
 
 @dataclasses.dataclass
@@ -167,7 +176,10 @@ class Config:
   cpu_devices: int | None = _field(None, "CPU devices to split each cohort over (default: one "
                                    "per core; see fedjax_sim.distributed.cpu_devices)",
                                    flag="--cpu-devices", positive=True)
-  out: str | None = _field(None, "output folder (default runs/<timestamp>)", flag="--out")
+  out: str | None = _field(None, "output folder, which must be empty or new unless --overwrite "
+                           "(default: a new runs/<timestamp>[-N])", flag="--out")
+  overwrite: bool = _field(False, "write into a non-empty --out folder, replacing its files",
+                           flag="--overwrite")
   progress: bool = _field(True, "show a progress bar", flag="--progress")
   partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
   algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
@@ -375,6 +387,7 @@ def _applies(key: str, cfg: Config) -> bool:
       "algorithm.mu": a.name == "fedprox",
       "checkpoint.every": cfg.checkpoint.dir is not None,
       "checkpoint.resume": cfg.checkpoint.dir is not None,
+      "checkpoint.override": cfg.checkpoint.dir is not None,
   }.get(key, True)
 
 
@@ -431,8 +444,7 @@ def resolve(cfg: Config, explicit: dict[str, str]) -> tuple[Config, list[str]]:
   if cfg.chunk_size is None:
     from fedjax_sim import engine
     cfg.chunk_size = engine.DEFAULT_CHUNK_SIZE
-  if cfg.out is None:
-    cfg.out = str(Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+  # cfg.out None: a new runs/<timestamp>[-N] folder, created when the run starts (make_out_folder)
   return cfg, warnings
 
 
@@ -449,6 +461,19 @@ def to_dict(cfg: Config) -> dict[str, Any]:
       d = d.setdefault(s, {})
     d[name] = v
   return out
+
+
+# Configuration keys that do not change the experiment (how it runs, where it writes, how long):
+# left out of the checkpoint fingerprint, so a resume may change them.
+NOT_IDENTITY = ("out", "overwrite", "progress", "rounds", "eval_every", "client_eval",
+                "chunk_size", "rounds_per_call", "cpu_devices", "data_dir", "checkpoint")
+
+
+def experiment_identity(resolved: dict[str, Any]) -> dict[str, Any]:
+  """The resolved configuration without :data:`NOT_IDENTITY` keys: what ``run`` adds to the
+  checkpoint fingerprint, so ``--resume`` with another learning rate, partition, ... is refused
+  (naming the key, e.g. ``experiment.algorithm.client_lr``)."""
+  return {k: v for k, v in resolved.items() if k not in NOT_IDENTITY}
 
 
 def _toml_value(v) -> str:
@@ -591,21 +616,64 @@ def load_data(cfg: Config, seed: int):
 def _check_writable(out: Path):
   try:
     out.mkdir(parents=True, exist_ok=True)
-    probe = out / ".write_test"
-    probe.write_text("")
-    probe.unlink()
+    # a probe of its own: concurrent runs probing the same folder must not delete each other's
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test."):
+      pass
   except OSError as e:
     raise ValueError(f"cannot write to output folder {str(out)!r} (out): "
                      f"{e.strerror or e}") from None
 
 
-def _client_eval_callback(cfg: Config, model, train, records: dict[int, dict]):
-  """A ``run`` callback that evaluates the global model on every client at evaluation rounds."""
+def make_out_folder(out: str | None, overwrite: bool) -> tuple[Path, int]:
+  """Creates the output folder and locks it for this run: returns ``(folder, lock fd)``.
+
+  ``out`` None: a new ``runs/<YYYYmmdd-HHMMSS>`` folder, created exclusively
+  (``os.mkdir`` fails if it exists), with a ``-2``, ``-3``, ... suffix when another run took that
+  second's name, so concurrent runs never share a folder. A given ``out`` must be new or empty
+  unless ``overwrite``. Either way the folder is locked (:data:`fedjax_sim.checkpoint.LOCK_FILE`,
+  released when the process ends) so a second run writing into it fails at once.
+  """
+  from fedjax_sim import checkpoint
+  if out is None:
+    base = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    _check_writable(base.parent)
+    for i in range(1, 10_000):
+      folder = base if i == 1 else base.with_name(f"{base.name}-{i}")
+      try:
+        folder.mkdir()
+        break
+      except FileExistsError:
+        continue
+      except OSError as e:
+        raise ValueError(f"cannot create output folder {str(folder)!r} (out): "
+                         f"{e.strerror or e}") from None
+  else:
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+      raise ConfigError(f"out: {str(folder)!r} exists and is not a folder")
+    _check_writable(folder)
+  fd = checkpoint.lock_directory(folder, what=f"out: output folder {str(folder)!r}")
+  held = sorted(p.name for p in folder.iterdir() if p.name != checkpoint.LOCK_FILE)
+  if out is not None and held and not overwrite:
+    os.close(fd)
+    shown = ", ".join(held[:4]) + (f", ... ({len(held)} entries)" if len(held) > 4 else "")
+    raise ConfigError(f"out: output folder {str(folder)!r} is not empty (holds {shown}): pass "
+                      "--overwrite to replace its files, or choose another --out")
+  return folder, fd
+
+
+def _client_eval_callback(cfg: Config, model, train):
+  """A ``run`` callback that evaluates the global model on every client at evaluation rounds.
+
+  It returns the summary (``client_accuracy_mean``, ``_p10``, ``_p50``, ``_p90``), which ``run``
+  adds to the round's history record, so the columns are checkpointed with the history and
+  survive a kill and resume."""
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from fedjax_sim import evaluation
+  from fedjax_sim.history import CLIENT_PREFIX
   f = evaluation.make_client_evaluate(model, train.max_client_size)
   arrays = (jnp.asarray(train.arrays["x"]), jnp.asarray(train.arrays["y"], jnp.int32),
             jnp.asarray(train.offsets[:-1], jnp.int32), jnp.asarray(train.sizes, jnp.int32))
@@ -614,8 +682,9 @@ def _client_eval_callback(cfg: Config, model, train, records: dict[int, dict]):
     if r % cfg.eval_every and r != cfg.rounds:
       return
     acc = np.asarray(jax.device_get(f(state.params, *arrays))["accuracy"], np.float64)
-    records[r] = {"accuracy_mean": float(acc.mean()),
-                  **{f"accuracy_p{q}": float(np.percentile(acc, q)) for q in (10, 50, 90)}}
+    summary = {"accuracy_mean": float(acc.mean()),
+               **{f"accuracy_p{q}": float(np.percentile(acc, q)) for q in (10, 50, 90)}}
+    return {CLIENT_PREFIX + k: v for k, v in summary.items()}
 
   return callback
 
@@ -624,7 +693,7 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
             subfolder: str | None = None) -> dict[str, Any]:
   """One run with ``seed`` into ``out`` (checkpoints in ``checkpoint.dir/subfolder``)."""
   import fedjax_sim as fs
-  from fedjax_sim.history import add_client_summaries
+  from fedjax_sim import files
 
   cfg = dataclasses.replace(cfg, seed=seed, out=str(out),
                             checkpoint=dataclasses.replace(cfg.checkpoint))
@@ -632,26 +701,25 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
     cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir) / subfolder)
   _check_writable(out)
   resolved = to_dict(cfg)
-  (out / "config.toml").write_text(to_toml(resolved, header))
+  files.write_text(out / "config.toml", to_toml(resolved, header))
   train, test, input_shape = load_data(cfg, seed)
   model = fs.models.make(cfg.model, tuple(input_shape), 10)
   algo = make_algorithm(cfg)
   import jax
   print(f"{train!r}\nmodel {model.name}, {algo.name}, {cfg.rounds} rounds x {cfg.cohort_size} "
         f"clients, seed {seed}, {jax.device_count()} {jax.default_backend()} device(s) -> {out}")
-  client_records: dict[int, dict] = {}
-  callback = (_client_eval_callback(cfg, model, train, client_records) if cfg.client_eval
-              else None)
+  callback = _client_eval_callback(cfg, model, train) if cfg.client_eval else None
   res = fs.run(algo, model, train, rounds=cfg.rounds, cohort_size=cfg.cohort_size,
                eval_data=test, eval_every=cfg.eval_every, seed=seed, chunk_size=cfg.chunk_size,
                rounds_per_call=cfg.rounds_per_call, progress=cfg.progress, callback=callback,
                checkpoint_dir=cfg.checkpoint.dir, checkpoint_every=cfg.checkpoint.every,
-               resume=cfg.checkpoint.resume)
+               resume="override" if cfg.checkpoint.override else cfg.checkpoint.resume,
+               experiment=experiment_identity(resolved))
   h = res.history
-  if client_records:
-    h = add_client_summaries(h, client_records)
-  (out / "config.json").write_text(json.dumps(
-      {**resolved, "compile_seconds": res.compile_seconds}, indent=2))
+  fs.checkpoint.save_params(out / "final_params.msgpack", res.params)
+  files.write_text(out / "config.json", json.dumps(
+      {**resolved, "compile_seconds": res.compile_seconds,
+       **({"resume_overrides": res.overrides} if res.overrides else {})}, indent=2))
   h.to_json(out / "history.json")
   h.plot(out / "history.png", label=f"{algo.name} {cfg.model} {cfg.dataset} seed {seed}")
   acc = h.last("test_accuracy")
@@ -659,7 +727,7 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
   print(f"final test accuracy {acc:.4f} (test loss {h.last('test_loss'):.4f}) after "
         f"{cfg.rounds} rounds; {secs:.3f} s/round, compile {res.compile_seconds:.1f} s")
   print(f"wrote {out / 'config.toml'}, {out / 'history.json'}, {out / 'history.png'}, "
-        f"{out / 'config.json'}")
+        f"{out / 'config.json'}, {out / 'final_params.msgpack'}")
   return {"seed": seed, "history": h, "test_accuracy": acc}
 
 
@@ -677,20 +745,28 @@ def cmd_run(args) -> int:
   # Before any JAX computation; the resolved config records the count actually used.
   from fedjax_sim import distributed
   cfg.cpu_devices = distributed.cpu_devices(cfg.cpu_devices)
-  out = Path(cfg.out)
+  out, lock = make_out_folder(cfg.out, cfg.overwrite)
+  try:
+    cfg.out = str(out)
+    return _run_seeds(cfg, out, header)
+  finally:
+    os.close(lock)
+
+
+def _run_seeds(cfg: Config, out: Path, header: str) -> int:
+  from fedjax_sim import files
   seeds = cfg.seeds
   if len(seeds) == 1:
     run_one(cfg, seeds[0], out, header)
     return 0
-  _check_writable(out)
-  (out / "config.toml").write_text(to_toml(to_dict(cfg), header))
+  files.write_text(out / "config.toml", to_toml(to_dict(cfg), header))
   results = [run_one(cfg, s, out / f"seed-{s}", header, f"seed-{s}") for s in seeds]
   from fedjax_sim.history import plot_histories
   plot_histories({f"seed {r['seed']}": r["history"] for r in results}, path=out / "history.png")
   accs = [r["test_accuracy"] for r in results]
   mean = sum(accs) / len(accs)
   std = (sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1)) ** 0.5
-  (out / "summary.json").write_text(json.dumps(
+  files.write_text(out / "summary.json", json.dumps(
       {"seeds": seeds, "final_test_accuracy": accs, "mean": mean, "std": std}, indent=2))
   print(f"{len(seeds)} seeds: final test accuracy {mean:.4f} +- {std:.4f}; wrote "
         f"{out / 'summary.json'}, {out / 'history.png'}")

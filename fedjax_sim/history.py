@@ -9,6 +9,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fedjax_sim import files
+
 # Columns of per-client evaluation: CLIENT_PREFIX + a key of evaluate_clients' summary.
 CLIENT_PREFIX = "client_"
 
@@ -43,10 +45,11 @@ class History(dict):
             for k, v in self.items()}
 
   def to_json(self, path: str | Path | None = None) -> str:
-    """JSON text (NaN -> null); also written to ``path`` if given."""
+    """JSON text (NaN -> null); also written to ``path`` if given (atomically: a temporary file
+    renamed into place, see :mod:`fedjax_sim.files`)."""
     text = json.dumps(self.to_dict())
     if path is not None:
-      Path(path).write_text(text)
+      files.write_text(path, text)
     return text
 
   @classmethod
@@ -149,6 +152,7 @@ def plot_histories(histories: Mapping[str, History], path: str | Path | None = N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  if path is not None:
-    fig.savefig(path, dpi=120)
+  if path is not None:   # atomically, in the format of the file name's suffix
+    with files.atomic_open(path) as f:
+      fig.savefig(f, dpi=120, format=Path(path).suffix[1:] or None)
   return fig

@@ -29,11 +29,15 @@ class RunResult:
     state: final :class:`~fedjax_sim.server.ServerState`.
     history: per-round metrics (:class:`~fedjax_sim.history.History`).
     compile_seconds: time to compile the round (not included in ``seconds`` of the history).
+    overrides: deliberate changes of the experiment accepted on resume (``resume="override"``):
+      ``[{"round": r, "changes": [...]}]`` (``r``: the checkpoint's round), kept in the
+      checkpoints; ``[]`` for none.
   """
   params: Any
   state: server.ServerState
   history: History
   compile_seconds: float
+  overrides: list = dataclasses.field(default_factory=list)
 
 
 def _positive_int(name: str, v):
@@ -212,7 +216,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
         client_weights: Sequence[float] | None = None, progress: bool = True,
         eval_batch_size: int = 1000,
         callback: Callable[[int, server.ServerState, engine.RoundOutput], None] | None = None,
-        checkpoint_dir: str | None = None, checkpoint_every: int = 10, resume: bool = False,
+        checkpoint_dir: str | None = None, checkpoint_every: int = 10,
+        resume: bool | str = False, experiment: dict[str, Any] | None = None,
         rounds_per_call: int = 1,
         heterogeneity: Heterogeneity | None = None,
         hparams: dict[str, float] | None = None,
@@ -264,14 +269,24 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       :func:`fedjax_sim.sweep.sweep` vmaps over.
     cohort_sampling: ``"uniform"`` (default) or ``"size"`` (clients drawn proportionally to their
       example counts, without replacement; see :func:`fedjax_sim.engine.make_round`).
-    resume: continue from the latest complete checkpoint in ``checkpoint_dir`` if there is one,
+    resume: continue from the newest intact checkpoint in ``checkpoint_dir`` if there is one,
       else start from scratch ("continue if possible"). The resumed run uses the same per-round
       keys, so its params and history (but ``seconds``) equal an uninterrupted run's exactly;
       the restored state replaces ``init_params``, and ``callback`` sees only the new rounds.
-      Raises ``ValueError`` if the checkpoint was written for a different experiment (model
-      shapes, algorithm, population, cohort size or seed differ), if its latest step is corrupt,
-      or if it is past ``rounds``. Without ``resume``, ``checkpoint_dir`` must hold no checkpoint.
-
+      A step that is unreadable or fails its integrity digest is skipped with a warning (see
+      :mod:`fedjax_sim.checkpoint`). Raises ``ValueError`` if the checkpoint was written for a
+      different experiment (the :func:`fedjax_sim.checkpoint.fingerprint` differs: model,
+      algorithm and optimizer hyperparameters, local work, data, evaluation set, population,
+      cohort size, seed, heterogeneity, hparams, client weights, cohort sampling, init params,
+      ``experiment``), naming what differs; if no step is intact, or if it is past ``rounds``.
+      ``resume="override"`` resumes a changed experiment deliberately: the changes are warned
+      about, kept in the checkpoints and returned in :attr:`RunResult.overrides`, and the first
+      round trained after them has ``resumed_with_changes = 1`` in the history (the model and
+      server optimizer structure must still match). Without ``resume``, ``checkpoint_dir`` must
+      hold no checkpoint. ``rounds`` is not part of the experiment: a finished run can be
+      resumed with more rounds.
+    experiment: extra JSON-able description of the experiment included in the checkpoint
+      fingerprint (the CLI passes its resolved configuration).
   History keys: ``round``, ``train_loss``, ``train_accuracy`` (during local training),
   ``num_nonfinite`` (clients dropped for NaN/inf updates), ``num_counted`` (clients whose update
   was aggregated), ``num_stragglers``, ``num_dropped`` (drop-outs), ``num_online``,
@@ -330,14 +345,16 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   if heterogeneity is not None:
     heterogeneity.validate(train_data.num_clients, algorithm.work)
   state = engine.init_state(algorithm, params, train_data.num_clients, hparams)
-  records, ckpt = [], None
+  records, ckpt, changes = [], None, []
   if checkpoint_dir is not None:
     fingerprint = checkpoint.fingerprint(
-        state, algorithm=algorithm.name, population=train_data.num_clients,
+        state, algorithm=algorithm, population=train_data.num_clients,
         num_examples=-1 if procedural else int(train_data.sizes.sum()), cohort_size=cohort_size,
-        seed=seed)
-    ckpt, state, records = checkpoint.open_for_run(checkpoint_dir, state, fingerprint,
-                                                   resume=resume, rounds=rounds)
+        seed=seed, data=train_data, model=model, eval_data=eval_arrays,
+        heterogeneity=heterogeneity, hparams=hparams, client_weights=client_weights,
+        cohort_sampling=cohort_sampling, init_params=init_params, experiment=experiment)
+    ckpt, state, records, changes = checkpoint.open_for_run(checkpoint_dir, state, fingerprint,
+                                                            resume=resume, rounds=rounds)
   if procedural:
     data = train_data
   else:
@@ -388,6 +405,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       block = block_records(jax.device_get(outs.metrics), r, seconds)
       for i, rec in enumerate(block):
         rec.update(_communication(comm, rec))
+        if ckpt is not None and changes and rec["round"] == start:
+          rec["resumed_with_changes"] = 1.0
         records.append(rec)
         if callback is not None and stop_at is None:
           extra = callback(rec["round"], state, jax.tree.map(lambda a: a[i], outs))
@@ -416,4 +435,5 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   if stops_early and records and records[-1]["round"] == rounds:
     records[-1]["stopped_early"] = 1.0
   history = History.from_records(records)
-  return RunResult(state.params, state, history, blocks.seconds)
+  return RunResult(state.params, state, history, blocks.seconds,
+                   list(ckpt.overrides) if ckpt is not None else [])
