@@ -47,6 +47,7 @@ import json
 import math
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +298,17 @@ def _yaml_loader():
   class Loader(yaml.SafeLoader):
     pass
   import re
+  def mapping(loader, node, deep=False):
+    # PyYAML silently keeps the last of duplicated keys; a config file must not say two things.
+    seen = set()
+    for key_node, _ in node.value:
+      key = loader.construct_object(key_node, deep=deep)
+      if key in seen:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"duplicated key {key!r}", key_node.start_mark)
+      seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+  Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
   Loader.add_implicit_resolver(
       "tag:yaml.org,2002:float",
       re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -331,7 +343,10 @@ def read_config_file(path: str | Path) -> dict:
       raise ConfigError(f"{p}: reading YAML needs PyYAML: pip install pyyaml (or "
                         "'fedjax_sim[yaml]'), or write the config as TOML") from None
     try:
-      data = yaml.load(p.read_text(), Loader=_yaml_loader())  # noqa: S506 -- a SafeLoader
+      data = yaml.load(p.read_text(encoding="utf-8"),  # noqa: S506 -- a SafeLoader
+                       Loader=_yaml_loader())
+    except UnicodeDecodeError as e:
+      raise ConfigError(f"{p}: not UTF-8 text: {e}") from None
     except yaml.YAMLError as e:
       raise ConfigError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
     return {} if data is None else data
@@ -393,6 +408,12 @@ def resolve(cfg: Config, explicit: dict[str, str]) -> tuple[Config, list[str]]:
     src_e, src_s = explicit["local.epochs"], explicit["local.steps"]
     where = src_e if src_e == src_s else f"{src_e}, {src_s}"
     raise ConfigError(f"{where}: local.epochs and local.steps are exclusive: give one")
+  from fedjax_sim.loop import check_seed
+  for s in cfg.seeds:
+    try:
+      check_seed(s)
+    except ValueError as e:
+      raise ConfigError(f"{explicit.get('seed', 'default')}: {e}") from None
   if isinstance(cfg.seed, list) and len(set(cfg.seed)) != len(cfg.seed):
     raise ConfigError(f"{explicit.get('seed')}: seed lists a seed twice: {cfg.seed}")
   if a.name not in ("fedavg", "fedprox") and "algorithm.server_optimizer" in explicit:
@@ -611,11 +632,17 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
   client_records: dict[int, dict] = {}
   callback = (_client_eval_callback(cfg, model, train, client_records) if cfg.client_eval
               else None)
-  res = fs.run(algo, model, train, rounds=cfg.rounds, cohort_size=cfg.cohort_size,
-               eval_data=test, eval_every=cfg.eval_every, seed=seed, chunk_size=cfg.chunk_size,
-               rounds_per_call=cfg.rounds_per_call, progress=cfg.progress, callback=callback,
-               checkpoint_dir=cfg.checkpoint.dir, checkpoint_every=cfg.checkpoint.every,
-               resume=cfg.checkpoint.resume)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", RuntimeWarning)
+    res = fs.run(algo, model, train, rounds=cfg.rounds, cohort_size=cfg.cohort_size,
+                 eval_data=test, eval_every=cfg.eval_every, seed=seed, chunk_size=cfg.chunk_size,
+                 rounds_per_call=cfg.rounds_per_call, progress=cfg.progress, callback=callback,
+                 checkpoint_dir=cfg.checkpoint.dir, checkpoint_every=cfg.checkpoint.every,
+                 resume=cfg.checkpoint.resume)
+  diverged = False
+  for w in caught:   # one line each, like every other message of the command line
+    diverged |= str(w.message).startswith("training diverged")
+    print(f"warning: seed {seed}: {' '.join(str(w.message).split())}", file=sys.stderr)
   h = res.history
   if client_records:
     h = add_client_summaries(h, client_records)
@@ -623,13 +650,28 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
       {**resolved, "compile_seconds": res.compile_seconds}, indent=2))
   h.to_json(out / "history.json")
   h.plot(out / "history.png", label=f"{algo.name} {cfg.model} {cfg.dataset} seed {seed}")
-  acc = h.last("test_accuracy")
+  acc, loss = _final(h, "test_accuracy"), _final(h, "test_loss")
+  if not math.isfinite(loss):
+    # e.g. a finite model whose logits overflow: the run finished but its result is unusable
+    diverged = True
+    print(f"warning: seed {seed}: the final test loss is {loss} (diverged)", file=sys.stderr)
   secs = float(h["seconds"][1:].mean() if cfg.rounds > 1 else h["seconds"][0])
-  print(f"final test accuracy {acc:.4f} (test loss {h.last('test_loss'):.4f}) after "
-        f"{cfg.rounds} rounds; {secs:.3f} s/round, compile {res.compile_seconds:.1f} s")
+  print(f"final test accuracy {acc:.4f} (test loss {loss:.4f}) after "
+        f"{cfg.rounds} rounds; {secs:.3f} s/round, compile {res.compile_seconds:.1f} s"
+        f"{' -- DIVERGED' if diverged else ''}")
   print(f"wrote {out / 'config.toml'}, {out / 'history.json'}, {out / 'history.png'}, "
         f"{out / 'config.json'}")
-  return {"seed": seed, "history": h, "test_accuracy": acc}
+  return {"seed": seed, "history": h, "test_accuracy": acc, "diverged": diverged}
+
+
+def _final(h, key: str) -> float:
+  """The value of ``key`` at the last evaluation: NaN/inf included (a diverged run's test loss
+  is NaN from some round on, and that is its result), NaN if never evaluated."""
+  import numpy as np
+  if key not in h or "test_accuracy" not in h:
+    return math.nan
+  evaluated = ~np.isnan(h["test_accuracy"]) | ~np.isnan(h[key])
+  return float(h[key][evaluated][-1]) if evaluated.any() else math.nan
 
 
 def cmd_run(args) -> int:
@@ -657,11 +699,19 @@ def cmd_run(args) -> int:
   from fedjax_sim.history import plot_histories
   plot_histories({f"seed {r['seed']}": r["history"] for r in results}, path=out / "history.png")
   accs = [r["test_accuracy"] for r in results]
-  mean = sum(accs) / len(accs)
-  std = (sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1)) ** 0.5
+  diverged = [r["seed"] for r in results if r["diverged"]]
+  # mean and std over the seeds that have a finite accuracy (a diverged run usually has one:
+  # chance level, which belongs in the spread); JSON has no NaN, so missing values are null
+  ok = [a for a in accs if math.isfinite(a)]
+  mean = sum(ok) / len(ok) if ok else math.nan
+  std = (sum((a - mean) ** 2 for a in ok) / max(len(ok) - 1, 1)) ** 0.5 if ok else math.nan
+  finite_or_none = lambda v: v if math.isfinite(v) else None  # noqa: E731
   (out / "summary.json").write_text(json.dumps(
-      {"seeds": seeds, "final_test_accuracy": accs, "mean": mean, "std": std}, indent=2))
-  print(f"{len(seeds)} seeds: final test accuracy {mean:.4f} +- {std:.4f}; wrote "
+      {"seeds": seeds, "final_test_accuracy": [finite_or_none(a) for a in accs],
+       "mean": finite_or_none(mean), "std": finite_or_none(std), "diverged": diverged},
+      indent=2))
+  print(f"{len(seeds)} seeds: final test accuracy {mean:.4f} +- {std:.4f}"
+        f"{f' (diverged: seed {diverged})' if diverged else ''}; wrote "
         f"{out / 'summary.json'}, {out / 'history.png'}")
   return 0
 
