@@ -320,6 +320,30 @@ def _yaml_loader():
   return Loader
 
 
+def _toml_duplicate(path: Path) -> str | None:
+  """Names a key set twice in one table of a TOML file (tomllib only says "Cannot overwrite a
+  value"), or ``None``. A line-based scan: enough for the flat files this command reads."""
+  import re
+  seen: dict[str, int] = {}
+  table = ""
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError):
+    return None
+  for i, line in enumerate(lines, 1):
+    if m := re.match(r"\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$", line):
+      table = m.group(1) + "."
+      if table in seen:
+        return f"table [{m.group(1)}] is defined twice (lines {seen[table]} and {i})"
+      seen[table] = i
+    elif m := re.match(r"\s*([A-Za-z0-9_.\-]+)\s*=", line):
+      key = table + m.group(1)
+      if key in seen:
+        return f"duplicated key {key!r} (lines {seen[key]} and {i})"
+      seen[key] = i
+  return None
+
+
 def read_config_file(path: str | Path) -> dict:
   """Parses a ``.toml`` (stdlib ``tomllib``) or ``.yaml``/``.yml`` (PyYAML) file."""
   p = Path(path)
@@ -333,7 +357,8 @@ def read_config_file(path: str | Path) -> dict:
       with open(p, "rb") as f:
         return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-      raise ConfigError(f"{p}: invalid TOML: {e}") from None
+      dup = _toml_duplicate(p)
+      raise ConfigError(f"{p}: invalid TOML: {dup or e}") from None
     except UnicodeDecodeError as e:
       raise ConfigError(f"{p}: not UTF-8 text: {e}") from None
   if suffix in (".yaml", ".yml"):

@@ -16,7 +16,8 @@ def _check(num_examples: int, num_clients: int):
   if not isinstance(num_clients, (int, np.integer)) or num_clients <= 0:
     raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
   if num_clients > num_examples:
-    raise ValueError(f"cannot split {num_examples} examples into {num_clients} non-empty clients")
+    raise ValueError(f"cannot split {num_examples} examples into {num_clients} non-empty clients "
+                     "(num_clients)")
 
 
 def iid(labels: np.ndarray, num_clients: int, seed: int = 0) -> list[np.ndarray]:
