@@ -365,7 +365,8 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
     denom = psum if config.aggregation == "mean" else wtot
     update = jax.tree.map(lambda s: s / jnp.maximum(denom, 1e-30).astype(s.dtype), wsum)
     # Not applied if no arrival counted, or if the aggregate or the new model is non-finite.
-    new_server, applied = server.step(a.server_optimizer, state.server, update, wtot > 0)
+    new_server, applied = server.step(a.server_optimizer, state.server, update,
+                                      (wtot > 0) & jnp.isfinite(denom))
     versions = jax.tree.map(lambda r, p: r.at[(t + 1) % h].set(p), state.versions,
                             new_server.params)
     new_state = state.replace(server=new_server, versions=versions, client=client,

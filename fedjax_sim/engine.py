@@ -410,7 +410,8 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     # A non-finite aggregate (finite client updates can still overflow in their weighted sum) or
     # a step that would make the model or optimizer state non-finite is not applied: the round
     # leaves the whole state as it was and counts itself in `aggregate_nonfinite`.
-    new_state, applied = server.step(algorithm.server_optimizer, state, update, total_w > 0)
+    new_state, applied = server.step(algorithm.server_optimizer, state, update,
+                                     (total_w > 0) & jnp.isfinite(total_w))
     applied = applied & tree.all_finite(aux)
     aux = tree.where(applied, aux, state.aux)
     new_state = new_state.replace(params=tree.where(applied, new_state.params, state.params),

@@ -94,6 +94,10 @@ def resolve_client_weights(data: FederatedData, weighting: str,
                        f"has {w[bad]}")
     if w.sum() <= 0:
       raise ValueError("client_weights sum to zero: no client would count in the average")
+    if w.sum() > 1e30:
+      # the round sums weights (and weighted updates) in float32, whose range ends at 3.4e38
+      raise ValueError(f"client_weights sum to {w.sum():.3g}; the round sums them in float32: "
+                       "scale them down (only their ratios matter), e.g. to sum to 1")
     return w.astype(np.float32)
   if weighting == "examples":
     return data.sizes.astype(np.float32)

@@ -177,6 +177,8 @@ API_CASES = [
     ("client_weights_shape", lambda: _run(client_weights=[1.0]), ValueError, "client_weights"),
     ("client_weights_nan", lambda: _run(client_weights=[1.0, np.nan, 1.0]), ValueError,
      "client_weights"),
+    ("client_weights_huge", lambda: _run(client_weights=[1e38, 1e38, 1e38]), ValueError,
+     "client_weights"),
     ("hparams_unknown", lambda: _run(hparams={"lr": 0.1}), ValueError, "'lr'"),
     ("hparams_negative", lambda: _run(hparams={"client_lr_scale": -1.0}), ValueError,
      "client_lr_scale"),

@@ -92,9 +92,9 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, flatten: bool = Tru
       raise DatasetNotFoundError(
           f"data_dir {str(data_dir)!r} {what}: it must hold the four Fashion-MNIST IDX files "
           "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-          "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]); omit it to use "
-          f"${FASHION_MNIST_ENV} or {', '.join(FASHION_MNIST_DIRS)} (Debian's "
-          "dataset-fashion-mnist package)")
+          "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]); omit it to read "
+          f"${FASHION_MNIST_ENV} or the system copy (`sudo apt-get install "
+          "dataset-fashion-mnist` on Debian/Ubuntu)")
     raise DatasetNotFoundError(
         "Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz] and the other three) not found in "
         f"{', '.join(str(c) for c in candidates)}. Install them with "
