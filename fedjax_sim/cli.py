@@ -750,6 +750,10 @@ def main(argv=None) -> int:
     # one line, whatever the message (YAML and OS errors can span several)
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
+  except MemoryError:
+    print("error: out of memory (MemoryError); use a smaller population, model or cohort "
+          "(chunk_size bounds the memory of a round)", file=sys.stderr)
+    return 2
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130

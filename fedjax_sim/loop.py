@@ -72,7 +72,7 @@ def check_init_params(model: Model, params) -> None:
     except Exception:   # noqa: BLE001 -- ragged lists and the like
       a = np.asarray(None)
     shape, dtype = a.shape, a.dtype
-    if dtype.kind in "OUSV" or tuple(shape) != tuple(w.shape) or (
+    if (dtype.kind in "OUSV" and not is_inexact(dtype)) or tuple(shape) != tuple(w.shape) or (
         jax.dtypes.canonicalize_dtype(dtype) != jax.dtypes.canonicalize_dtype(w.dtype)):
       raise ValueError(f"init_params{path} has shape {tuple(shape)} and dtype {dtype}; model "
                        f"{model.name!r} expects {tuple(w.shape)} {w.dtype}")
