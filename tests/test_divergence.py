@@ -193,3 +193,20 @@ def test_missing_data_dir_does_not_fall_back(tmp_path, monkeypatch, capsys):
                    "--rounds", "1", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "data_dir" in err[0] and "mine" in err[0]
+
+
+def test_mean_accumulates_low_precision_updates_in_float32():
+  """float16 updates of 100 with weights 1000: the float16 sum (4e5) would overflow at 65504;
+  accumulated in float32 the mean is exactly 100, returned in float16."""
+  from fedjax_sim import aggregators
+  agg = aggregators.mean()
+  params = {"w": jax.numpy.zeros(3, jax.numpy.float16),
+            "b": jax.numpy.zeros((), jax.numpy.bfloat16)}
+  state = agg.init(params, 4)
+  deltas = {"w": jax.numpy.full((4, 3), 100, jax.numpy.float16),
+            "b": jax.numpy.full((4,), 1 / 3, jax.numpy.bfloat16)}
+  state = agg.accumulate(state, deltas, jax.numpy.full(4, 1000.0))
+  update, total = agg.finalize(agg.combine(jax.tree.map(lambda a: a[None], state)))
+  assert update["w"].dtype == np.float16 and update["b"].dtype == jax.numpy.bfloat16
+  np.testing.assert_array_equal(np.asarray(update["w"]), np.full(3, 100, np.float16))
+  assert float(update["b"]) == float(jax.numpy.bfloat16(1 / 3)) and float(total) == 4000.0
