@@ -4,7 +4,10 @@ The defaults are the reference experiment of ``make run``: FedAvg with the 2NN M
 Fashion-MNIST, 100 clients from a Dirichlet(0.5) label split, 10 clients per round, 100 rounds,
 evaluation every 10 rounds on the 10k test set. Writes ``config.toml`` (the resolved
 configuration: every value the run used), ``history.json``, ``config.json`` and ``history.png``
-to the output folder. Bad input gives one ``error:`` line and exit status 2.
+to the output folder. Bad input gives one ``error:`` line and exit status 2. A run that diverges
+(rounds with no finite client, refused non-finite aggregates, a non-finite test loss) is not an
+error: it gets ``warning:`` lines, the other seeds still run, and ``summary.json`` lists it under
+``diverged``.
 
 An experiment can be described in a TOML (or, with PyYAML installed, YAML) file; flags given on
 the command line override its values. Every key is optional (the default is used); unknown keys
@@ -676,8 +679,8 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
   h.to_json(out / "history.json")
   h.plot(out / "history.png", label=f"{algo.name} {cfg.model} {cfg.dataset} seed {seed}")
   acc, loss = _final(h, "test_accuracy"), _final(h, "test_loss")
-  if not math.isfinite(loss):
-    # e.g. a finite model whose logits overflow: the run finished but its result is unusable
+  if not math.isfinite(loss) and not diverged:
+    # not evaluated at all, say (no eval data): the result is unusable all the same
     diverged = True
     print(f"warning: seed {seed}: the final test loss is {loss} (diverged)", file=sys.stderr)
   secs = float(h["seconds"][1:].mean() if cfg.rounds > 1 else h["seconds"][0])
@@ -741,8 +744,27 @@ def cmd_run(args) -> int:
   return 0
 
 
+# Loggers of libraries that log a failure (with its traceback, from their worker threads) and
+# then raise it: orbax logs a failed checkpoint write through absl at ERROR level, ~100 lines of
+# asyncio traceback, before the exception reaches `main`. The command line reports the exception
+# itself as its one `error:` line, so these loggers are muted while it runs.
+QUIET_LOGGERS = ("absl", "orbax")
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  import logging
+  saved = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+  for name in QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.CRITICAL)
+  try:
+    return _main(args)
+  finally:
+    for name, level in saved.items():
+      logging.getLogger(name).setLevel(level)
+
+
+def _main(args) -> int:
   try:
     if args.command == "run":
       return cmd_run(args)

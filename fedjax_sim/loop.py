@@ -244,8 +244,8 @@ def add_evaluation(record: dict, evaluate, params, eval_xy) -> None:
 
 def warn_divergence(records: Sequence[Mapping[str, float]], unit: str = "round") -> str | None:
   """Warns once per run (``RuntimeWarning``) if some rounds had no finite client training
-  (``train_loss`` NaN) or a non-finite aggregate that was not applied
-  (``aggregate_nonfinite``); returns the message (``None`` when all was finite)."""
+  (``train_loss`` NaN), a non-finite aggregate that was not applied (``aggregate_nonfinite``) or
+  a non-finite ``test_loss``; returns the message (``None`` when all was finite)."""
   n = len(records)
   no_loss = [int(r["round"]) for r in records if math.isnan(r.get("train_loss", 0.0))]
   rejected = [int(r["round"]) for r in records if r.get("aggregate_nonfinite", 0.0)]
@@ -257,6 +257,12 @@ def warn_divergence(records: Sequence[Mapping[str, float]], unit: str = "round")
     parts.append(f"{len(rejected)} of {n} {unit}s produced a non-finite aggregate, not applied: "
                  f"the global model was kept (aggregate_nonfinite; first at {unit} "
                  f"{rejected[0]})")
+  bad_eval = [int(r["round"]) for r in records
+              if "test_loss" in r and not math.isfinite(r["test_loss"])]
+  if bad_eval:
+    # a finite model can still be useless: logits that overflow give a NaN/inf loss
+    parts.append(f"the test loss was non-finite at {len(bad_eval)} evaluation(s) (first at "
+                 f"{unit} {bad_eval[0]})")
   if not parts:
     return None
   msg = "training diverged: " + "; ".join(parts) + ". Lower the learning rate(s)."

@@ -210,3 +210,35 @@ def test_mean_accumulates_low_precision_updates_in_float32():
   assert update["w"].dtype == np.float16 and update["b"].dtype == jax.numpy.bfloat16
   np.testing.assert_array_equal(np.asarray(update["w"]), np.full(3, 100, np.float16))
   assert float(update["b"]) == float(jax.numpy.bfloat16(1 / 3)) and float(total) == 4000.0
+
+
+def test_cli_failed_checkpoint_write_is_one_line(tmp_path, capfd, monkeypatch):
+  """A full disk during a checkpoint: orbax logs the failure with a long traceback (through
+  absl, from its worker thread) before raising it. The command line prints one line."""
+  import threading
+
+  from absl import logging as absl_logging
+
+  from fedjax_sim import checkpoint
+
+  def full_disk(self, step, *args, **kwargs):
+    def worker():   # as orbax's _SignalingThread does
+      try:
+        raise ValueError("RESOURCE_EXHAUSTED: No space left on device [os_error_code='28']")
+      except ValueError:
+        absl_logging.exception("_SignalingThread.run() raised an exception")
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    raise ValueError(f"RESOURCE_EXHAUSTED: writing step {step}: No space left on device")
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", full_disk)
+  rc = cli.main(["run", "--dataset", "digits", "--num-clients", "10", "--cohort-size", "3",
+                 "--rounds", "2", "--model", "logistic_regression", "--checkpoint-dir",
+                 str(tmp_path / "ck"), "--checkpoint-every", "1", "--out", str(tmp_path / "o"),
+                 "--no-progress"])
+  assert rc == 2
+  err = capfd.readouterr().err.strip().splitlines()
+  assert err == ["error: RESOURCE_EXHAUSTED: writing step 1: No space left on device"], err
+  import logging
+  assert logging.getLogger("absl").level != logging.CRITICAL   # restored after the command
