@@ -233,12 +233,21 @@ def test_cli_failed_checkpoint_write_is_one_line(tmp_path, capfd, monkeypatch):
     raise ValueError(f"RESOURCE_EXHAUSTED: writing step {step}: No space left on device")
 
   monkeypatch.setattr(checkpoint.Checkpointer, "save", full_disk)
-  rc = cli.main(["run", "--dataset", "digits", "--num-clients", "10", "--cohort-size", "3",
-                 "--rounds", "2", "--model", "logistic_regression", "--checkpoint-dir",
-                 str(tmp_path / "ck"), "--checkpoint-every", "1", "--out", str(tmp_path / "o"),
-                 "--no-progress"])
+  # outside pytest, absl's handler writes such records to stderr; pytest's log capture would
+  # swallow them, so put a plain stderr handler on the logger
+  import logging
+  import sys
+  handler = logging.StreamHandler(sys.stderr)
+  logging.getLogger("absl").addHandler(handler)
+  monkeypatch.setattr(logging.getLogger("absl"), "propagate", False)
+  try:
+    rc = cli.main(["run", "--dataset", "digits", "--num-clients", "10", "--cohort-size", "3",
+                   "--rounds", "2", "--model", "logistic_regression", "--checkpoint-dir",
+                   str(tmp_path / "ck"), "--checkpoint-every", "1", "--out",
+                   str(tmp_path / "o"), "--no-progress"])
+  finally:
+    logging.getLogger("absl").removeHandler(handler)
   assert rc == 2
   err = capfd.readouterr().err.strip().splitlines()
   assert err == ["error: RESOURCE_EXHAUSTED: writing step 1: No space left on device"], err
-  import logging
   assert logging.getLogger("absl").level != logging.CRITICAL   # restored after the command
