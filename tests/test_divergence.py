@@ -133,7 +133,8 @@ def test_diverged_seed_does_not_stop_the_others(tmp_path, capsys):
   """`--seed 0 1` with a learning rate that diverges: both seeds run, summary.json records it."""
   out = tmp_path / "run"
   rc = cli.main(["run", "--dataset", "digits", "--num-clients", "10", "--cohort-size", "3",
-                 "--rounds", "2", "--eval-every", "1", "--client-lr", "1000", "--seed", "0", "1",
+                 "--rounds", "2", "--eval-every", "1", "--client-lr", "1e38", "--seed", "0", "1",
+                 "--model", "logistic_regression",
                  "--out", str(out), "--no-progress"])
   assert rc == 0
   err = capsys.readouterr().err
