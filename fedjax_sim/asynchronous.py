@@ -364,7 +364,9 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
     ys = jax.tree.map(lambda v: v.reshape(-1)[:kk], ys)
     denom = psum if config.aggregation == "mean" else wtot
     update = jax.tree.map(lambda s: s / jnp.maximum(denom, 1e-30).astype(s.dtype), wsum)
-    new_server = server.update(a.server_optimizer, state.server, update, wtot > 0)
+    # Not applied if no arrival counted, or if the aggregate or the new model is non-finite.
+    new_server, applied = server.step(a.server_optimizer, state.server, update,
+                                      (wtot > 0) & jnp.isfinite(denom))
     versions = jax.tree.map(lambda r, p: r.at[(t + 1) % h].set(p), state.versions,
                             new_server.params)
     new_state = state.replace(server=new_server, versions=versions, client=client,
@@ -377,8 +379,9 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
     metrics = {
         "version": new_server.round,
         "sim_time": now,
-        "train_loss": jnp.sum(jnp.where(ok, ys["loss_sum"], 0.0)) / jnp.maximum(count, 1.0),
-        "train_accuracy": jnp.sum(jnp.where(ok, ys["correct"], 0.0)) / jnp.maximum(count, 1.0),
+        "train_loss": engine.mean_or_nan(jnp.sum(jnp.where(ok, ys["loss_sum"], 0.0)), count),
+        "train_accuracy": engine.mean_or_nan(jnp.sum(jnp.where(ok, ys["correct"], 0.0)), count),
+        "aggregate_nonfinite": ((wtot > 0) & ~applied).astype(jnp.int32),
         "mean_staleness": jnp.mean(sf),
         "max_staleness": jnp.max(sf),
         "num_stale_dropped": jnp.sum(~fresh).astype(jnp.int32),
@@ -489,6 +492,7 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *, s
     callback.check_run(population=train_data.num_clients, cohort_size=config.concurrency,
                        cohort_sampling="asynchronous")
   _positive_int("steps_per_call", steps_per_call)
+  loop.check_seed(seed)
   if until_time is not None and not (isinstance(until_time, (int, float)) and until_time > 0):
     raise ValueError(f"until_time must be a number > 0, got {until_time!r}")
   eval_arrays = None
@@ -538,5 +542,6 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *, s
         break
   finally:
     bar.close()
+  loop.warn_divergence(records, "server step")
   return AsyncRunResult(state.server.params, state, History.from_records(records),
                         blocks.seconds)

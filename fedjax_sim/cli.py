@@ -7,7 +7,10 @@ configuration: every value the run used), ``history.json``, ``config.json``, ``h
 the trained model ``final_params.msgpack`` (read it with :func:`fedjax_sim.checkpoint.load_params`)
 to the output folder: a new ``runs/<timestamp>[-N]``, or ``--out``, which must be empty unless
 ``--overwrite``. Each file is written to a temporary file and renamed into place, so none is ever
-left half-written. Bad input gives one ``error:`` line and exit status 2.
+left half-written. Bad input gives one ``error:`` line and exit status 2. A run that diverges
+(rounds with no finite client, refused non-finite aggregates, a non-finite test loss) is not an
+error: it gets ``warning:`` lines, the other seeds still run, and ``summary.json`` lists it under
+``diverged``.
 
 An experiment can be described in a TOML (or, with PyYAML installed, YAML) file; flags given on
 the command line override its values. Every key is optional (the default is used); unknown keys
@@ -53,6 +56,7 @@ import os
 import sys
 import tempfile
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -322,6 +326,17 @@ def _yaml_loader():
   class Loader(yaml.SafeLoader):
     pass
   import re
+  def mapping(loader, node, deep=False):
+    # PyYAML silently keeps the last of duplicated keys; a config file must not say two things.
+    seen = set()
+    for key_node, _ in node.value:
+      key = loader.construct_object(key_node, deep=deep)
+      if key in seen:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"duplicated key {key!r}", key_node.start_mark)
+      seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+  Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
   Loader.add_implicit_resolver(
       "tag:yaml.org,2002:float",
       re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -331,6 +346,30 @@ def _yaml_loader():
                       |\.(?:nan|NaN|NAN))$""", re.X),
       list("-+0123456789."))
   return Loader
+
+
+def _toml_duplicate(path: Path) -> str | None:
+  """Names a key set twice in one table of a TOML file (tomllib only says "Cannot overwrite a
+  value"), or ``None``. A line-based scan: enough for the flat files this command reads."""
+  import re
+  seen: dict[str, int] = {}
+  table = ""
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except (OSError, UnicodeDecodeError):
+    return None
+  for i, line in enumerate(lines, 1):
+    if m := re.match(r"\s*\[\s*([^\]]+?)\s*\]\s*(#.*)?$", line):
+      table = m.group(1) + "."
+      if table in seen:
+        return f"table [{m.group(1)}] is defined twice (lines {seen[table]} and {i})"
+      seen[table] = i
+    elif m := re.match(r"\s*([A-Za-z0-9_.\-]+)\s*=", line):
+      key = table + m.group(1)
+      if key in seen:
+        return f"duplicated key {key!r} (lines {seen[key]} and {i})"
+      seen[key] = i
+  return None
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -346,7 +385,8 @@ def read_config_file(path: str | Path) -> dict:
       with open(p, "rb") as f:
         return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-      raise ConfigError(f"{p}: invalid TOML: {e}") from None
+      dup = _toml_duplicate(p)
+      raise ConfigError(f"{p}: invalid TOML: {dup or e}") from None
     except UnicodeDecodeError as e:
       raise ConfigError(f"{p}: not UTF-8 text: {e}") from None
   if suffix in (".yaml", ".yml"):
@@ -356,7 +396,10 @@ def read_config_file(path: str | Path) -> dict:
       raise ConfigError(f"{p}: reading YAML needs PyYAML: pip install pyyaml (or "
                         "'fedjax_sim[yaml]'), or write the config as TOML") from None
     try:
-      data = yaml.load(p.read_text(), Loader=_yaml_loader())  # noqa: S506 -- a SafeLoader
+      data = yaml.load(p.read_text(encoding="utf-8"),  # noqa: S506 -- a SafeLoader
+                       Loader=_yaml_loader())
+    except UnicodeDecodeError as e:
+      raise ConfigError(f"{p}: not UTF-8 text: {e}") from None
     except yaml.YAMLError as e:
       raise ConfigError(f"{p}: invalid YAML: {' '.join(str(e).split())}") from None
     return {} if data is None else data
@@ -421,6 +464,12 @@ def resolve(cfg: Config, explicit: dict[str, str]) -> tuple[Config, list[str]]:
     src_e, src_s = explicit["local.epochs"], explicit["local.steps"]
     where = src_e if src_e == src_s else f"{src_e}, {src_s}"
     raise ConfigError(f"{where}: local.epochs and local.steps are exclusive: give one")
+  from fedjax_sim.loop import check_seed
+  for s in cfg.seeds:
+    try:
+      check_seed(s)
+    except ValueError as e:
+      raise ConfigError(f"{explicit.get('seed', 'default')}: {e}") from None
   if isinstance(cfg.seed, list) and len(set(cfg.seed)) != len(cfg.seed):
     raise ConfigError(f"{explicit.get('seed')}: seed lists a seed twice: {cfg.seed}")
   if a.name not in ("fedavg", "fedprox") and "algorithm.server_optimizer" in explicit:
@@ -709,12 +758,18 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
   print(f"{train!r}\nmodel {model.name}, {algo.name}, {cfg.rounds} rounds x {cfg.cohort_size} "
         f"clients, seed {seed}, {jax.device_count()} {jax.default_backend()} device(s) -> {out}")
   callback = _client_eval_callback(cfg, model, train) if cfg.client_eval else None
-  res = fs.run(algo, model, train, rounds=cfg.rounds, cohort_size=cfg.cohort_size,
-               eval_data=test, eval_every=cfg.eval_every, seed=seed, chunk_size=cfg.chunk_size,
-               rounds_per_call=cfg.rounds_per_call, progress=cfg.progress, callback=callback,
-               checkpoint_dir=cfg.checkpoint.dir, checkpoint_every=cfg.checkpoint.every,
-               resume="override" if cfg.checkpoint.override else cfg.checkpoint.resume,
-               experiment=experiment_identity(resolved))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", RuntimeWarning)
+    res = fs.run(algo, model, train, rounds=cfg.rounds, cohort_size=cfg.cohort_size,
+                 eval_data=test, eval_every=cfg.eval_every, seed=seed, chunk_size=cfg.chunk_size,
+                 rounds_per_call=cfg.rounds_per_call, progress=cfg.progress, callback=callback,
+                 checkpoint_dir=cfg.checkpoint.dir, checkpoint_every=cfg.checkpoint.every,
+                 resume="override" if cfg.checkpoint.override else cfg.checkpoint.resume,
+                 experiment=experiment_identity(resolved))
+  diverged = False
+  for w in caught:   # one line each, like every other message of the command line
+    diverged |= str(w.message).startswith("training diverged")
+    print(f"warning: seed {seed}: {' '.join(str(w.message).split())}", file=sys.stderr)
   h = res.history
   fs.checkpoint.save_params(out / "final_params.msgpack", res.params)
   files.write_text(out / "config.json", json.dumps(
@@ -722,13 +777,28 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
        **({"resume_overrides": res.overrides} if res.overrides else {})}, indent=2))
   h.to_json(out / "history.json")
   h.plot(out / "history.png", label=f"{algo.name} {cfg.model} {cfg.dataset} seed {seed}")
-  acc = h.last("test_accuracy")
+  acc, loss = _final(h, "test_accuracy"), _final(h, "test_loss")
+  if not math.isfinite(loss) and not diverged:
+    # not evaluated at all, say (no eval data): the result is unusable all the same
+    diverged = True
+    print(f"warning: seed {seed}: the final test loss is {loss} (diverged)", file=sys.stderr)
   secs = float(h["seconds"][1:].mean() if cfg.rounds > 1 else h["seconds"][0])
-  print(f"final test accuracy {acc:.4f} (test loss {h.last('test_loss'):.4f}) after "
-        f"{cfg.rounds} rounds; {secs:.3f} s/round, compile {res.compile_seconds:.1f} s")
+  print(f"final test accuracy {acc:.4f} (test loss {loss:.4f}) after "
+        f"{cfg.rounds} rounds; {secs:.3f} s/round, compile {res.compile_seconds:.1f} s"
+        f"{' -- DIVERGED' if diverged else ''}")
   print(f"wrote {out / 'config.toml'}, {out / 'history.json'}, {out / 'history.png'}, "
         f"{out / 'config.json'}, {out / 'final_params.msgpack'}")
-  return {"seed": seed, "history": h, "test_accuracy": acc}
+  return {"seed": seed, "history": h, "test_accuracy": acc, "diverged": diverged}
+
+
+def _final(h, key: str) -> float:
+  """The value of ``key`` at the last evaluation: NaN/inf included (a diverged run's test loss
+  is NaN from some round on, and that is its result), NaN if never evaluated."""
+  import numpy as np
+  if key not in h or "test_accuracy" not in h:
+    return math.nan
+  evaluated = ~np.isnan(h["test_accuracy"]) | ~np.isnan(h[key])
+  return float(h[key][evaluated][-1]) if evaluated.any() else math.nan
 
 
 def cmd_run(args) -> int:
@@ -764,23 +834,54 @@ def _run_seeds(cfg: Config, out: Path, header: str) -> int:
   from fedjax_sim.history import plot_histories
   plot_histories({f"seed {r['seed']}": r["history"] for r in results}, path=out / "history.png")
   accs = [r["test_accuracy"] for r in results]
-  mean = sum(accs) / len(accs)
-  std = (sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1)) ** 0.5
+  diverged = [r["seed"] for r in results if r["diverged"]]
+  # mean and std over the seeds that have a finite accuracy (a diverged run usually has one:
+  # chance level, which belongs in the spread); JSON has no NaN, so missing values are null
+  ok = [a for a in accs if math.isfinite(a)]
+  mean = sum(ok) / len(ok) if ok else math.nan
+  std = (sum((a - mean) ** 2 for a in ok) / max(len(ok) - 1, 1)) ** 0.5 if ok else math.nan
+  finite_or_none = lambda v: v if math.isfinite(v) else None  # noqa: E731
   files.write_text(out / "summary.json", json.dumps(
-      {"seeds": seeds, "final_test_accuracy": accs, "mean": mean, "std": std}, indent=2))
-  print(f"{len(seeds)} seeds: final test accuracy {mean:.4f} +- {std:.4f}; wrote "
+      {"seeds": seeds, "final_test_accuracy": [finite_or_none(a) for a in accs],
+       "mean": finite_or_none(mean), "std": finite_or_none(std), "diverged": diverged},
+      indent=2))
+  print(f"{len(seeds)} seeds: final test accuracy {mean:.4f} +- {std:.4f}"
+        f"{f' (diverged: seed {diverged})' if diverged else ''}; wrote "
         f"{out / 'summary.json'}, {out / 'history.png'}")
   return 0
 
 
+# Loggers of libraries that log a failure (with its traceback, from their worker threads) and
+# then raise it: orbax logs a failed checkpoint write through absl at ERROR level, ~100 lines of
+# asyncio traceback, before the exception reaches `main`. The command line reports the exception
+# itself as its one `error:` line, so these loggers are muted while it runs.
+QUIET_LOGGERS = ("absl", "orbax")
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  import logging
+  saved = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+  for name in QUIET_LOGGERS:
+    logging.getLogger(name).setLevel(logging.CRITICAL)
+  try:
+    return _main(args)
+  finally:
+    for name, level in saved.items():
+      logging.getLogger(name).setLevel(level)
+
+
+def _main(args) -> int:
   try:
     if args.command == "run":
       return cmd_run(args)
   except (ValueError, OSError, ImportError) as e:
     # one line, whatever the message (YAML and OS errors can span several)
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  except MemoryError:
+    print("error: out of memory (MemoryError); use a smaller population, model or cohort "
+          "(chunk_size bounds the memory of a round)", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)

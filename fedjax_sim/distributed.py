@@ -148,6 +148,12 @@ def cpu_devices(n: int | None = None) -> int:
   n = n if explicit else (os.cpu_count() or 1)
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise ValueError(f"cpu_devices needs a positive integer, got {n!r}")
+  cores = os.cpu_count() or 1
+  if n > cores:
+    # More devices than cores only adds overhead, and in the hundreds XLA:CPU aborts the process
+    # (exit 134) instead of raising. Tests wanting more devices can still set XLA_FLAGS.
+    raise ValueError(f"cpu_devices={n} but this machine has {cores} CPU core(s); use at most "
+                     f"{cores} (one device per core)")
   from jax._src import xla_bridge   # the public API has no "is the backend started" query
   if xla_bridge.backends_are_initialized():
     have = len(jax.devices("cpu"))

@@ -245,6 +245,11 @@ def _mask_tree(keep: jax.Array, t):
   return jax.tree.map(lambda d: jnp.where(jnp.reshape(keep, (-1,) + (1,) * (d.ndim - 1)), d, 0), t)
 
 
+def mean_or_nan(total: jax.Array, count: jax.Array) -> jax.Array:
+  """``total / count``, NaN where ``count`` is 0 (a mean over nothing is undefined, not 0)."""
+  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
+
+
 def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_size: int,
                max_client_size: int, chunk_size: int | None = None,
                mesh: jax.sharding.Mesh | None = None,
@@ -405,13 +410,23 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       info = {"cohort_size": cohort_size, "population": population, "hparams": state.hparams,
               "num_counted": jnp.sum(counted).astype(jnp.int32), "total_weight": total_w}
       update, new_aux = algorithm.server_finish(state.aux, update, upload, info, keys.server)
-      aux = tree.where(total_w > 0, new_aux, state.aux)
-    new_state = server.update(algorithm.server_optimizer, state, update, total_w > 0)
+      aux = new_aux
+    # A non-finite aggregate (finite client updates can still overflow in their weighted sum) or
+    # a step that would make the model or optimizer state non-finite is not applied: the round
+    # leaves the whole state as it was and counts itself in `aggregate_nonfinite`.
+    new_state, applied = server.step(algorithm.server_optimizer, state, update,
+                                     (total_w > 0) & jnp.isfinite(total_w))
+    applied = applied & tree.all_finite(aux)
+    aux = tree.where(applied, aux, state.aux)
+    new_state = new_state.replace(params=tree.where(applied, new_state.params, state.params),
+                                  opt_state=tree.where(applied, new_state.opt_state,
+                                                       state.opt_state))
     stores = dict(state.clients)
     ids = ids[:cohort_size]
-    # Rows of clients whose update did not count (dropped, non-finite) are left as they were;
-    # index P is out of bounds and dropped by the scatter.
-    target = jnp.where(counted, ids, population)
+    # Rows of clients whose update did not count (dropped, non-finite), or of every client of a
+    # round whose aggregate was not applied, are left as they were; index P is out of bounds and
+    # dropped by the scatter.
+    target = jnp.where(counted & applied, ids, population)
     for name in stores:
       stores[name] = jax.tree.map(lambda s, n: s.at[target].set(n.astype(s.dtype), mode="drop"),
                                   stores[name], clients.pop("state_" + name))
@@ -421,8 +436,9 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     count = jnp.sum(jnp.where(ok, clients["count"], 0.0))
     steps = clients["steps"]
     metrics = {
-        "train_loss": jnp.sum(jnp.where(ok, clients["loss_sum"], 0.0)) / jnp.maximum(count, 1.0),
-        "train_accuracy": jnp.sum(jnp.where(ok, clients["correct"], 0.0)) / jnp.maximum(count, 1.0),
+        # NaN (not 0) when no client's training was finite: there is no loss to report.
+        "train_loss": mean_or_nan(jnp.sum(jnp.where(ok, clients["loss_sum"], 0.0)), count),
+        "train_accuracy": mean_or_nan(jnp.sum(jnp.where(ok, clients["correct"], 0.0)), count),
         "num_clients": jnp.sum(valid).astype(jnp.int32),
         "num_nonfinite": jnp.sum(~ok & valid[:cohort_size]).astype(jnp.int32),
         "num_counted": jnp.sum(counted).astype(jnp.int32),
@@ -432,6 +448,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
         "steps_done": jnp.sum(jnp.where(counted, steps, 0)).astype(jnp.int32),
         "steps_wasted": jnp.sum(jnp.where(counted, 0, steps)).astype(jnp.int32),
         "total_weight": total_w,
+        "aggregate_nonfinite": ((total_w > 0) & ~applied).astype(jnp.int32),
         "update_norm": jnp.sqrt(sum(jnp.sum(u.astype(jnp.float32) ** 2)
                                     for u in jax.tree.leaves(update))),
     }

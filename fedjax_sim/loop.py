@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from typing import Any, Callable, Sequence
+import warnings
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ from tqdm.auto import tqdm
 
 from fedjax_sim import checkpoint, distributed, engine, evaluation, server, tree
 from fedjax_sim.algorithms.base import Algorithm
-from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.data.federated import FederatedData, check_numeric, is_inexact
 from fedjax_sim.data.procedural import ProceduralPopulation
 from fedjax_sim.heterogeneity import Heterogeneity
 from fedjax_sim.history import History
@@ -45,6 +47,43 @@ def _positive_int(name: str, v):
     raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
+MAX_SEED = 2**63 - 1   # jax.random.key takes a signed 64-bit seed
+
+
+def check_seed(seed) -> int:
+  """``seed`` as an int, or a ValueError naming it: an integer (not bool) in [0, 2**63 - 1]
+  (negative seeds are rejected too: numpy's generators, used by the partitions, refuse them)."""
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r} "
+                     f"({type(seed).__name__})")
+  if not 0 <= int(seed) <= MAX_SEED:
+    raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+  return int(seed)
+
+
+def check_init_params(model: Model, params) -> None:
+  """``params`` must have the structure, shapes and dtypes ``model.init`` gives, and be finite."""
+  expected = jax.eval_shape(model.init, jax.random.key(0))
+  want, want_def = jax.tree.flatten(expected)
+  got, got_def = jax.tree.flatten(params)
+  if got_def != want_def:
+    raise ValueError(f"init_params has the tree structure {got_def}, but model {model.name!r} "
+                     f"has {want_def}")
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(expected)[0]]
+  for path, g, w in zip(paths, got, want):
+    try:
+      a = g if isinstance(g, jax.Array) else np.asarray(g)
+    except Exception:   # noqa: BLE001 -- ragged lists and the like
+      a = np.asarray(None)
+    shape, dtype = a.shape, a.dtype
+    if (dtype.kind in "OUSV" and not is_inexact(dtype)) or tuple(shape) != tuple(w.shape) or (
+        jax.dtypes.canonicalize_dtype(dtype) != jax.dtypes.canonicalize_dtype(w.dtype)):
+      raise ValueError(f"init_params{path} has shape {tuple(shape)} and dtype {dtype}; model "
+                       f"{model.name!r} expects {tuple(w.shape)} {w.dtype}")
+    if is_inexact(dtype) and not np.all(np.isfinite(np.asarray(a))):
+      raise ValueError(f"init_params{path} has non-finite values (NaN/inf)")
+
+
 def resolve_client_weights(data: FederatedData, weighting: str,
                    custom: Sequence[float] | None = None, *,
                    algorithm: Algorithm | None = None) -> np.ndarray:
@@ -67,6 +106,10 @@ def resolve_client_weights(data: FederatedData, weighting: str,
                        f"has {w[bad]}")
     if w.sum() <= 0:
       raise ValueError("client_weights sum to zero: no client would count in the average")
+    if w.sum() > 1e30:
+      # the round sums weights (and weighted updates) in float32, whose range ends at 3.4e38
+      raise ValueError(f"client_weights sum to {w.sum():.3g}; the round sums them in float32: "
+                       "scale them down (only their ratios matter), e.g. to sum to 1")
     return w.astype(np.float32)
   if weighting == "examples":
     return data.sizes.astype(np.float32)
@@ -74,12 +117,19 @@ def resolve_client_weights(data: FederatedData, weighting: str,
 
 
 def check_eval_data(model: Model, arrays: dict[str, np.ndarray], where: str = "eval_data"):
+  """Checks a test set ``{"x": [N, *input_shape] real numbers, "y": [N] int labels}``."""
   x, y = arrays["x"], arrays["y"]
+  if x.ndim == 0 or y.ndim == 0:
+    raise ValueError(f"{where}: x has shape {x.shape} and y {y.shape}; need arrays [N, ...] "
+                     "and [N]")
   if x.shape[0] != y.shape[0] or x.shape[0] == 0:
     raise ValueError(f"{where}: x has {x.shape[0]} examples and y has {y.shape[0]}; need the "
                      "same non-zero number")
+  if y.ndim != 1:
+    raise ValueError(f"{where}: labels y must have shape [N], got {y.shape}")
+  check_numeric("x", x.dtype, where)
   model.check_input(x.shape[1:], where)
-  if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+  if is_inexact(x.dtype) and not np.all(np.isfinite(x)):
     raise ValueError(f"{where}: x has non-finite values (NaN/inf)")
   if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= model.num_classes:
     raise ValueError(f"{where}: labels must be integers in [0, {model.num_classes}), found "
@@ -88,7 +138,7 @@ def check_eval_data(model: Model, arrays: dict[str, np.ndarray], where: str = "e
 
 def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds: int,
              cohort_size: int, eval_every: int, chunk_size: int | None,
-             num_devices: int | None = None):
+             num_devices: int | None = None, seed: int = 0, init_params: Any = None):
   """All the checks :func:`run` makes before any compilation or training."""
   if not isinstance(algorithm, Algorithm):
     raise ValueError(f"algorithm must be an Algorithm (e.g. fedjax_sim.algorithms.fedavg()), "
@@ -98,6 +148,9 @@ def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, r
                      f"{type(train_data).__name__}")
   _positive_int("rounds", rounds)
   _positive_int("cohort_size", cohort_size)
+  check_seed(seed)
+  if init_params is not None:
+    check_init_params(model, init_params)
   _positive_int("eval_every", eval_every)
   if chunk_size is not None:
     _positive_int("chunk_size", chunk_size)
@@ -201,6 +254,34 @@ def add_evaluation(record: dict, evaluate, params, eval_xy) -> None:
   record["test_accuracy"] = float(ev["accuracy"])
 
 
+def warn_divergence(records: Sequence[Mapping[str, float]], unit: str = "round") -> str | None:
+  """Warns once per run (``RuntimeWarning``) if some rounds had no finite client training
+  (``train_loss`` NaN), a non-finite aggregate that was not applied (``aggregate_nonfinite``) or
+  a non-finite ``test_loss``; returns the message (``None`` when all was finite)."""
+  n = len(records)
+  no_loss = [int(r["round"]) for r in records if math.isnan(r.get("train_loss", 0.0))]
+  rejected = [int(r["round"]) for r in records if r.get("aggregate_nonfinite", 0.0)]
+  parts = []
+  if no_loss:
+    parts.append(f"{len(no_loss)} of {n} {unit}s had no client with finite local training "
+                 f"(train_loss is NaN there; first at {unit} {no_loss[0]})")
+  if rejected:
+    parts.append(f"{len(rejected)} of {n} {unit}s produced a non-finite aggregate, not applied: "
+                 f"the global model was kept (aggregate_nonfinite; first at {unit} "
+                 f"{rejected[0]})")
+  bad_eval = [int(r["round"]) for r in records
+              if "test_loss" in r and not math.isfinite(r["test_loss"])]
+  if bad_eval:
+    # a finite model can still be useless: logits that overflow give a NaN/inf loss
+    parts.append(f"the test loss was non-finite at {len(bad_eval)} evaluation(s) (first at "
+                 f"{unit} {bad_eval[0]})")
+  if not parts:
+    return None
+  msg = "training diverged: " + "; ".join(parts) + ". Lower the learning rate(s)."
+  warnings.warn(msg, RuntimeWarning, stacklevel=3)
+  return msg
+
+
 def show_progress(bar, record: dict, rounds_done: int, **extra: str) -> None:
   """Advances the progress bar by ``rounds_done`` with the latest loss / test accuracy."""
   post = {"loss": f"{record['train_loss']:.4f}", **extra}
@@ -288,7 +369,10 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     experiment: extra JSON-able description of the experiment included in the checkpoint
       fingerprint (the CLI passes its resolved configuration).
   History keys: ``round``, ``train_loss``, ``train_accuracy`` (during local training),
-  ``num_nonfinite`` (clients dropped for NaN/inf updates), ``num_counted`` (clients whose update
+  ``num_nonfinite`` (clients dropped for NaN/inf updates), ``aggregate_nonfinite`` (1 when the
+  round's aggregate or the stepped model was non-finite and was therefore not applied; a
+  ``RuntimeWarning`` at the end of the run counts such rounds, and rounds whose ``train_loss`` is
+  NaN because no client trained finitely), ``num_counted`` (clients whose update
   was aggregated), ``num_stragglers``, ``num_dropped`` (drop-outs), ``num_online``,
   ``steps_done`` / ``steps_wasted`` (local steps of counted / discarded clients),
   ``update_norm``, ``seconds``, communication per round: ``params_up_per_client`` /
@@ -310,7 +394,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
   else:
     stops_early = False
   validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
-           eval_every=eval_every, chunk_size=chunk_size, num_devices=num_devices)
+           eval_every=eval_every, chunk_size=chunk_size, num_devices=num_devices, seed=seed,
+           init_params=init_params)
   _positive_int("checkpoint_every", checkpoint_every)
   _positive_int("rounds_per_call", rounds_per_call)
   eval_arrays = None
@@ -424,6 +509,8 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
         ckpt.save(end, state, records, {"fingerprint": fingerprint})
       rec = records[-1]
       post = {"nonfinite": str(int(rec["num_nonfinite"]))} if rec["num_nonfinite"] else {}
+      if rec.get("aggregate_nonfinite"):
+        post["aggregate"] = "non-finite, not applied"
       show_progress(bar, rec, end - r + 1, **post)
       r = end + 1
       if stop_at is not None:
@@ -434,6 +521,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       ckpt.close()
   if stops_early and records and records[-1]["round"] == rounds:
     records[-1]["stopped_early"] = 1.0
+  warn_divergence(records)
   history = History.from_records(records)
   return RunResult(state.params, state, history, blocks.seconds,
                    list(ckpt.overrides) if ckpt is not None else [])

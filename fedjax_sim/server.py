@@ -68,19 +68,32 @@ def init(params: PyTree, server_optimizer: optax.GradientTransformation, *, aux:
                      {} if hparams is None else hparams)
 
 
-def update(server_optimizer: optax.GradientTransformation, state: ServerState,
-           pseudo_gradient: PyTree, apply: jax.Array) -> ServerState:
+def step(server_optimizer: optax.GradientTransformation, state: ServerState,
+         pseudo_gradient: PyTree, apply: jax.Array) -> tuple[ServerState, jax.Array]:
   """Applies the server optimizer to ``pseudo_gradient`` (mean of ``global - local``).
 
   ``optax.sgd(1.0)`` makes the new model the weighted mean of the clients' models (FedAvg);
   momentum gives FedAvgM, :func:`fedjax_sim.algorithms.adaptive_server_optimizer` FedAdam /
-  FedYogi / FedAdagrad. When ``apply`` is False (no client contributed a finite update) params
-  and optimizer state stay as they were.
+  FedYogi / FedAdagrad.
+
+  Returns ``(state, applied)``: ``applied`` (scalar bool) is True when the step was taken. It is
+  not taken -- params and optimizer state stay as they were, only ``round`` advances -- when
+  ``apply`` is False (no client contributed a finite update), or when the aggregate, the new
+  params or the new optimizer state hold a NaN/inf: every client's update can be finite while
+  their weighted sum overflows, and a non-finite global model would never recover.
   """
   updates, opt_state = server_optimizer.update(pseudo_gradient, state.opt_state, state.params)
   if "server_lr_scale" in state.hparams:
     scale = state.hparams["server_lr_scale"]
     updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
   params = optax.apply_updates(state.params, updates)
-  params, opt_state = tree.where(apply, (params, opt_state), (state.params, state.opt_state))
-  return state.replace(params=params, opt_state=opt_state, round=state.round + 1)
+  applied = (jnp.asarray(apply) & tree.all_finite(pseudo_gradient) & tree.all_finite(params)
+             & tree.all_finite(opt_state))
+  params, opt_state = tree.where(applied, (params, opt_state), (state.params, state.opt_state))
+  return state.replace(params=params, opt_state=opt_state, round=state.round + 1), applied
+
+
+def update(server_optimizer: optax.GradientTransformation, state: ServerState,
+           pseudo_gradient: PyTree, apply: jax.Array) -> ServerState:
+  """:func:`step` without its ``applied`` flag."""
+  return step(server_optimizer, state, pseudo_gradient, apply)[0]

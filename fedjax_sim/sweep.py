@@ -48,7 +48,9 @@ def _experiments(seed, hparams: dict[str, Any]) -> tuple[list[int], list[dict[st
   e = lengths.pop() if lengths else 1
   if e == 0:
     raise ValueError("a sweep needs at least one experiment")
-  seeds = [int(s) for s in (seed if np.ndim(seed) == 1 else [seed] * e)]
+  from fedjax_sim.loop import check_seed
+  seeds = [check_seed(s.item() if isinstance(s, np.generic) else s)
+           for s in (list(seed) if np.ndim(seed) == 1 else [seed] * e)]
   hps = [{k: float(v[i] if np.ndim(v) == 1 else v) for k, v in hparams.items()} for i in range(e)]
   return seeds, hps
 

@@ -82,6 +82,7 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
   global_params = state.params
   server_aux = state.aux if algorithm.server_aux_init is not None else None
   stores = {name: jax.tree.map(np.array, store) for name, store in state.clients.items()}
+  old_stores = {name: jax.tree.map(np.array, store) for name, store in state.clients.items()}
   acc = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), global_params)
   up_acc = None
   total_w, loss_sum, count, nonfinite, counted = 0.0, 0.0, 0.0, 0, 0
@@ -158,9 +159,17 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
     if "server_lr_scale" in state.hparams:
       updates = jax.tree.map(lambda u: u * state.hparams["server_lr_scale"], updates)
     params = optax.apply_updates(global_params, updates)
+    finite = lambda t: all(np.all(np.isfinite(np.asarray(a, np.float64)))  # noqa: E731
+                           for a in jax.tree.leaves(t)
+                           if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact))
+    if not (finite(update) and finite(params) and finite(opt_state) and finite(aux)):
+      # as the engine: a non-finite aggregate or step leaves the whole state as it was
+      params, opt_state, aux = global_params, state.opt_state, state.aux
+      stores = old_stores
   new_state = state.replace(params=params, opt_state=opt_state, round=state.round + 1, aux=aux,
                             clients={n: jax.tree.map(jnp.asarray, s) for n, s in stores.items()})
-  return new_state, {"train_loss": loss_sum / max(count, 1.0), "num_nonfinite": nonfinite,
+  return new_state, {"train_loss": loss_sum / count if count > 0 else float("nan"),
+                     "num_nonfinite": nonfinite,
                      "num_counted": counted}
 
 

@@ -40,8 +40,10 @@ def zeros_like(tree: PyTree) -> PyTree:
 
 
 def all_finite(tree: PyTree) -> jax.Array:
-  """Scalar bool: every element of every leaf is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  """Scalar bool: every element of every inexact (float/complex) leaf is finite; integer,
+  boolean and PRNG-key leaves (optimizer step counts, keys) are finite by nature."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jax.dtypes.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 

@@ -92,10 +92,12 @@ def test_all_clients_nonfinite_keeps_model(ragged_data):
   nan_model = fs.models.Model(model.init, model.apply, model.input_shape, 4,
                               loss=lambda logits, y: jnp.full(y.shape, jnp.nan))
   algo = fs.algorithms.fedavg(optax.sgd(0.1), optax.adam(0.1), batch_size=16)
-  res = fs.run(algo, nan_model, ragged_data, rounds=2, cohort_size=4, progress=False)
+  with pytest.warns(RuntimeWarning, match="2 of 2 rounds had no client with finite"):
+    res = fs.run(algo, nan_model, ragged_data, rounds=2, cohort_size=4, progress=False)
   init = nan_model.init(jax.random.split(jax.random.key(0))[0])
   testing.assert_trees_close(res.params, init, atol=0)
   assert list(res.history["num_nonfinite"]) == [4, 4]
+  assert np.isnan(res.history["train_loss"]).all()   # no loss to report, not 0
 
 
 def test_same_seed_same_numbers(ragged_data):

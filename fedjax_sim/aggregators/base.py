@@ -43,26 +43,45 @@ class Aggregator(NamedTuple):
 
 
 class MeanState(NamedTuple):
+  """``weighted_sum``: float32 (or wider) running sum of ``w_c d_c``; ``total_weight``: float32
+  scalar; ``dtypes``: zero-size leaves carrying the update's own dtypes, to cast back to."""
   weighted_sum: PyTree
   total_weight: jax.Array
+  dtypes: PyTree = None
+
+
+def _acc_dtype(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def mean() -> Aggregator:
-  """Weighted mean ``sum_c w_c d_c / sum_c w_c`` as a running sum (memory of one update)."""
+  """Weighted mean ``sum_c w_c d_c / sum_c w_c`` as a running sum (memory of one update).
+
+  The sum is accumulated in at least float32 whatever the parameters' dtype (bfloat16 / float16
+  updates summed in their own precision lose digits and, for float16, overflow at 65504), and
+  cast back to the parameters' dtype by ``finalize``. A sum that overflows even float32 comes
+  out non-finite; the round then refuses it (:func:`fedjax_sim.server.step`).
+  """
 
   def init(params, num_clients=None):
     del num_clients
-    return MeanState(tree.zeros_like(params), jnp.zeros((), jnp.float32))
+    return MeanState(jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _acc_dtype(p.dtype)), params),
+                     jnp.zeros((), jnp.float32),
+                     jax.tree.map(lambda p: jnp.zeros((0,), p.dtype), params))
 
   def accumulate(state, deltas, weights):
-    s = jax.tree.map(jnp.add, state.weighted_sum, tree.weighted_sum(deltas, weights))
-    return MeanState(s, state.total_weight + jnp.sum(weights))
+    wide = jax.tree.map(lambda d: d.astype(_acc_dtype(d.dtype)), deltas)
+    s = jax.tree.map(jnp.add, state.weighted_sum, tree.weighted_sum(wide, weights))
+    return MeanState(s, state.total_weight + jnp.sum(weights), state.dtypes)
 
   def finalize(state):
     denom = jnp.maximum(state.total_weight, 1e-30)
-    return jax.tree.map(lambda s: s / denom.astype(s.dtype), state.weighted_sum), state.total_weight
+    return (jax.tree.map(lambda s, like: (s / denom.astype(s.dtype)).astype(like.dtype),
+                         state.weighted_sum, state.dtypes), state.total_weight)
 
   def combine(states):
-    return jax.tree.map(lambda a: jnp.sum(a, axis=0), states)
+    return MeanState(jax.tree.map(lambda a: jnp.sum(a, axis=0), states.weighted_sum),
+                     jnp.sum(states.total_weight, axis=0),
+                     jax.tree.map(lambda a: a[0], states.dtypes))
 
   return Aggregator(init, accumulate, finalize, combine)

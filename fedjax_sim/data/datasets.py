@@ -68,13 +68,17 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, flatten: bool = Tru
 
   ``flatten=False`` gives ``x`` of shape ``[N, 28, 28, 1]`` (for the CNN).
 
-  The files are looked for in ``data_dir``, then ``$FEDJAX_SIM_FASHION_MNIST_DIR``, then
-  ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package).
+  The files are looked for in ``data_dir`` if given (only there: a folder given but lacking the
+  files is an error, not a reason to read another copy), else in
+  ``$FEDJAX_SIM_FASHION_MNIST_DIR``, then ``/usr/share/datasets/fashion-mnist`` (Debian's
+  ``dataset-fashion-mnist`` package).
   """
+  if data_dir is not None and str(data_dir) == "":
+    raise ValueError("data_dir is an empty string; give a folder, or None for the default places")
   candidates = [Path(p) for p in
-                ([data_dir] if data_dir else []) +
-                ([os.environ[FASHION_MNIST_ENV]] if os.environ.get(FASHION_MNIST_ENV) else []) +
-                list(FASHION_MNIST_DIRS)]
+                ([data_dir] if data_dir is not None else
+                 ([os.environ[FASHION_MNIST_ENV]] if os.environ.get(FASHION_MNIST_ENV) else []) +
+                 list(FASHION_MNIST_DIRS))]
   stems = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
            "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
   for folder in candidates:
@@ -82,6 +86,15 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, flatten: bool = Tru
     if all(files.values()):
       break
   else:
+    if data_dir is not None:
+      what = "does not exist" if not Path(data_dir).exists() else (
+          "is not a folder" if not Path(data_dir).is_dir() else "lacks them")
+      raise DatasetNotFoundError(
+          f"data_dir {str(data_dir)!r} {what}: it must hold the four Fashion-MNIST IDX files "
+          "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+          "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]); omit it to read "
+          f"${FASHION_MNIST_ENV} or the system copy (`sudo apt-get install "
+          "dataset-fashion-mnist` on Debian/Ubuntu)")
     raise DatasetNotFoundError(
         "Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz] and the other three) not found in "
         f"{', '.join(str(c) for c in candidates)}. Install them with "
@@ -134,6 +147,18 @@ def synthetic(alpha: float = 1.0, beta: float = 1.0, iid: bool = False, num_clie
   """
   if alpha < 0 or beta < 0:
     raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+  if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or \
+      num_clients <= 0:
+    raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
+  # A device holds lognormal(4, 2) + 50 samples: exp(6) + 50 ~ 453 on average, 61 float64 values
+  # each while generated. Refuse up front what cannot fit rather than die in a MemoryError.
+  need = num_clients * 453 * 61 * 8
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  if need > memory // 2:
+    raise ValueError(f"num_clients={num_clients}: the synthetic dataset would need about "
+                     f"{need / 1e9:.3g} GB, more than half of this machine's "
+                     f"{memory / 1e9:.1f} GB; use fewer clients (or "
+                     "fedjax_sim.data.procedural for populations generated on demand)")
   rng = np.random.default_rng(seed)
   dim, num_classes = 60, 10
   sizes = rng.lognormal(4, 2, num_clients).astype(np.int64) + 50

@@ -226,14 +226,35 @@ class FederatedData:
     """Builds the population from one dict of arrays per client."""
     if not clients:
       raise ValueError("no clients given")
-    names = set(clients[0])
-    for i, c in enumerate(clients):
-      if set(c) != names:
-        raise ValueError(f"client {i} has features {sorted(c)}, expected {sorted(names)}")
-    sizes = [len(c[next(iter(names))]) for c in clients]
-    arrays = {k: np.concatenate([np.asarray(c[k]) for c in clients]) for k in names}
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    names = sorted(clients[0])
     ids = np.arange(len(clients)) if client_ids is None else np.asarray(client_ids)
+    name = lambda i: ids[i:i + 1].tolist()[0] if ids.shape == (len(clients),) else i  # noqa: E731
+    per_client, sizes = {k: [] for k in names}, []
+    for i, c in enumerate(clients):
+      if sorted(c) != names:
+        raise ValueError(f"client {i} has features {sorted(c)}, expected {names}")
+      n = None
+      for k in names:
+        try:
+          a = np.asarray(c[k])
+        except ValueError as e:   # ragged nested lists
+          raise ValueError(f"feature {k!r} of client {name(i)!r} (index {i}) is not a "
+                           f"rectangular array: {' '.join(str(e).split())}") from None
+        if a.ndim == 0:
+          raise ValueError(f"feature {k!r} of client {name(i)!r} (index {i}) is a scalar; "
+                           "expected an array [n, ...] of the client's n examples")
+        if n is not None and a.shape[0] != n:
+          raise ValueError(f"client {name(i)!r} (index {i}) has {n} examples of "
+                           f"{names[0]!r} but {a.shape[0]} of {k!r}")
+        first = per_client[k][0] if per_client[k] else None
+        if first is not None and a.shape[1:] != first.shape[1:]:
+          raise ValueError(f"feature {k!r} of client {name(i)!r} (index {i}) has examples of "
+                           f"shape {a.shape[1:]}, client {name(0)!r} has {first.shape[1:]}")
+        n = a.shape[0]
+        per_client[k].append(a)
+      sizes.append(n)
+    arrays = {k: np.concatenate(per_client[k]) for k in names}
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
     return cls(arrays, offsets, ids, num_classes)
 
   # --- views ----------------------------------------------------------------------------------
@@ -303,10 +324,27 @@ class FederatedData:
             f"sizes {s.min()}..{s.max()} (mean {s.mean():.1f}), {{{feats}}})")
 
 
+def is_inexact(dtype) -> bool:
+  """Float or complex, including bfloat16 / float8 (ml_dtypes types, which
+  ``np.issubdtype(., np.floating)`` does not count as floating)."""
+  return jax.dtypes.issubdtype(dtype, jnp.inexact)
+
+
+def check_numeric(name: str, dtype, where: str = "data"):
+  """Features must be real numbers: bool, integer or float (bfloat16 included). Complex, object,
+  string and other dtypes raise a ValueError naming the feature."""
+  dtype = np.dtype(dtype)
+  if dtype.kind in "biu" or (is_inexact(dtype) and dtype.kind != "c"):
+    return
+  raise ValueError(f"{where}: feature {name!r} has dtype {dtype}; features must be real numbers "
+                   "(bool, integer or float)")
+
+
 def _check_features(arrays, num_classes, client_of_row):
   """Raises a ValueError naming the feature, row and client of the first bad value."""
   for name, a in arrays.items():
-    if np.issubdtype(a.dtype, np.floating):
+    check_numeric(name, a.dtype)
+    if is_inexact(a.dtype):
       flat = a.reshape(a.shape[0], -1)
       # In blocks of rows: a whole-array isfinite of a 4.8 GB population would allocate 1.2 GB.
       step = max(1, (1 << 24) // max(1, flat.shape[1]))

@@ -16,7 +16,8 @@ def _check(num_examples: int, num_clients: int):
   if not isinstance(num_clients, (int, np.integer)) or num_clients <= 0:
     raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
   if num_clients > num_examples:
-    raise ValueError(f"cannot split {num_examples} examples into {num_clients} non-empty clients")
+    raise ValueError(f"cannot split {num_examples} examples into {num_clients} non-empty clients "
+                     "(num_clients)")
 
 
 def iid(labels: np.ndarray, num_clients: int, seed: int = 0) -> list[np.ndarray]:
@@ -90,6 +91,9 @@ def quantity_skew(labels: np.ndarray, num_clients: int, exponent: float = 1.5, s
     raise ValueError(f"{num_clients} clients of >= {min_size} examples need more than {n} examples")
   rng = np.random.default_rng(seed)
   w = rng.pareto(exponent, num_clients) + 1.0
+  if not np.isfinite(w.sum()):
+    raise ValueError(f"quantity_skew exponent={exponent!r} is too small: the Pareto draws of "
+                     "the client sizes overflow float64; use a larger exponent (e.g. >= 0.05)")
   extra = n - min_size * num_clients
   sizes = min_size + np.floor(w / w.sum() * extra).astype(np.int64)
   sizes[np.argsort(-w)[: n - sizes.sum()]] += 1     # hand out the rounding remainder
@@ -116,4 +120,6 @@ def make(name: str, labels: np.ndarray, num_clients: int, seed: int = 0, **param
   """Partition by name (``iid``, ``dirichlet``, ``shards``, ``quantity_skew``)."""
   if name not in PARTITIONS:
     raise ValueError(f"unknown partition {name!r}; choose from {sorted(PARTITIONS)}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
   return PARTITIONS[name](labels, num_clients, seed=seed, **params)
