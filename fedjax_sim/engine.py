@@ -26,7 +26,7 @@ import numpy as np
 from fedjax_sim import heterogeneity, server, tree
 from fedjax_sim import heterogeneity as heterogeneity_mod
 from fedjax_sim.algorithms.base import Algorithm
-from fedjax_sim.client import ClientContext, make_client_train
+from fedjax_sim.client import ClientContext, make_client_loop
 from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
 from fedjax_sim.transforms.base import apply_transform
 from fedjax_sim.models.core import Model
@@ -56,6 +56,9 @@ class DeviceData(NamedTuple):
   sizes: jax.Array
   weights: jax.Array
   het: Any = None
+
+  # The round gathers each local step's rows [K, B] from the flat arrays inside its step loop.
+  gather_per_step = True
 
   # Per-client accessors the round uses; a procedural population
   # (:class:`fedjax_sim.data.procedural.ProceduralPopulation`) offers the same ones.
@@ -241,6 +244,31 @@ def _mask_tree(keep: jax.Array, t):
   return jax.tree.map(lambda d: jnp.where(jnp.reshape(keep, (-1,) + (1,) * (d.ndim - 1)), d, 0), t)
 
 
+def _work_estimate(data, ids: jax.Array, valid: jax.Array, work: LocalWork) -> jax.Array:
+  """``[C]`` int32 local steps each cohort client will roughly take (-1 for empty slots): its
+  epochs' batches (or the fixed step count), capped by a per-client step cap if there is one.
+  Only an ordering key: the trip counts themselves are exact (:func:`make_round`)."""
+  sizes = data.client_sizes(ids)
+  if work.local_steps is not None:
+    est = jnp.full(ids.shape, work.local_steps, jnp.int32)
+  else:
+    est = work.local_epochs * ((sizes + work.batch_size - 1) // work.batch_size)
+  het = getattr(data, "het", None)
+  if het is not None and het.step_cap is not None:
+    est = jnp.minimum(est, het.step_cap[ids])
+  return jnp.where(valid & (sizes > 0), est, -1).astype(jnp.int32)
+
+
+def cohort_layout(work: jax.Array, num_devices: int) -> jax.Array:
+  """``work [C']`` (C' = D * chunks * K) -> the permutation ``[C']`` that lays the cohort out
+  as ``[D, chunks, K]``: clients sorted by work, descending, then dealt to the D devices in turn
+  (device d gets sorted positions d, d + D, ...), so devices' shares are balanced and each chunk
+  holds clients of similar work; a chunk then runs about its own clients' steps, not the
+  largest client's. Ties keep cohort order."""
+  order = jnp.argsort(-work, stable=True)
+  return order.reshape(-1, num_devices).T.reshape(-1)
+
+
 def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_size: int,
                max_client_size: int, chunk_size: int | None = None,
                mesh: jax.sharding.Mesh | None = None,
@@ -280,14 +308,44 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
   het = heterogeneity
   if het is not None:
     het.validate(population, work)
-  client_train = jax.vmap(make_client_train(model, algorithm.client_optimizer,
-                                            algorithm.regularizer),
-                          in_axes=(None, 0, 0, 0, ClientContext(0, 0, None, None), 0))
+  loop = make_client_loop(model, algorithm.client_optimizer, algorithm.regularizer)
+  client_step = jax.vmap(loop.step, in_axes=(0, None, 0, 0, 0, ClientContext(0, 0, None, None), 0))
+  client_finish = jax.vmap(loop.finish, in_axes=(0, None))
   agg = algorithm.aggregator
   if agg.validate is not None:
     agg.validate(cohort_size)
   transform = algorithm.update_transform
   has_upload = algorithm.client_finish is not None
+
+  def train_chunk(params, data, cids, rows, mask, ctx, lr_scale):
+    """Local training of one chunk: ``rows``/``mask [k, S, B]`` -> stacked ClientOutput ``[k]``.
+
+    Cost follows the chunk's real work, not S: each client's non-empty steps are moved to the
+    front (an empty step is a no-op, so the order of the non-empty ones, all that matters, is
+    kept), and the chunk runs only as many steps as its busiest client has (a dynamic trip count,
+    one scalar per chunk, computed outside the vmap over clients so it is not batched). A stored
+    population's batch rows ``[k, B]`` are gathered inside the loop, step by step: the chunk
+    never holds all its examples ``[k, S, B, ...]`` at once.
+    """
+    nonempty = jnp.any(mask, axis=2)                                   # [k, S]
+    order = jnp.argsort(~nonempty, axis=1, stable=True)
+    rows = jnp.take_along_axis(rows, order[:, :, None], axis=1)
+    mask = jnp.take_along_axis(mask, order[:, :, None], axis=1)
+    trips = jnp.max(jnp.sum(nonempty, axis=1))
+    per_step = getattr(data, "gather_per_step", True)
+    if not per_step:   # e.g. a procedural population, which generates a client's data at once
+      xs, ys = data.examples(cids, rows)
+
+    def body(t, carry):
+      m = jax.lax.dynamic_index_in_dim(mask, t, axis=1, keepdims=False)
+      if per_step:
+        bx, by = data.examples(cids, jax.lax.dynamic_index_in_dim(rows, t, axis=1, keepdims=False))
+      else:
+        bx, by = (jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False) for a in (xs, ys))
+      return client_step(carry, params, bx, by, m, ctx, lr_scale)
+
+    carry = jax.tree.map(lambda a: jnp.broadcast_to(a, (k,) + jnp.shape(a)), loop.init(params))
+    return client_finish(jax.lax.fori_loop(0, trips, body, carry), params)
 
   def fold_cohort(params, aux, stores, hparams, data, keys, ids, valid):
     """One device's share: ids/valid ``[1, num_chunks, k]`` -> (aggregator state [1, ...],
@@ -309,8 +367,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       mine = jax.tree.map(lambda s: s[cids], stores)
       ctx = ClientContext(cids, mine.get("algorithm"),
                           aux if algorithm.server_aux_init is not None else None, hparams)
-      x, y = data.examples(cids, rows)
-      out = client_train(params, x, y, mask, ctx, lr_scale)
+      out = train_chunk(params, data, cids, rows, mask, ctx, lr_scale)
       delta, ys = out.delta, dict(out.metrics)
       upload = None
       if has_upload:
@@ -380,14 +437,20 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       num_online = jnp.asarray(population, jnp.int32)
     valid = jnp.concatenate([valid, jnp.zeros(padded - cohort_size, bool)])
     ids = jnp.concatenate([ids, jnp.zeros(padded - cohort_size, jnp.int32)])
+    # Lay the cohort out by work (see cohort_layout); every per-client draw is keyed by the client
+    # id, so the layout changes float summation order only.
+    layout = cohort_layout(_work_estimate(data, ids, valid, work), num_dev)
+    lids, lvalid = ids[layout], valid[layout]
     shape = (num_dev, num_chunks, k)
     accs, ups, clients = fold_cohort(state.params, state.aux, state.clients, state.hparams, data,
-                                     keys, ids.reshape(shape), valid.reshape(shape))
-    clients = jax.tree.map(lambda a: a.reshape((padded,) + a.shape[3:])[:cohort_size], clients)
+                                     keys, lids.reshape(shape), lvalid.reshape(shape))
+    back = jnp.zeros(padded, jnp.int32).at[layout].set(jnp.arange(padded, dtype=jnp.int32))
+    clients = jax.tree.map(lambda a: a.reshape((padded,) + a.shape[3:])[back][:cohort_size],
+                           clients)
     if agg.keyed:
-      # Slots of the combined state follow ids' (device, chunk, k) order; empty slots get
-      # distinct ids outside the population so that every slot has its own.
-      slot_ids = jnp.where(valid, ids, population + jnp.arange(padded, dtype=jnp.int32))
+      # Slots of the combined state follow the layout's (device, chunk, k) order; empty slots
+      # get distinct ids outside the population so that every slot has its own.
+      slot_ids = jnp.where(lvalid, lids, population + jnp.arange(padded, dtype=jnp.int32))
       update, total_w = agg.finalize(agg.combine(accs), keys.aggregate, slot_ids)
     else:
       update, total_w = agg.finalize(agg.combine(accs))

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     w = rng.normal(size=(8, 4))
     clients = []
-    for n in rng.integers(1, 60, size=22):
+    for n in list(rng.integers(1, 60, size=21)) + [300]:   # a heavy tail: one client of 300
       x = rng.normal(size=(n, 8)).astype(np.float32)
       clients.append({"x": x, "y": np.argmax(x @ w, 1).astype(np.int32)})
     data = fs.FederatedData.from_clients(clients, num_classes=4)
