@@ -97,14 +97,22 @@ def emit(record: dict):
 
 def seconds_per_round(algo, model, state, data, *, population: int, cohort: int,
                       max_client_size: int, repeats: int = 5, chunk_size: int | None = None,
-                      mesh=None) -> tuple[float, float]:
-  """(median s/round after a warm-up round, compile seconds) of the compiled round."""
+                      mesh=None, info: dict | None = None) -> tuple[float, float]:
+  """(median s/round after a warm-up round, compile seconds) of the compiled round.
+
+  ``info``, if given, receives the compiled program's ``temp_gb`` (XLA's scratch memory for one
+  round: activations, batches; a deterministic figure, unlike timings) and ``argument_gb``."""
   from fedjax_sim import engine
   t = time.perf_counter()
   rf = jax.jit(engine.make_round(algo, model, population=population, cohort_size=cohort,
                                  max_client_size=max_client_size, chunk_size=chunk_size,
                                  mesh=mesh)).lower(state, data, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t
+  if info is not None:
+    mem = rf.memory_analysis()
+    if mem is not None:
+      info["temp_gb"] = mem.temp_size_in_bytes / 1e9
+      info["argument_gb"] = mem.argument_size_in_bytes / 1e9
   holder = [state]
 
   def step(r=[0]):

@@ -50,7 +50,7 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
       repeats=rounds, chunk_size=chunk_size,
       mesh=engine.client_mesh() if jax.device_count() > 1 else None)
   rec = {"workload": name, "clients": c, "engine": "vectorized", "devices": jax.device_count(),
-         "chunk_size": min(c, chunk_size or engine.DEFAULT_CHUNK_SIZE),
+         "chunk_size": min(c, chunk_size or engine.default_chunk_size()),
          "sec_per_round": sec, "sec_per_client": sec / c, "gflops": flops / sec / 1e9,
          "compile_sec": compile_s, "peak_rss_gb": peak_rss_gb()}
   if name == "W1":   # the per-client product W1 is made of, alone, on the same devices

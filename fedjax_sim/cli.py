@@ -407,9 +407,6 @@ def resolve(cfg: Config, explicit: dict[str, str]) -> tuple[Config, list[str]]:
     a.server_lr = DEFAULT_SERVER_LR[server]
   if loc.epochs is None and loc.steps is None:
     loc.epochs = 1
-  if cfg.chunk_size is None:
-    from fedjax_sim import engine
-    cfg.chunk_size = engine.DEFAULT_CHUNK_SIZE
   if cfg.out is None:
     cfg.out = str(Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
   return cfg, warnings
@@ -646,6 +643,9 @@ def cmd_run(args) -> int:
   # Before any JAX computation; the resolved config records the count actually used.
   from fedjax_sim import distributed
   cfg.cpu_devices = distributed.cpu_devices(cfg.cpu_devices)
+  if cfg.chunk_size is None:   # per backend, so only now (this starts JAX's backends)
+    from fedjax_sim import engine
+    cfg.chunk_size = engine.default_chunk_size()
   out = Path(cfg.out)
   seeds = cfg.seeds
   if len(seeds) == 1:

@@ -39,6 +39,21 @@ from fedjax_sim.models.core import Model
 # bandwidth-bound, so cache residency matters more than batching more clients.
 DEFAULT_CHUNK_SIZE = 8
 
+# Clients per chunk on a GPU/TPU: A GUESS, NOT YET MEASURED (no accelerator was available when
+# it was set; `benchmarks/device_check.sh` sweeps it). An accelerator is kept busy by large
+# batched products, and K = 8 W1 clients are a [8, 20, 784] x [8, 784, 200] product per layer,
+# far too small to fill one; K clients also cost K copies of parameters and activations, which
+# device memory holds easily at K = 64 for models of this size.
+ACCELERATOR_CHUNK_SIZE = 64
+
+
+def default_chunk_size(platform: str | None = None) -> int:
+  """The default clients per chunk K for ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``; default:
+  JAX's default backend): :data:`DEFAULT_CHUNK_SIZE` on a CPU, :data:`ACCELERATOR_CHUNK_SIZE`
+  elsewhere."""
+  platform = platform or jax.default_backend()
+  return DEFAULT_CHUNK_SIZE if platform == "cpu" else ACCELERATOR_CHUNK_SIZE
+
 
 class DeviceData(NamedTuple):
   """A population on the device: flat arrays plus per-client offsets and sizes.
@@ -86,13 +101,21 @@ def to_device(data: FederatedData, weights: np.ndarray | None = None,
   heterogeneity arrays."""
   w = data.sizes if weights is None else weights
   het_arrays = None if het is None else heterogeneity.to_device(het, data.sizes, work)
-  # Arrays already on the device are used as they are; jax.device_put makes one copy of host
-  # arrays (jnp.asarray briefly held two: 3x the features at peak).
+  # Arrays already on the device are used as they are. jax.device_put of a host array makes
+  # one copy, or none on a CPU when the array is 64-byte aligned (from_partition's copies are;
+  # see fedjax_sim.data.federated.aligned_empty). On a CPU the population then keeps the device
+  # array and a zero-copy host view of it in place of its host array, so that no second copy
+  # outlives this call (the caller's own arrays are the caller's).
+  cpu = jax.local_devices()[0].platform == "cpu"
+
   def put(name, dtype=None):
     a = data.device_arrays.get(name)
     if a is None:
-      a = data.arrays[name]
-      a = jax.device_put(a if dtype is None or a.dtype == dtype else a.astype(dtype))
+      host = data.arrays[name]
+      same = dtype is None or host.dtype == dtype
+      a = jax.device_put(host if same else host.astype(dtype))
+      if cpu and same:
+        data.adopt_device_array(name, a)
     return a if dtype is None else a.astype(dtype)
   return DeviceData(put("x"), put("y", np.int32),
                     jnp.asarray(data.offsets[:-1], jnp.int32), jnp.asarray(data.sizes, jnp.int32),
@@ -191,6 +214,22 @@ def transform_updates(transform, key: jax.Array, client_ids: jax.Array, deltas, 
       deltas, keys, client_ids, states)
 
 
+def device_memory_bytes(device: jax.Device | None = None) -> tuple[int, str]:
+  """``(bytes, description)`` of the memory that arrays on ``device`` (default: the first local
+  device) live in: an accelerator's own memory (``memory_stats()["bytes_limit"]``, what its
+  allocator may use), else the host's physical RAM (a CPU device's arrays are host memory)."""
+  device = device or jax.local_devices()[0]
+  stats = None
+  if device.platform != "cpu":
+    try:
+      stats = device.memory_stats()
+    except Exception:   # noqa: BLE001 - some backends do not implement it
+      stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.device_kind} device memory"
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+
+
 def init_state(algorithm: Algorithm, params, population: int,
                hparams: dict | None = None) -> server.ServerState:
   """The round-0 :class:`~fedjax_sim.server.ServerState` of ``algorithm``: params, server optimizer
@@ -212,11 +251,11 @@ def init_state(algorithm: Algorithm, params, population: int,
     one["transform"] = t.init(params)
   per_client = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(one))
   total = per_client * population
-  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  memory, where = device_memory_bytes()
   if total > memory // 2:
     raise ValueError(
         f"{algorithm.name} keeps {per_client} bytes of state per client: {total / 1e9:.1f} GB for "
-        f"{population} clients, more than half of this machine's {memory / 1e9:.1f} GB. Use a "
+        f"{population} clients, more than half of the {memory / 1e9:.1f} GB of {where}. Use a "
         "smaller population or a stateless algorithm.")
   for name, value in one.items():
     clients[name] = store(value)
@@ -283,7 +322,8 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     population: number of clients P in ``data``.
     cohort_size: clients per round C.
     max_client_size: largest client (fixes the number of local steps S, a static shape).
-    chunk_size: clients per vmapped chunk K (default :data:`DEFAULT_CHUNK_SIZE`).
+    chunk_size: clients per vmapped chunk K (default :func:`default_chunk_size` of the mesh's
+      or the default backend's platform).
     mesh: optional 1-D mesh (axis ``"clients"``, see :func:`client_mesh`): the cohort's client
       axis is split over its D devices, each folding its share chunk by chunk; the D partial
       aggregator states are then combined (a cross-device reduction). Parameters and data are
@@ -301,7 +341,8 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     raise ValueError(f"cohort_sampling must be one of {COHORT_SAMPLING}, got {cohort_sampling!r}")
   num_dev = 1 if mesh is None else mesh.devices.size
   per_dev = math.ceil(cohort_size / num_dev)
-  num_chunks = math.ceil(per_dev / min(per_dev, chunk_size or DEFAULT_CHUNK_SIZE))
+  platform = None if mesh is None else mesh.devices.flat[0].platform
+  num_chunks = math.ceil(per_dev / min(per_dev, chunk_size or default_chunk_size(platform)))
   k = math.ceil(per_dev / num_chunks)   # balanced: C=10, K=8 -> 2 chunks of 5, not 8 + 2
   padded = num_dev * num_chunks * k
   work = algorithm.work

@@ -203,3 +203,29 @@ def test_outputs_follow_cohort_order_not_layout(ragged_data):
     np.testing.assert_array_equal(o["id"], outs[0]["id"])
     np.testing.assert_allclose(o["loss"], outs[0]["loss"], rtol=1e-5)
     np.testing.assert_array_equal(o["steps"], outs[0]["steps"])
+
+
+class _FakeGPU:
+  platform, device_kind = "gpu", "Fake GPU"
+
+  def memory_stats(self):
+    return {"bytes_limit": 4_000_000, "bytes_in_use": 0}
+
+
+def test_memory_guard_reads_the_accelerator_memory(monkeypatch):
+  """On an accelerator the per-client state guard compares with device memory, not host RAM."""
+  assert fs.engine.device_memory_bytes(_FakeGPU()) == (4_000_000, "Fake GPU device memory")
+  ram, where = fs.engine.device_memory_bytes(jax.devices("cpu")[0])
+  assert where == "this machine's RAM" and ram > 4_000_000
+  monkeypatch.setattr(fs.engine.jax, "local_devices", lambda: [_FakeGPU()])
+  algo = fs.algorithms.scaffold(client_lr=0.1)
+  params = _mlp().init(jax.random.key(0))              # 212 floats: ~1.7 kB of state per client
+  fs.engine.init_state(algo, params, 100)               # 0.17 MB: fits in half of 4 MB
+  with pytest.raises(ValueError, match="Fake GPU device memory"):
+    fs.engine.init_state(algo, params, 10_000)          # 17 MB
+
+
+def test_default_chunk_size_per_backend():
+  assert fs.engine.default_chunk_size("cpu") == fs.engine.DEFAULT_CHUNK_SIZE
+  assert fs.engine.default_chunk_size("gpu") == fs.engine.ACCELERATOR_CHUNK_SIZE
+  assert fs.engine.default_chunk_size() == fs.engine.DEFAULT_CHUNK_SIZE   # the tests run on CPU
