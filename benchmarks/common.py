@@ -85,6 +85,23 @@ def batched_gemm_gflops(clients: int = 8, batch: int = 20, d_in: int = 784, d_ou
   return 2 * chunks * clients * batch * d_in * d_out / t / 1e9
 
 
+def sequential_baseline(algo, model, data, clients: int, max_clients: int = 1000) -> dict:
+  """The sequential baseline (``fedjax_sim.testing.sequential_round``: a Python loop over
+  clients, one jitted step per batch) for a round of ``clients`` clients of ``data``, timed on at
+  most ``max_clients`` of them (a subset population with the same per-client work) and scaled
+  linearly: its cost is exactly per-client. Returns the ``baseline_*`` fields of a record."""
+  from fedjax_sim import engine, testing
+  nb = min(clients, max_clients, data.num_clients)
+  sub = data.subset(np.arange(nb)) if nb < data.num_clients else data
+  state = engine.init_state(algo, model.init(jax.random.key(0)), nb)
+  testing.sequential_round(algo, model, sub, state, jax.random.key(0), min(nb, 10))   # warm-up
+  sec, _ = median_time(lambda: testing.sequential_round(algo, model, sub, state,
+                                                        jax.random.key(1), nb),
+                       1 if nb >= 1000 else 3)
+  return {"baseline_sec_per_round": sec * clients / nb, "baseline_sec_per_client": sec / nb,
+          "baseline_measured_clients": nb}
+
+
 def device_info() -> dict:
   d = jax.devices()[0]
   return {"backend": jax.default_backend(), "device": d.device_kind, "num_devices": jax.device_count(),

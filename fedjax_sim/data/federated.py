@@ -205,7 +205,7 @@ class FederatedData:
     if order.size and (order.min() < 0 or order.max() >= n):
       raise ValueError(f"partition indices must lie in [0, {n})")
     # Clients that already own consecutive rows in order (every example, once) need no copy.
-    identity = order.size == n and bool(np.all(order == np.arange(n)))
+    identity = order.size == n and _is_arange(order)
     if not identity:
       seen = np.zeros(n, bool)
       seen[order] = True
@@ -313,6 +313,12 @@ def aligned_empty(shape, dtype) -> np.ndarray:
   raw = np.empty(n + _ALIGN, np.uint8)
   start = (-raw.ctypes.data) % _ALIGN
   return raw[start:start + n].view(dtype).reshape(shape)
+
+
+def _is_arange(order: np.ndarray, block: int = 1 << 20) -> bool:
+  """Whether ``order`` is ``0, 1, ..., n-1`` (checked in blocks: no n-sized temporaries)."""
+  return all(np.array_equal(order[i:i + block], np.arange(i, min(i + block, order.size)))
+             for i in range(0, order.size, block))
 
 
 def _take_rows(a: np.ndarray, order: np.ndarray) -> np.ndarray:
