@@ -22,6 +22,7 @@ case and its equal-size twin. ``temp_gb`` is XLA's scratch memory of the compile
   python benchmarks/uneven_clients.py                 # all cases; results/uneven_clients.{jsonl,png}
   python benchmarks/uneven_clients.py --only zipf     # one case
   python benchmarks/uneven_clients.py --smoke         # tiny sizes: checks the script runs (CI)
+  python benchmarks/uneven_clients.py --work-only --cpu-devices 1   # exact client-steps only
   python benchmarks/uneven_clients.py --shakespeare-stride 1 --cpu-devices 1   # on a GPU
 """
 
@@ -149,7 +150,7 @@ def plot(records, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  recs = [r for r in records if "ratio_vs_equal" in r]
+  recs = [r for r in records if "critical_path_steps" in r]
   labels = [f"{r['case']}\nC={r['clients']}\nmax/mean {r['max_over_mean']:.0f}" for r in recs]
   x = range(len(recs))
   fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(recs) + 2), 4))
@@ -158,8 +159,9 @@ def plot(records, path):
                                for r in recs], wd, label="padded to the largest client (before)")
   ax.bar(list(x), [r["critical_path_steps"] / r["equal_critical_path_steps"] for r in recs], wd,
          label="work-sorted chunks (steps, exact)")
-  ax.bar([i + wd for i in x], [r["ratio_vs_equal"] for r in recs], wd,
-         label="work-sorted chunks (measured time)")
+  if all("ratio_vs_equal" in r for r in recs):
+    ax.bar([i + wd for i in x], [r["ratio_vs_equal"] for r in recs], wd,
+           label="work-sorted chunks (measured time)")
   ax.axhline(1.25, color="k", ls="--", lw=1, label="goal 1.25x")
   ax.set_yscale("log")
   ax.set_xticks(list(x))
@@ -178,6 +180,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", nargs="*", choices=["lognormal", "zipf", "shakespeare"])
   p.add_argument("--smoke", action="store_true", help="tiny sizes, one timed round")
+  p.add_argument("--work-only", action="store_true",
+                 help="only the exact client-step counts of each layout (no timing)")
   p.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up")
   p.add_argument("--chunk-size", type=int, default=None)
   p.add_argument("--shakespeare-stride", type=int, default=8,
@@ -194,7 +198,8 @@ def main(argv=None):
   import numpy as np
   from common import device_info, emit
   from fedjax_sim import engine
-  out = a.out or (None if a.smoke else os.path.join(RESULTS, "uneven_clients"))
+  out = a.out or (None if a.smoke else os.path.join(
+      RESULTS, "uneven_clients_work" if a.work_only else "uneven_clients"))
   rounds = 1 if a.smoke else a.rounds
   chunk = a.chunk_size or engine.default_chunk_size()
   dev_info = device_info()
@@ -212,11 +217,12 @@ def main(argv=None):
     rec.update(work)
     rec["equal_critical_path_steps"] = ework["critical_path_steps"]
     rec["equal_executed_client_steps"] = ework["executed_client_steps"]
-    t = time_case(sizes, rounds, a.chunk_size)
-    te = time_case(eq, rounds, a.chunk_size)
-    rec.update(t)
-    rec.update({f"equal_{k}": v for k, v in te.items()})
-    rec["ratio_vs_equal"] = t["sec_per_round"] / te["sec_per_round"]
+    if not a.work_only:
+      t = time_case(sizes, rounds, a.chunk_size)
+      te = time_case(eq, rounds, a.chunk_size)
+      rec.update(t)
+      rec.update({f"equal_{k}": v for k, v in te.items()})
+      rec["ratio_vs_equal"] = t["sec_per_round"] / te["sec_per_round"]
     records.append(rec)
     emit(rec)
   emit(dev_info)
