@@ -2,13 +2,15 @@
 
 One call of the function built by :func:`make_round` runs a whole round as one XLA program::
 
-  cohort ids [C] ──► chunks [C/K, K] ──scan──► per chunk: rows/masks [K,S,B] -> gather x,y
-                                                         vmap_K(scan_S(client step)) -> delta [K,...]
-                                                         non-finite clients -> weight 0
-                                                         aggregator.accumulate (running sum)
-                 ──► aggregator.finalize -> pseudo-gradient ──► server optimizer -> ServerState
+  cohort ids [C] ──sort by local steps, deal to devices──► chunks [C/K, K] ──scan──►
+      per chunk: rows/masks [K,S,B] (non-empty steps first)
+                 loop t < the chunk's own max steps: gather x,y [K,B] -> vmap_K(client step)
+                 -> delta [K,...]; non-finite clients -> weight 0; aggregator.accumulate
+  ──► aggregator.finalize -> pseudo-gradient ──► server optimizer -> ServerState
 
-Peak memory follows the chunk size K, not the cohort size C. Data lives on the device as flat
+Cost follows the clients' real work: S (from the largest client) only sizes the index tables;
+a chunk of similar clients runs its own busiest client's steps (:func:`cohort_layout`). Peak
+memory follows the chunk size K, not the cohort size C. Data lives on the device as flat
 arrays (:class:`DeviceData`) and is passed as an argument (never closed over, so it is not
 baked into the program as a constant).
 """
@@ -321,7 +323,8 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     model: the model.
     population: number of clients P in ``data``.
     cohort_size: clients per round C.
-    max_client_size: largest client (fixes the number of local steps S, a static shape).
+    max_client_size: largest client (fixes S, the static length of the per-client step
+      tables; each chunk runs only as many steps as its own clients need).
     chunk_size: clients per vmapped chunk K (default :func:`default_chunk_size` of the mesh's
       or the default backend's platform).
     mesh: optional 1-D mesh (axis ``"clients"``, see :func:`client_mesh`): the cohort's client
