@@ -130,20 +130,21 @@ def time_case(sizes, rounds: int, chunk_size: int | None) -> dict:
 def cases(smoke: bool, stride: int, only):
   """(name, label, sizes) of the cases."""
   import numpy as np
-  if smoke:
+  def smoke_shakespeare():
     sh = shakespeare_sizes(8)
-    pick = np.random.default_rng(0).choice(sh.size, 12, replace=False)
-    out = [("lognormal", "lognormal sigma=1, mean 10", lognormal_sizes(12, 10)),
-           ("zipf", "zipf a=1, mean 10", zipf_sizes(12, 10)),
-           ("shakespeare", "12 Shakespeare roles' sizes / 50",
-            np.maximum(1, sh[pick] // 50))]
+    return np.maximum(1, sh[np.random.default_rng(0).choice(sh.size, 12, replace=False)] // 50)
+
+  if smoke:   # sizes are drawn lazily: the Shakespeare plays are only read when asked for
+    out = [("lognormal", "lognormal sigma=1, mean 10", lambda: lognormal_sizes(12, 10)),
+           ("zipf", "zipf a=1, mean 10", lambda: zipf_sizes(12, 10)),
+           ("shakespeare", "12 Shakespeare roles' sizes / 50", smoke_shakespeare)]
   else:
-    out = [("lognormal", "lognormal sigma=1, mean 100", lognormal_sizes(200)),
-           ("lognormal", "lognormal sigma=1, mean 100", lognormal_sizes(1000)),
-           ("zipf", "zipf a=1, mean 100", zipf_sizes(1000)),
+    out = [("lognormal", "lognormal sigma=1, mean 100", lambda: lognormal_sizes(200)),
+           ("lognormal", "lognormal sigma=1, mean 100", lambda: lognormal_sizes(1000)),
+           ("zipf", "zipf a=1, mean 100", lambda: zipf_sizes(1000)),
            ("shakespeare", f"every Shakespeare role uncapped, stride {stride}",
-            shakespeare_sizes(stride))]
-  return [c for c in out if not only or c[0] in only]
+            lambda: shakespeare_sizes(stride))]
+  return [(name, label, sizes()) for name, label, sizes in out if not only or name in only]
 
 
 def plot(records, path):

@@ -193,6 +193,12 @@ class FederatedData:
         may appear in at most one client.
       client_ids: optional names, default ``0..P-1``.
       num_classes: if given, labels ``arrays["y"]`` are checked against it.
+
+    Memory: when the clients' rows are already consecutive and in order (``partition`` covers
+    ``0..N-1`` in order) the arrays are used as they are, not copied (like the constructor, the
+    population then shares them: do not modify them afterwards). Otherwise they are reordered
+    into one 64-byte aligned copy, which :func:`fedjax_sim.engine.to_device` hands to a CPU
+    device without copying again.
     """
     lengths = {k: np.shape(v)[0] for k, v in arrays.items()}
     if len(set(lengths.values())) > 1:
