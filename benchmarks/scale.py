@@ -7,7 +7,7 @@
 * stored:     1,000,000 stored clients x 20 examples x 60 features (4.8 GB), W2's model, cohort
               10,000: build time, peak memory, s/round vs the sequential loop's per-client cost.
 * stored_numpy / stored_numpy_aligned: the same population through the README's path: NumPy
-              arrays (allocated by ``np.empty``, or by ``fs.data.federated.aligned_empty``, whose
+              arrays (allocated by ``np.empty``, or by ``fs.data.aligned_empty``, whose
               64-byte alignment lets XLA:CPU use them in place) -> FederatedData.from_partition
               (one index array per client) -> to_device -> one round; peak memory against the
               data's size (only memory: no timing).
@@ -92,7 +92,7 @@ def case_stored_numpy(aligned: bool, clients: int = 1_000_000):
   from common import peak_rss_gb
   import fedjax_sim as fs
   from fedjax_sim import engine
-  from fedjax_sim.data.federated import aligned_empty
+  from fedjax_sim.data import aligned_empty
   P, n, dim, C = clients, 20, 60, min(10_000, clients)
   rss0 = peak_rss_gb()
   t = time.perf_counter()
