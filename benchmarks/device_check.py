@@ -12,6 +12,8 @@ batch) on the same device, timed on at most ``--baseline-clients`` clients and s
   populations are drawn on the device (``jax.random``, the workloads' distribution; NumPy would
   take minutes for W1's 7.8e9 values at C = 100,000) and handed to the round as
   ``engine.DeviceData``, so no host copy is made;
+* ``chunks``: W1 at C = 10,000 with chunk sizes K = 16, 64, 256 (the accelerator default, 64,
+  is a guess until this has run);
 * ``stored``: the 1,000,000-client stored population of ``scale.py`` (cohort 10,000);
 * ``sweep``: 16 W2 experiments as one vmapped program vs 16 ``fs.run`` calls (``scale.py``);
 * ``transfer``: a linear head on cached frozen-encoder features (the McMahan CNN's 512 features
@@ -36,13 +38,15 @@ FULL = {"w1": [100, 1000, 10_000, 100_000], "w2": [10_000, 100_000, 1_000_000],
         "stored": dict(clients=1_000_000, cohort=10_000, baseline_clients=100),
         "sweep": dict(clients=1000, experiments=16, rounds=20),
         "transfer": dict(clients=1000, per_client=50, cohort=100, rounds=5),
+        "chunks": dict(workload="W1", clients=10_000, sizes=[16, 64, 256]),
         "matmul": 8192, "gemm_chunks": 100, "baseline_clients": 100, "rounds": 3}
 SMOKE = {"w1": [10], "w2": [20],
          "stored": dict(clients=2000, cohort=50, baseline_clients=5),
          "sweep": dict(clients=20, experiments=2, rounds=2),
          "transfer": dict(clients=8, per_client=10, cohort=4, rounds=2),
+         "chunks": dict(workload="W1", clients=16, sizes=[4]),
          "matmul": 256, "gemm_chunks": 4, "baseline_clients": 5, "rounds": 1}
-CASES = ("roofline", "w1_w2", "stored", "sweep", "transfer")
+CASES = ("roofline", "w1_w2", "chunks", "stored", "sweep", "transfer")
 
 
 def device_memory() -> dict:
@@ -138,6 +142,28 @@ def case_w1_w2(cfg) -> list[dict]:
   return out
 
 
+def case_chunks(cfg) -> list[dict]:
+  """Seconds per round by chunk size K (``engine.ACCELERATOR_CHUNK_SIZE`` is a guess until this
+  has run on an accelerator)."""
+  import jax
+  from common import seconds_per_round
+  from fedjax_sim import engine
+  ch = cfg["chunks"]
+  data, model, algo, flops = device_population(ch["workload"], ch["clients"])
+  state = engine.init_state(algo, model.init(jax.random.key(0)), ch["clients"])
+  out = []
+  for k in ch["sizes"]:
+    info = {}
+    sec, compile_s = seconds_per_round(
+        algo, model, state, data, population=ch["clients"], cohort=ch["clients"],
+        max_client_size=int(data.sizes[0]), repeats=cfg["rounds"], chunk_size=k, info=info,
+        mesh=engine.client_mesh() if jax.device_count() > 1 else None)
+    out.append({"case": "chunks", "workload": ch["workload"], "clients": ch["clients"],
+                "chunk_size": k, "sec_per_round": sec, "gflops": flops / sec / 1e9,
+                "compile_sec": compile_s, **info})
+  return out
+
+
 def case_stored(cfg) -> list[dict]:
   import scale
   return [{**scale.case_stored(**cfg["stored"]), **device_memory()}]
@@ -201,7 +227,8 @@ def main(argv=None):
   distributed.cpu_devices()   # one device per core on a CPU host; nothing on an accelerator
   from common import device_info, emit
   cfg = SMOKE if a.smoke else FULL
-  fns = {"roofline": case_roofline, "w1_w2": case_w1_w2, "stored": case_stored,
+  fns = {"roofline": case_roofline, "w1_w2": case_w1_w2, "chunks": case_chunks,
+         "stored": case_stored,
          "sweep": case_sweep, "transfer": case_transfer}
   info = {"case": "device", **device_info(), "smoke": a.smoke}
   records = [info]

@@ -42,7 +42,7 @@ from fedjax_sim.models.core import Model
 DEFAULT_CHUNK_SIZE = 8
 
 # Clients per chunk on a GPU/TPU: A GUESS, NOT YET MEASURED (no accelerator was available when
-# it was set; `benchmarks/device_check.sh` sweeps it). An accelerator is kept busy by large
+# it was set; the "chunks" case of `benchmarks/device_check.sh` times K = 16, 64, 256). An accelerator is kept busy by large
 # batched products, and K = 8 W1 clients are a [8, 20, 784] x [8, 784, 200] product per layer,
 # far too small to fill one; K clients also cost K copies of parameters and activations, which
 # device memory holds easily at K = 64 for models of this size.

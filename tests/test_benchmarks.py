@@ -25,7 +25,7 @@ def test_device_check_smoke():
   recs = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
   cases = [r["case"] for r in recs]
   assert cases[0] == "device" and cases[-1] == "done"
-  assert {"roofline", "w1_w2", "stored", "sweep", "transfer"} <= set(cases)
+  assert {"roofline", "w1_w2", "chunks", "stored", "sweep", "transfer"} <= set(cases)
   for r in recs:
     if "sec_per_round" in r and "baseline_sec_per_round" in r:
       assert r["sec_per_round"] > 0 and r["baseline_sec_per_round"] > 0, r
