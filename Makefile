@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 FMNIST  := /usr/share/datasets/fashion-mnist
 RUN_ARGS ?=
 
-.PHONY: run test install install-dev fashion-mnist bench fedjax-venv flower-venv clean
+.PHONY: run test install install-dev fashion-mnist bench device-check fedjax-venv flower-venv clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,10 @@ test: install-dev fashion-mnist
 
 bench: install
 	$(VPY) benchmarks/w1_w2.py
+
+# The accelerator check (issue 20): < 5 minutes on one GPU; JSON lines on stdout.
+device-check: install
+	PYTHON=$(VPY) benchmarks/device_check.sh --out benchmarks/results/device_check.jsonl
 
 # FedJAX 0.0.17 in its own environment (it needs an older JAX) for the side-by-side timing
 # benchmarks/fedjax_w1_w2.py.

@@ -85,6 +85,23 @@ def batched_gemm_gflops(clients: int = 8, batch: int = 20, d_in: int = 784, d_ou
   return 2 * chunks * clients * batch * d_in * d_out / t / 1e9
 
 
+def sequential_baseline(algo, model, data, clients: int, max_clients: int = 1000) -> dict:
+  """The sequential baseline (``fedjax_sim.testing.sequential_round``: a Python loop over
+  clients, one jitted step per batch) for a round of ``clients`` clients of ``data``, timed on at
+  most ``max_clients`` of them (a subset population with the same per-client work) and scaled
+  linearly: its cost is exactly per-client. Returns the ``baseline_*`` fields of a record."""
+  from fedjax_sim import engine, testing
+  nb = min(clients, max_clients, data.num_clients)
+  sub = data.subset(np.arange(nb)) if nb < data.num_clients else data
+  state = engine.init_state(algo, model.init(jax.random.key(0)), nb)
+  testing.sequential_round(algo, model, sub, state, jax.random.key(0), min(nb, 10))   # warm-up
+  sec, _ = median_time(lambda: testing.sequential_round(algo, model, sub, state,
+                                                        jax.random.key(1), nb),
+                       1 if nb >= 1000 else 3)
+  return {"baseline_sec_per_round": sec * clients / nb, "baseline_sec_per_client": sec / nb,
+          "baseline_measured_clients": nb}
+
+
 def device_info() -> dict:
   d = jax.devices()[0]
   return {"backend": jax.default_backend(), "device": d.device_kind, "num_devices": jax.device_count(),
@@ -97,14 +114,22 @@ def emit(record: dict):
 
 def seconds_per_round(algo, model, state, data, *, population: int, cohort: int,
                       max_client_size: int, repeats: int = 5, chunk_size: int | None = None,
-                      mesh=None) -> tuple[float, float]:
-  """(median s/round after a warm-up round, compile seconds) of the compiled round."""
+                      mesh=None, info: dict | None = None) -> tuple[float, float]:
+  """(median s/round after a warm-up round, compile seconds) of the compiled round.
+
+  ``info``, if given, receives the compiled program's ``temp_gb`` (XLA's scratch memory for one
+  round: activations, batches; a deterministic figure, unlike timings) and ``argument_gb``."""
   from fedjax_sim import engine
   t = time.perf_counter()
   rf = jax.jit(engine.make_round(algo, model, population=population, cohort_size=cohort,
                                  max_client_size=max_client_size, chunk_size=chunk_size,
                                  mesh=mesh)).lower(state, data, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t
+  if info is not None:
+    mem = rf.memory_analysis()
+    if mem is not None:
+      info["temp_gb"] = mem.temp_size_in_bytes / 1e9
+      info["argument_gb"] = mem.argument_size_in_bytes / 1e9
   holder = [state]
 
   def step(r=[0]):

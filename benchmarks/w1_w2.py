@@ -36,9 +36,9 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
   if cpu_devices is not None:
     distributed.cpu_devices(cpu_devices or None)
   import jax
-  import numpy as np
-  from common import batched_gemm_gflops, median_time, peak_rss_gb, seconds_per_round, workload
-  from fedjax_sim import engine, testing
+  from common import (batched_gemm_gflops, peak_rss_gb, seconds_per_round, sequential_baseline,
+                      workload)
+  from fedjax_sim import engine
 
   name, c = spec.split(":")
   c = int(c)
@@ -50,24 +50,16 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
       repeats=rounds, chunk_size=chunk_size,
       mesh=engine.client_mesh() if jax.device_count() > 1 else None)
   rec = {"workload": name, "clients": c, "engine": "vectorized", "devices": jax.device_count(),
-         "chunk_size": min(c, chunk_size or engine.DEFAULT_CHUNK_SIZE),
+         "chunk_size": min(c, chunk_size or engine.default_chunk_size()),
          "sec_per_round": sec, "sec_per_client": sec / c, "gflops": flops / sec / 1e9,
          "compile_sec": compile_s, "peak_rss_gb": peak_rss_gb()}
   if name == "W1":   # the per-client product W1 is made of, alone, on the same devices
     rec["batched_gemm_gflops"] = batched_gemm_gflops()
   if baseline:
-    # The baseline is timed on at most `baseline_max_clients` clients (a subset population with
-    # the same per-client work) and scaled linearly: its cost is exactly per-client.
-    nb = min(c, baseline_max_clients)
-    sub = data.subset(np.arange(nb)) if nb < c else data
-    bstate = engine.init_state(algo, model.init(jax.random.key(0)), nb)
-    testing.sequential_round(algo, model, sub, bstate, jax.random.key(0), min(nb, 10))  # warm-up
-    bsec, _ = median_time(lambda: testing.sequential_round(algo, model, sub, bstate,
-                                                           jax.random.key(1), nb), 1 if nb >= 1000 else 3)
-    bsec_full = bsec * c / nb
-    rec.update({"baseline_sec_per_round": bsec_full, "baseline_sec_per_client": bsec / nb,
-                "baseline_measured_clients": nb, "baseline_gflops": flops / bsec_full / 1e9,
-                "speedup": bsec_full / sec})
+    b = sequential_baseline(algo, model, data, c, baseline_max_clients)
+    rec.update(b)
+    rec.update({"baseline_gflops": flops / b["baseline_sec_per_round"] / 1e9,
+                "speedup": b["baseline_sec_per_round"] / sec})
   return rec
 
 

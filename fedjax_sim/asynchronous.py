@@ -253,14 +253,14 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
     population: number of clients P in ``data`` (``>= concurrency``).
     max_client_size: largest client (fixes the static number of local steps S).
     chunk_size: arrivals trained per vmapped chunk (default
-      :data:`fedjax_sim.engine.DEFAULT_CHUNK_SIZE`); peak memory follows it.
+      :func:`fedjax_sim.engine.default_chunk_size`); peak memory follows it.
   """
   a = config.algorithm
   work = a.work
   kk, m, h = config.buffer_size, config.concurrency, config.max_staleness
   if m > population:
     raise ValueError(f"concurrency M={m} is larger than the population of {population} clients")
-  num_chunks = math.ceil(kk / min(kk, chunk_size or engine.DEFAULT_CHUNK_SIZE))
+  num_chunks = math.ceil(kk / min(kk, chunk_size or engine.default_chunk_size()))
   k = math.ceil(kk / num_chunks)
   padded = num_chunks * k
   train = jax.vmap(make_client_train(model, a.client_optimizer, a.regularizer),

@@ -490,9 +490,7 @@ def resolve(cfg: Config, explicit: dict[str, str]) -> tuple[Config, list[str]]:
                         f"[0, 1), got {getattr(a, b)!r}")
   if loc.epochs is None and loc.steps is None:
     loc.epochs = 1
-  if cfg.chunk_size is None:
-    from fedjax_sim import engine
-    cfg.chunk_size = engine.DEFAULT_CHUNK_SIZE
+  # cfg.chunk_size None: per backend, resolved in cmd_run (engine.default_chunk_size).
   # cfg.out None: a new runs/<timestamp>[-N] folder, created when the run starts (make_out_folder)
   return cfg, warnings
 
@@ -815,6 +813,9 @@ def cmd_run(args) -> int:
   # Before any JAX computation; the resolved config records the count actually used.
   from fedjax_sim import distributed
   cfg.cpu_devices = distributed.cpu_devices(cfg.cpu_devices)
+  if cfg.chunk_size is None:   # per backend, so only now (this starts JAX's backends)
+    from fedjax_sim import engine
+    cfg.chunk_size = engine.default_chunk_size()
   out, lock = make_out_folder(cfg.out, cfg.overwrite)
   try:
     cfg.out = str(out)

@@ -119,6 +119,36 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              initialization_timeout=initialization_timeout)
 
 
+def accelerator_expected() -> bool:
+  """Whether JAX's default backend is (or, before it starts, will be) a GPU or TPU.
+
+  Once the backends have started this is ``jax.default_backend() != "cpu"``. Before, starting
+  them to ask would fix the CPU device count, so it is judged from the configuration: the first
+  of ``JAX_PLATFORMS`` / ``jax_platforms`` if set, else whether an accelerator plugin is installed
+  (a ``jax_plugins`` entry point or module, e.g. ``jax-cuda12-plugin``, or ``libtpu``). A plugin
+  installed on a host without the accelerator makes this True while JAX falls back to the CPU:
+  only the default CPU split is then lost.
+  """
+  import importlib.metadata
+  import importlib.util
+  import pkgutil
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    return jax.default_backend() != "cpu"
+  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  if platforms.strip():
+    return platforms.split(",")[0].strip().lower() != "cpu"
+  if list(importlib.metadata.entry_points(group="jax_plugins")):
+    return True
+  try:
+    import jax_plugins   # namespace package of the CUDA/ROCm plugins
+    if any(pkgutil.iter_modules(jax_plugins.__path__)):
+      return True
+  except ImportError:
+    pass
+  return importlib.util.find_spec("libtpu") is not None
+
+
 def cpu_devices(n: int | None = None) -> int:
   """Splits this host's CPU into ``n`` JAX devices (default: one per core) for one process.
 
@@ -130,12 +160,14 @@ def cpu_devices(n: int | None = None) -> int:
   the one-device run up to float summation order.
 
   Call it before any JAX computation (it sets ``jax_num_cpu_devices``, which fixes the device
-  list when the CPU backend starts). It changes nothing on GPU/TPU hosts (the CPU devices are
-  then not used for training).
+  list when the CPU backend starts). The default applies to CPU hosts only: where JAX is
+  expected to run on an accelerator (:func:`accelerator_expected`), it sets nothing (the CPU
+  devices would not train anyway) and returns JAX's own CPU device count.
 
   Args:
     n: number of CPU devices. Default ``None``: one per core (``os.cpu_count()``) if the backend
-      has not started yet, else whatever it started with (no error).
+      has not started yet and will be a CPU, else whatever it started with or will start with
+      (no error).
 
   Returns:
     The number of CPU devices JAX has or will have.
@@ -145,6 +177,11 @@ def cpu_devices(n: int | None = None) -> int:
       different count.
   """
   explicit = n is not None
+  if not explicit and accelerator_expected():
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+      return len(jax.devices("cpu"))
+    return max(1, int(jax.config.jax_num_cpu_devices))
   n = n if explicit else (os.cpu_count() or 1)
   if isinstance(n, bool) or not isinstance(n, int) or n < 1:
     raise ValueError(f"cpu_devices needs a positive integer, got {n!r}")

@@ -2,13 +2,15 @@
 
 One call of the function built by :func:`make_round` runs a whole round as one XLA program::
 
-  cohort ids [C] ──► chunks [C/K, K] ──scan──► per chunk: rows/masks [K,S,B] -> gather x,y
-                                                         vmap_K(scan_S(client step)) -> delta [K,...]
-                                                         non-finite clients -> weight 0
-                                                         aggregator.accumulate (running sum)
-                 ──► aggregator.finalize -> pseudo-gradient ──► server optimizer -> ServerState
+  cohort ids [C] ──sort by local steps, deal to devices──► chunks [C/K, K] ──scan──►
+      per chunk: rows/masks [K,S,B] (non-empty steps first)
+                 loop t < the chunk's own max steps: gather x,y [K,B] -> vmap_K(client step)
+                 -> delta [K,...]; non-finite clients -> weight 0; aggregator.accumulate
+  ──► aggregator.finalize -> pseudo-gradient ──► server optimizer -> ServerState
 
-Peak memory follows the chunk size K, not the cohort size C. Data lives on the device as flat
+Cost follows the clients' real work: S (from the largest client) only sizes the index tables;
+a chunk of similar clients runs its own busiest client's steps (:func:`cohort_layout`). Peak
+memory follows the chunk size K, not the cohort size C. Data lives on the device as flat
 arrays (:class:`DeviceData`) and is passed as an argument (never closed over, so it is not
 baked into the program as a constant).
 """
@@ -26,7 +28,7 @@ import numpy as np
 from fedjax_sim import heterogeneity, server, tree
 from fedjax_sim import heterogeneity as heterogeneity_mod
 from fedjax_sim.algorithms.base import Algorithm
-from fedjax_sim.client import ClientContext, make_client_train
+from fedjax_sim.client import ClientContext, make_client_loop
 from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
 from fedjax_sim.transforms.base import apply_transform
 from fedjax_sim.models.core import Model
@@ -38,6 +40,21 @@ from fedjax_sim.models.core import Model
 # to memory. Small batched matmuls (the weight gradient contracts over only B=20 examples) are
 # bandwidth-bound, so cache residency matters more than batching more clients.
 DEFAULT_CHUNK_SIZE = 8
+
+# Clients per chunk on a GPU/TPU: A GUESS, NOT YET MEASURED (no accelerator was available when
+# it was set; the "chunks" case of `benchmarks/device_check.sh` times K = 16, 64, 256). An accelerator is kept busy by large
+# batched products, and K = 8 W1 clients are a [8, 20, 784] x [8, 784, 200] product per layer,
+# far too small to fill one; K clients also cost K copies of parameters and activations, which
+# device memory holds easily at K = 64 for models of this size.
+ACCELERATOR_CHUNK_SIZE = 64
+
+
+def default_chunk_size(platform: str | None = None) -> int:
+  """The default clients per chunk K for ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``; default:
+  JAX's default backend): :data:`DEFAULT_CHUNK_SIZE` on a CPU, :data:`ACCELERATOR_CHUNK_SIZE`
+  elsewhere."""
+  platform = platform or jax.default_backend()
+  return DEFAULT_CHUNK_SIZE if platform == "cpu" else ACCELERATOR_CHUNK_SIZE
 
 
 class DeviceData(NamedTuple):
@@ -56,6 +73,9 @@ class DeviceData(NamedTuple):
   sizes: jax.Array
   weights: jax.Array
   het: Any = None
+
+  # The round gathers each local step's rows [K, B] from the flat arrays inside its step loop.
+  gather_per_step = True
 
   # Per-client accessors the round uses; a procedural population
   # (:class:`fedjax_sim.data.procedural.ProceduralPopulation`) offers the same ones.
@@ -83,13 +103,21 @@ def to_device(data: FederatedData, weights: np.ndarray | None = None,
   heterogeneity arrays."""
   w = data.sizes if weights is None else weights
   het_arrays = None if het is None else heterogeneity.to_device(het, data.sizes, work)
-  # Arrays already on the device are used as they are; jax.device_put makes one copy of host
-  # arrays (jnp.asarray briefly held two: 3x the features at peak).
+  # Arrays already on the device are used as they are. jax.device_put of a host array makes
+  # one copy, or none on a CPU when the array is 64-byte aligned (from_partition's copies are;
+  # see fedjax_sim.data.federated.aligned_empty). On a CPU the population then keeps the device
+  # array and a zero-copy host view of it in place of its host array, so that no second copy
+  # outlives this call (the caller's own arrays are the caller's).
+  cpu = jax.local_devices()[0].platform == "cpu"
+
   def put(name, dtype=None):
     a = data.device_arrays.get(name)
     if a is None:
-      a = data.arrays[name]
-      a = jax.device_put(a if dtype is None or a.dtype == dtype else a.astype(dtype))
+      host = data.arrays[name]
+      same = dtype is None or host.dtype == dtype
+      a = jax.device_put(host if same else host.astype(dtype))
+      if cpu and same:
+        data.adopt_device_array(name, a)
     return a if dtype is None else a.astype(dtype)
   return DeviceData(put("x"), put("y", np.int32),
                     jnp.asarray(data.offsets[:-1], jnp.int32), jnp.asarray(data.sizes, jnp.int32),
@@ -192,6 +220,22 @@ def transform_updates(transform, key: jax.Array, client_ids: jax.Array, deltas, 
       deltas, keys, client_ids, states)
 
 
+def device_memory_bytes(device: jax.Device | None = None) -> tuple[int, str]:
+  """``(bytes, description)`` of the memory that arrays on ``device`` (default: the first local
+  device) live in: an accelerator's own memory (``memory_stats()["bytes_limit"]``, what its
+  allocator may use), else the host's physical RAM (a CPU device's arrays are host memory)."""
+  device = device or jax.local_devices()[0]
+  stats = None
+  if device.platform != "cpu":
+    try:
+      stats = device.memory_stats()
+    except Exception:   # noqa: BLE001 - some backends do not implement it
+      stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]), f"{device.device_kind} device memory"
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+
+
 def init_state(algorithm: Algorithm, params, population: int,
                hparams: dict | None = None) -> server.ServerState:
   """The round-0 :class:`~fedjax_sim.server.ServerState` of ``algorithm``: params, server optimizer
@@ -213,11 +257,11 @@ def init_state(algorithm: Algorithm, params, population: int,
     one["transform"] = t.init(params)
   per_client = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(one))
   total = per_client * population
-  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  memory, where = device_memory_bytes()
   if total > memory // 2:
     raise ValueError(
         f"{algorithm.name} keeps {per_client} bytes of state per client: {total / 1e9:.1f} GB for "
-        f"{population} clients, more than half of this machine's {memory / 1e9:.1f} GB. Use a "
+        f"{population} clients, more than half of the {memory / 1e9:.1f} GB of {where}. Use a "
         "smaller population or a stateless algorithm.")
   for name, value in one.items():
     clients[name] = store(value)
@@ -250,6 +294,31 @@ def mean_or_nan(total: jax.Array, count: jax.Array) -> jax.Array:
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
 
 
+def _work_estimate(data, ids: jax.Array, valid: jax.Array, work: LocalWork) -> jax.Array:
+  """``[C]`` int32 local steps each cohort client will roughly take (-1 for empty slots): its
+  epochs' batches (or the fixed step count), capped by a per-client step cap if there is one.
+  Only an ordering key: the trip counts themselves are exact (:func:`make_round`)."""
+  sizes = data.client_sizes(ids)
+  if work.local_steps is not None:
+    est = jnp.full(ids.shape, work.local_steps, jnp.int32)
+  else:
+    est = work.local_epochs * ((sizes + work.batch_size - 1) // work.batch_size)
+  het = getattr(data, "het", None)
+  if het is not None and het.step_cap is not None:
+    est = jnp.minimum(est, het.step_cap[ids])
+  return jnp.where(valid & (sizes > 0), est, -1).astype(jnp.int32)
+
+
+def cohort_layout(work: jax.Array, num_devices: int) -> jax.Array:
+  """``work [C']`` (C' = D * chunks * K) -> the permutation ``[C']`` that lays the cohort out
+  as ``[D, chunks, K]``: clients sorted by work, descending, then dealt to the D devices in turn
+  (device d gets sorted positions d, d + D, ...), so devices' shares are balanced and each chunk
+  holds clients of similar work; a chunk then runs about its own clients' steps, not the
+  largest client's. Ties keep cohort order."""
+  order = jnp.argsort(-work, stable=True)
+  return order.reshape(-1, num_devices).T.reshape(-1)
+
+
 def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_size: int,
                max_client_size: int, chunk_size: int | None = None,
                mesh: jax.sharding.Mesh | None = None,
@@ -263,8 +332,10 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     model: the model.
     population: number of clients P in ``data``.
     cohort_size: clients per round C.
-    max_client_size: largest client (fixes the number of local steps S, a static shape).
-    chunk_size: clients per vmapped chunk K (default :data:`DEFAULT_CHUNK_SIZE`).
+    max_client_size: largest client (fixes S, the static length of the per-client step
+      tables; each chunk runs only as many steps as its own clients need).
+    chunk_size: clients per vmapped chunk K (default :func:`default_chunk_size` of the mesh's
+      or the default backend's platform).
     mesh: optional 1-D mesh (axis ``"clients"``, see :func:`client_mesh`): the cohort's client
       axis is split over its D devices, each folding its share chunk by chunk; the D partial
       aggregator states are then combined (a cross-device reduction). Parameters and data are
@@ -282,21 +353,52 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     raise ValueError(f"cohort_sampling must be one of {COHORT_SAMPLING}, got {cohort_sampling!r}")
   num_dev = 1 if mesh is None else mesh.devices.size
   per_dev = math.ceil(cohort_size / num_dev)
-  num_chunks = math.ceil(per_dev / min(per_dev, chunk_size or DEFAULT_CHUNK_SIZE))
+  platform = None if mesh is None else mesh.devices.flat[0].platform
+  num_chunks = math.ceil(per_dev / min(per_dev, chunk_size or default_chunk_size(platform)))
   k = math.ceil(per_dev / num_chunks)   # balanced: C=10, K=8 -> 2 chunks of 5, not 8 + 2
   padded = num_dev * num_chunks * k
   work = algorithm.work
   het = heterogeneity
   if het is not None:
     het.validate(population, work)
-  client_train = jax.vmap(make_client_train(model, algorithm.client_optimizer,
-                                            algorithm.regularizer),
-                          in_axes=(None, 0, 0, 0, ClientContext(0, 0, None, None), 0))
+  loop = make_client_loop(model, algorithm.client_optimizer, algorithm.regularizer)
+  client_step = jax.vmap(loop.step, in_axes=(0, None, 0, 0, 0, ClientContext(0, 0, None, None), 0))
+  client_finish = jax.vmap(loop.finish, in_axes=(0, None))
   agg = algorithm.aggregator
   if agg.validate is not None:
     agg.validate(cohort_size)
   transform = algorithm.update_transform
   has_upload = algorithm.client_finish is not None
+
+  def train_chunk(params, data, cids, rows, mask, ctx, lr_scale):
+    """Local training of one chunk: ``rows``/``mask [k, S, B]`` -> stacked ClientOutput ``[k]``.
+
+    Cost follows the chunk's real work, not S: each client's non-empty steps are moved to the
+    front (an empty step is a no-op, so the order of the non-empty ones, all that matters, is
+    kept), and the chunk runs only as many steps as its busiest client has (a dynamic trip count,
+    one scalar per chunk, computed outside the vmap over clients so it is not batched). A stored
+    population's batch rows ``[k, B]`` are gathered inside the loop, step by step: the chunk
+    never holds all its examples ``[k, S, B, ...]`` at once.
+    """
+    nonempty = jnp.any(mask, axis=2)                                   # [k, S]
+    order = jnp.argsort(~nonempty, axis=1, stable=True)
+    rows = jnp.take_along_axis(rows, order[:, :, None], axis=1)
+    mask = jnp.take_along_axis(mask, order[:, :, None], axis=1)
+    trips = jnp.max(jnp.sum(nonempty, axis=1))
+    per_step = getattr(data, "gather_per_step", True)
+    if not per_step:   # e.g. a procedural population, which generates a client's data at once
+      xs, ys = data.examples(cids, rows)
+
+    def body(t, carry):
+      m = jax.lax.dynamic_index_in_dim(mask, t, axis=1, keepdims=False)
+      if per_step:
+        bx, by = data.examples(cids, jax.lax.dynamic_index_in_dim(rows, t, axis=1, keepdims=False))
+      else:
+        bx, by = (jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False) for a in (xs, ys))
+      return client_step(carry, params, bx, by, m, ctx, lr_scale)
+
+    carry = jax.tree.map(lambda a: jnp.broadcast_to(a, (k,) + jnp.shape(a)), loop.init(params))
+    return client_finish(jax.lax.fori_loop(0, trips, body, carry), params)
 
   def fold_cohort(params, aux, stores, hparams, data, keys, ids, valid):
     """One device's share: ids/valid ``[1, num_chunks, k]`` -> (aggregator state [1, ...],
@@ -318,8 +420,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       mine = jax.tree.map(lambda s: s[cids], stores)
       ctx = ClientContext(cids, mine.get("algorithm"),
                           aux if algorithm.server_aux_init is not None else None, hparams)
-      x, y = data.examples(cids, rows)
-      out = client_train(params, x, y, mask, ctx, lr_scale)
+      out = train_chunk(params, data, cids, rows, mask, ctx, lr_scale)
       delta, ys = out.delta, dict(out.metrics)
       upload = None
       if has_upload:
@@ -389,14 +490,20 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
       num_online = jnp.asarray(population, jnp.int32)
     valid = jnp.concatenate([valid, jnp.zeros(padded - cohort_size, bool)])
     ids = jnp.concatenate([ids, jnp.zeros(padded - cohort_size, jnp.int32)])
+    # Lay the cohort out by work (see cohort_layout); every per-client draw is keyed by the client
+    # id, so the layout changes float summation order only.
+    layout = cohort_layout(_work_estimate(data, ids, valid, work), num_dev)
+    lids, lvalid = ids[layout], valid[layout]
     shape = (num_dev, num_chunks, k)
     accs, ups, clients = fold_cohort(state.params, state.aux, state.clients, state.hparams, data,
-                                     keys, ids.reshape(shape), valid.reshape(shape))
-    clients = jax.tree.map(lambda a: a.reshape((padded,) + a.shape[3:])[:cohort_size], clients)
+                                     keys, lids.reshape(shape), lvalid.reshape(shape))
+    back = jnp.zeros(padded, jnp.int32).at[layout].set(jnp.arange(padded, dtype=jnp.int32))
+    clients = jax.tree.map(lambda a: a.reshape((padded,) + a.shape[3:])[back][:cohort_size],
+                           clients)
     if agg.keyed:
-      # Slots of the combined state follow ids' (device, chunk, k) order; empty slots get
-      # distinct ids outside the population so that every slot has its own.
-      slot_ids = jnp.where(valid, ids, population + jnp.arange(padded, dtype=jnp.int32))
+      # Slots of the combined state follow the layout's (device, chunk, k) order; empty slots
+      # get distinct ids outside the population so that every slot has its own.
+      slot_ids = jnp.where(lvalid, lids, population + jnp.arange(padded, dtype=jnp.int32))
       update, total_w = agg.finalize(agg.combine(accs), keys.aggregate, slot_ids)
     else:
       update, total_w = agg.finalize(agg.combine(accs))

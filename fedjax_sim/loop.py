@@ -316,7 +316,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       ``eval_every`` rounds and after the last round.
     seed: all randomness (init, cohorts, shuffles) derives from it: same seed, same numbers.
     chunk_size: clients per vmapped chunk (bounded memory); default
-      :data:`fedjax_sim.engine.DEFAULT_CHUNK_SIZE`.
+      :func:`fedjax_sim.engine.default_chunk_size` (per backend).
     num_devices: split each cohort's client axis over this many devices (default: all of
       them; on a CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` makes N devices, one
       per core). Results equal the single-device run to float summation order (~1e-6).

@@ -469,3 +469,24 @@ def test_fixed_batch_order_reads_the_stored_order():
   assert np.asarray(mask).all()
   assert np.asarray(rows).reshape(2, -1).tolist() == [[0, 1, 2, 3, 4, 0, 1, 2],
                                                        [5, 6, 7, 5, 6, 7, 5, 6]]
+
+
+def test_population_exists_once_on_a_cpu():
+  """from_partition copies only when the partition reorders rows, into an aligned buffer that the
+  CPU device then uses in place; the population keeps no second host copy after to_device."""
+  from fedjax_sim import engine
+  x = np.random.default_rng(0).normal(size=(300, 6)).astype(np.float32)
+  y = np.arange(300, dtype=np.int32) % 3
+  parts = [np.arange(i * 30, (i + 1) * 30) for i in range(10)]
+  same = fs.FederatedData.from_partition({"x": x, "y": y}, parts, num_classes=3)
+  assert np.shares_memory(same.arrays["x"], x)                 # rows already in client order
+  data = fs.FederatedData.from_partition({"x": x, "y": y}, parts[::-1], num_classes=3)
+  host = data.arrays["x"]
+  assert not np.shares_memory(host, x) and host.ctypes.data % 64 == 0
+  np.testing.assert_array_equal(data.client(0)["x"], x[270:])
+  dev = engine.to_device(data)
+  assert dev.x.unsafe_buffer_pointer() == host.ctypes.data     # no copy to the device
+  assert data.device_arrays["x"] is dev.x and np.shares_memory(data.arrays["x"], host)
+  assert engine.to_device(data).x is dev.x                     # reused, not copied again
+  with pytest.raises(ValueError, match="more than one client"):
+    fs.FederatedData.from_partition({"x": x, "y": y}, [np.arange(10), np.arange(5, 15)])

@@ -137,3 +137,97 @@ def test_rounds_per_call_equals_round_by_round(ragged_data):
       np.testing.assert_array_equal(a.history[k], b.history[k], err_msg=k)
   assert seen == list(range(1, 8))
   assert np.isnan(b.history["test_accuracy"][0]) and not np.isnan(b.history["test_accuracy"][2])
+
+
+# Client sizes with a heavy tail (max/mean ~ 8x): most clients take one or two local steps, one
+# takes 50; chunks sorted by work must still give the sequential reference's numbers.
+HEAVY_TAILED = (1, 1, 2, 2, 3, 4, 5, 6, 8, 11, 15, 23, 40, 90, 400)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 100])
+def test_heavy_tailed_sizes_equal_sequential(chunk_size):
+  data = testing.ragged_clients(HEAVY_TAILED)
+  p = data.num_clients
+  rng = np.random.default_rng(1)
+  # Stragglers and per-client epochs / batch sizes change the step counts after batching: the
+  # per-chunk trip count must follow the masked work, not the sizes.
+  het = fs.Heterogeneity(straggler_fraction=0.4, local_epochs=rng.integers(1, 3, p),
+                         batch_size=rng.integers(4, 9, p))
+  algo = fs.algorithms.fedprox(optax.sgd(0.05, momentum=0.9), mu=0.1, batch_size=8,
+                               local_epochs=2)
+  res = fs.run(algo, _mlp(), data, rounds=2, cohort_size=11, seed=2, chunk_size=chunk_size,
+               heterogeneity=het, progress=False)
+  ref, hist = testing.sequential_run(algo, _mlp(), data, rounds=2, cohort_size=11, seed=2,
+                                     heterogeneity=het)
+  testing.assert_trees_close(res.params, ref.params, atol=1e-5)
+  np.testing.assert_allclose(res.history["train_loss"], [h["train_loss"] for h in hist], rtol=1e-5)
+  assert res.history["num_stragglers"].sum() > 0
+
+
+def test_lognormal_sizes_equal_sequential_local_steps():
+  """Fixed local steps (every client the same count) on lognormal sizes, uneven cohort split."""
+  sizes = tuple(int(s) for s in np.random.default_rng(0).lognormal(3.0, 1.0, 13).clip(1, 300))
+  data = testing.ragged_clients(sizes)
+  algo = fs.algorithms.fedavg(optax.adam(1e-2), local_steps=3, batch_size=8)
+  res = fs.run(algo, _mlp(), data, rounds=2, cohort_size=13, seed=4, chunk_size=5, progress=False)
+  ref, _ = testing.sequential_run(algo, _mlp(), data, rounds=2, cohort_size=13, seed=4)
+  testing.assert_trees_close(res.params, ref.params, atol=1e-5)
+
+
+def test_cohort_layout_sorts_by_work_and_balances_devices():
+  work = jnp.asarray([3, 9, -1, 5, 9, 1, 0, 7], jnp.int32)
+  one = np.asarray(fs.engine.cohort_layout(work, 1))
+  assert sorted(one.tolist()) == list(range(8))
+  assert np.all(np.diff(np.asarray(work)[one]) <= 0)       # descending
+  assert one[:2].tolist() == [1, 4]                          # ties keep cohort order
+  two = np.asarray(fs.engine.cohort_layout(work, 2)).reshape(2, 4)
+  shares = np.asarray(work)[two]
+  assert sorted(two.ravel().tolist()) == list(range(8))
+  assert np.all(np.diff(shares, axis=1) <= 0)                # each device's share descending
+  assert abs(int(shares[0].sum()) - int(shares[1].sum())) <= 9   # balanced within one client
+  assert shares[:, 0].tolist() == [9, 9]
+
+
+def test_outputs_follow_cohort_order_not_layout(ragged_data):
+  """Per-client outputs come back in sampled-cohort order whatever the work-sorted layout."""
+  algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16)
+  state = fs.engine.init_state(algo, _mlp().init(jax.random.key(0)), ragged_data.num_clients)
+  dev = fs.engine.to_device(ragged_data)
+  outs = []
+  for k in (1, 3, 12):
+    rf = jax.jit(fs.engine.make_round(algo, _mlp(), population=ragged_data.num_clients,
+                                      cohort_size=12, max_client_size=ragged_data.max_client_size,
+                                      chunk_size=k))
+    _, out = rf(state, dev, jax.random.key(3))
+    outs.append(out.clients)
+  np.testing.assert_array_equal(outs[0]["count"], ragged_data.sizes[np.asarray(outs[0]["id"])])
+  for o in outs[1:]:
+    np.testing.assert_array_equal(o["id"], outs[0]["id"])
+    np.testing.assert_allclose(o["loss"], outs[0]["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(o["steps"], outs[0]["steps"])
+
+
+class _FakeGPU:
+  platform, device_kind = "gpu", "Fake GPU"
+
+  def memory_stats(self):
+    return {"bytes_limit": 4_000_000, "bytes_in_use": 0}
+
+
+def test_memory_guard_reads_the_accelerator_memory(monkeypatch):
+  """On an accelerator the per-client state guard compares with device memory, not host RAM."""
+  assert fs.engine.device_memory_bytes(_FakeGPU()) == (4_000_000, "Fake GPU device memory")
+  ram, where = fs.engine.device_memory_bytes(jax.devices("cpu")[0])
+  assert where == "this machine's RAM" and ram > 4_000_000
+  monkeypatch.setattr(fs.engine.jax, "local_devices", lambda: [_FakeGPU()])
+  algo = fs.algorithms.scaffold(client_lr=0.1)
+  params = _mlp().init(jax.random.key(0))              # 212 floats: ~1.7 kB of state per client
+  fs.engine.init_state(algo, params, 100)               # 0.17 MB: fits in half of 4 MB
+  with pytest.raises(ValueError, match="Fake GPU device memory"):
+    fs.engine.init_state(algo, params, 10_000)          # 17 MB
+
+
+def test_default_chunk_size_per_backend():
+  assert fs.engine.default_chunk_size("cpu") == fs.engine.DEFAULT_CHUNK_SIZE
+  assert fs.engine.default_chunk_size("gpu") == fs.engine.ACCELERATOR_CHUNK_SIZE
+  assert fs.engine.default_chunk_size() == fs.engine.DEFAULT_CHUNK_SIZE   # the tests run on CPU

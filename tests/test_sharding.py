@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     rng = np.random.default_rng(0)
     w = rng.normal(size=(8, 4))
     clients = []
-    for n in rng.integers(1, 60, size=22):
+    for n in list(rng.integers(1, 60, size=21)) + [300]:   # a heavy tail: one client of 300
       x = rng.normal(size=(n, 8)).astype(np.float32)
       clients.append({"x": x, "y": np.argmax(x @ w, 1).astype(np.int32)})
     data = fs.FederatedData.from_clients(clients, num_classes=4)
@@ -76,3 +76,22 @@ def test_cli_splits_the_cpu_into_devices(tmp_path):
   assert "2 cpu device(s)" in res.stdout
   hist = json.loads((tmp_path / "run" / "history.json").read_text())
   assert hist["round"] == [1.0, 2.0] and all(np.isfinite(hist["train_loss"]))
+
+
+def test_cpu_devices_default_applies_to_cpu_hosts_only():
+  """Before JAX starts: the one-device-per-core default is set for a CPU backend, and left alone
+  where an accelerator is the default backend (judged without starting the backends)."""
+  code = ("import os, jax; from fedjax_sim import distributed as d; "
+          "print(d.accelerator_expected(), d.cpu_devices(), jax.config.jax_num_cpu_devices, "
+          "os.cpu_count())")
+  for platforms in ("cuda", "cpu"):
+    env = dict(os.environ, JAX_PLATFORMS=platforms)
+    env.pop("XLA_FLAGS", None)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    accel, n, configured, cores = res.stdout.split()
+    if platforms == "cuda":
+      assert (accel, n, configured) == ("True", "1", "-1")
+    else:
+      assert (accel, n, configured) == ("False", cores, cores)

@@ -1,5 +1,7 @@
 """Federated data: ragged storage, partitions, built-in datasets."""
 from fedjax_sim.data import datasets, partition
-from fedjax_sim.data.federated import ClientBatches, FederatedData, LocalWork, batch_indices
+from fedjax_sim.data.federated import (ClientBatches, FederatedData, LocalWork, aligned_empty,
+                                       batch_indices)
 
-__all__ = ["ClientBatches", "FederatedData", "LocalWork", "batch_indices", "datasets", "partition"]
+__all__ = ["ClientBatches", "FederatedData", "LocalWork", "aligned_empty", "batch_indices",
+           "datasets", "partition"]

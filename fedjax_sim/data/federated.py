@@ -184,6 +184,13 @@ class FederatedData:
                          "(the total number of examples)")
     _check_features(self.arrays, self.num_classes, self._client_of_row)
 
+  def adopt_device_array(self, name: str, array) -> None:
+    """Keeps ``array`` (a jax Array equal to feature ``name``, e.g. the engine's device copy) and
+    a host view of it in place of the host array: on a CPU backend the view is zero-copy, so the
+    population's features exist once. Used by :func:`fedjax_sim.engine.to_device`."""
+    self.device_arrays[name] = array
+    self.arrays[name] = np.asarray(array)
+
   def _client_name(self, p: int):
     """Client ``p``'s id as a plain Python value, so messages read ``'b'``, not ``np.str_('b')``."""
     return self.client_ids[p:p + 1].tolist()[0]
@@ -203,6 +210,12 @@ class FederatedData:
         may appear in at most one client.
       client_ids: optional names, default ``0..P-1``.
       num_classes: if given, labels ``arrays["y"]`` are checked against it.
+
+    Memory: when the clients' rows are already consecutive and in order (``partition`` covers
+    ``0..N-1`` in order) the arrays are used as they are, not copied (like the constructor, the
+    population then shares them: do not modify them afterwards). Otherwise they are reordered
+    into one 64-byte aligned copy, which :func:`fedjax_sim.engine.to_device` hands to a CPU
+    device without copying again.
     """
     lengths = {k: np.shape(v)[0] for k, v in arrays.items()}
     if len(set(lengths.values())) > 1:
@@ -214,11 +227,17 @@ class FederatedData:
     n = next(iter(lengths.values()))
     if order.size and (order.min() < 0 or order.max() >= n):
       raise ValueError(f"partition indices must lie in [0, {n})")
-    if np.unique(order).size != order.size:
-      raise ValueError("the partition assigns some example to more than one client")
+    # Clients that already own consecutive rows in order (every example, once) need no copy.
+    identity = order.size == n and _is_arange(order)
+    if not identity:
+      seen = np.zeros(n, bool)
+      seen[order] = True
+      if int(np.count_nonzero(seen)) != order.size:
+        raise ValueError("the partition assigns some example to more than one client")
     offsets = np.concatenate([[0], np.cumsum([p.size for p in parts])])
     ids = np.arange(len(parts)) if client_ids is None else np.asarray(client_ids)
-    return cls({k: np.asarray(v)[order] for k, v in arrays.items()}, offsets, ids, num_classes)
+    return cls({k: np.asarray(v) if identity else _take_rows(np.asarray(v), order)
+                for k, v in arrays.items()}, offsets, ids, num_classes)
 
   @classmethod
   def from_clients(cls, clients: Sequence[Mapping[str, np.ndarray]], client_ids=None,
@@ -338,6 +357,35 @@ def check_numeric(name: str, dtype, where: str = "data"):
     return
   raise ValueError(f"{where}: feature {name!r} has dtype {dtype}; features must be real numbers "
                    "(bool, integer or float)")
+
+
+# XLA:CPU uses a host array in place, without a copy, when its data starts on a 64-byte boundary
+# (NumPy's large allocations start 16 bytes past one).
+_ALIGN = 64
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+  """An uninitialised array whose data starts on a 64-byte boundary: on a CPU backend,
+  :func:`jax.device_put` then uses its memory as the device buffer (no copy), so a population
+  built in it exists once, not on the host and again on the device."""
+  dtype = np.dtype(dtype)
+  n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(n + _ALIGN, np.uint8)
+  start = (-raw.ctypes.data) % _ALIGN
+  return raw[start:start + n].view(dtype).reshape(shape)
+
+
+def _is_arange(order: np.ndarray, block: int = 1 << 20) -> bool:
+  """Whether ``order`` is ``0, 1, ..., n-1`` (checked in blocks: no n-sized temporaries)."""
+  return all(np.array_equal(order[i:i + block], np.arange(i, min(i + block, order.size)))
+             for i in range(0, order.size, block))
+
+
+def _take_rows(a: np.ndarray, order: np.ndarray) -> np.ndarray:
+  """``a[order]`` into a new 64-byte aligned array (one copy, usable in place by the device)."""
+  out = aligned_empty((order.size,) + a.shape[1:], a.dtype)
+  np.take(a, order, axis=0, out=out)
+  return out
 
 
 def _check_features(arrays, num_classes, client_of_row):

@@ -51,6 +51,9 @@ class ProceduralPopulation:
   examples_fn: Callable = flax.struct.field(pytree_node=False)
   weighting: str = flax.struct.field(pytree_node=False, default="examples")
   het: Any = None   # engine compatibility: procedural clients carry no per-client arrays
+  # A client's examples are generated all at once (one PRNG call), so the round asks for a
+  # chunk's [K, S, B] rows in one call rather than step by step (which would regenerate them).
+  gather_per_step = False
 
   # --- the accessors the engine uses (all O(cohort)) ------------------------------------------
   def client_sizes(self, client_ids: jax.Array) -> jax.Array:

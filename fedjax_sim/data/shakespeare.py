@@ -363,22 +363,38 @@ def _role_split(text: str, train_fraction: float, min_examples: int, stride: int
   return (tr, te) if tr.size and te.size else None
 
 
-def statistics(data_dir: str | os.PathLike | None = None, *, train_fraction: float = 0.9,
-               min_lines: int = 3, min_examples: int = 64, stride: int = 1,
-               seq_len: int = SEQ_LEN) -> dict:
-  """Counts of :func:`shakespeare`'s full (uncapped) output, without building the arrays."""
-  roles = load_roles(data_dir, min_lines)
-  tr_sizes, te_sizes = [], []
-  oov = chars = 0
+def client_sizes(data_dir: str | os.PathLike | None = None, *, train_fraction: float = 0.9,
+                 min_lines: int = 3, min_examples: int = 64, stride: int = 1,
+                 seq_len: int = SEQ_LEN) -> tuple[np.ndarray, np.ndarray]:
+  """``(train [P], test [P])`` window counts of :func:`shakespeare`'s clients (every role,
+  uncapped), without building the arrays: the population's real quantity skew."""
+  tr, te, _ = _client_sizes(load_roles(data_dir, min_lines), train_fraction, min_examples, stride,
+                            seq_len)
+  return tr, te
+
+
+def _client_sizes(roles, train_fraction, min_examples, stride, seq_len):
+  tr_sizes, te_sizes, texts = [], [], []
   for role in roles:
     split = _role_split(role.text, train_fraction, min_examples, stride, seq_len)
     if split is not None:
       tr_sizes.append(split[0].size)
       te_sizes.append(split[1].size)
-      codes = encode(role.text)
-      oov += int(np.sum(codes == OOV_INDEX))
-      chars += codes.size
-  tr_sizes, te_sizes = np.array(tr_sizes), np.array(te_sizes)
+      texts.append(role.text)
+  return np.array(tr_sizes, np.int64), np.array(te_sizes, np.int64), texts
+
+
+def statistics(data_dir: str | os.PathLike | None = None, *, train_fraction: float = 0.9,
+               min_lines: int = 3, min_examples: int = 64, stride: int = 1,
+               seq_len: int = SEQ_LEN) -> dict:
+  """Counts of :func:`shakespeare`'s full (uncapped) output, without building the arrays."""
+  roles = load_roles(data_dir, min_lines)
+  tr_sizes, te_sizes, texts = _client_sizes(roles, train_fraction, min_examples, stride, seq_len)
+  oov = chars = 0
+  for text in texts:
+    codes = encode(text)
+    oov += int(np.sum(codes == OOV_INDEX))
+    chars += codes.size
   return {"plays": len({r.play for r in roles}), "roles": len(roles),
           "clients": int(tr_sizes.size), "train_examples": int(tr_sizes.sum()),
           "test_examples": int(te_sizes.sum()), "train_min": int(tr_sizes.min()),
