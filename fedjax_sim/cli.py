@@ -557,6 +557,18 @@ def load_data(cfg: Config, seed: int):
   return FederatedData.from_partition(train, parts, num_classes=10), test, train["x"].shape[1:]
 
 
+def run_title(cfg: Config, train) -> str:
+  """One line describing the run, for the title of its plot."""
+  p = cfg.partition
+  split = {"dirichlet": f"Dirichlet({p.alpha:g})", "shards": f"{p.shards_per_client} shards each",
+           "quantity_skew": f"quantity skew {p.exponent:g}"}.get(p.name, p.name)
+  if cfg.dataset == "synthetic":
+    split = f"Synthetic({p.alpha:g}, {p.beta:g})"
+  n = train.num_clients if train is not None else cfg.num_clients
+  return (f"{cfg.algorithm.name} on {cfg.dataset}, model {cfg.model}: {n} clients ({split}), "
+          f"{cfg.cohort_size} per round, {cfg.rounds} rounds")
+
+
 def _check_writable(out: Path):
   try:
     out.mkdir(parents=True, exist_ok=True)
@@ -622,7 +634,7 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
   (out / "config.json").write_text(json.dumps(
       {**resolved, "compile_seconds": res.compile_seconds}, indent=2))
   h.to_json(out / "history.json")
-  h.plot(out / "history.png", label=f"{algo.name} {cfg.model} {cfg.dataset} seed {seed}")
+  h.plot(out / "history.png", label=f"{algo.name} seed {seed}", title=run_title(cfg, train))
   acc = h.last("test_accuracy")
   secs = float(h["seconds"][1:].mean() if cfg.rounds > 1 else h["seconds"][0])
   print(f"final test accuracy {acc:.4f} (test loss {h.last('test_loss'):.4f}) after "
@@ -655,7 +667,8 @@ def cmd_run(args) -> int:
   (out / "config.toml").write_text(to_toml(to_dict(cfg), header))
   results = [run_one(cfg, s, out / f"seed-{s}", header, f"seed-{s}") for s in seeds]
   from fedjax_sim.history import plot_histories
-  plot_histories({f"seed {r['seed']}": r["history"] for r in results}, path=out / "history.png")
+  plot_histories({f"seed {r['seed']}": r["history"] for r in results}, path=out / "history.png",
+                 title=run_title(cfg, None))
   accs = [r["test_accuracy"] for r in results]
   mean = sum(accs) / len(accs)
   std = (sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1)) ** 0.5

@@ -216,10 +216,12 @@ def test_run_stops_at_budget_and_records_epsilon(ragged_data):
   assert cb.max_rounds() == 3
   algo = dp.dp_fedavg(algorithms.fedavg(**KW), noise_multiplier=z, clip_norm=0.5, adaptive=True,
                       clipped_count_stddev=1.0)
-  res = fs.run(algo, _model(), ragged_data, rounds=10, cohort_size=4, callback=cb,
-               progress=False)
+  with pytest.warns(UserWarning, match="stopping after round 3 of the 10 requested: privacy "
+                    "budget: epsilon after 3 rounds is"):
+    res = fs.run(algo, _model(), ragged_data, rounds=10, cohort_size=4, callback=cb,
+                 progress=False)
   h = res.history
-  assert list(h["round"]) == [1, 2, 3]
+  assert list(h["round"]) == [1, 2, 3] and h["rounds_requested"][-1] == 10
   np.testing.assert_allclose(h["epsilon"], [curve(1), curve(2), curve(3)], rtol=1e-12)
   assert h["epsilon"][-1] <= target < curve(4)
   assert h["stopped_early"][-1] == 1.0

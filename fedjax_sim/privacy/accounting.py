@@ -232,6 +232,13 @@ class PrivacyCallback:
       return limit
     return self.curve.max_rounds(self.target_epsilon, limit)
 
+  def max_rounds_reason(self, rounds: int) -> str:
+    """Why the run stops after ``rounds`` rounds (said by :func:`fedjax_sim.run` when it caps)."""
+    return (f"privacy budget: epsilon after {rounds} rounds is {self.curve(rounds):.3g} and "
+            f"{self.curve(rounds + 1):.3g} after {rounds + 1}, target_epsilon "
+            f"{self.target_epsilon:g} (delta {self.curve.delta:g}, noise multiplier "
+            f"{self.curve.noise_multiplier:g}, q {self.curve.sampling_probability:g})")
+
   def __call__(self, rnd: int, state: Any = None, out: Any = None) -> dict[str, Any]:
     del out
     from fedjax_sim.privacy.dp import current_clip_norm
