@@ -295,3 +295,17 @@ def test_dp_fedavg_rejects_robust_aggregator():
 def test_accounting_bad_input(args, kwargs, match):
   with pytest.raises(ValueError, match=match):
     accounting.epsilon(*args, **kwargs)
+
+
+@needs_dpa
+def test_accounting_does_not_spam_absl_warnings(caplog):
+  """dp_accounting warns once per non-converging Renyi order (~50 lines per notebook cell at
+  q = 0.5); the accountant silences them while it computes, and only then."""
+  import logging
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  with caplog.at_level(logging.WARNING):
+    eps = accounting.EpsilonCurve(1.0, 0.5, 1e-5)(10)
+  assert not [r for r in caplog.records if r.name == "absl"]
+  assert absl_logger.level == level
+  assert eps == pytest.approx(_direct(1.0, 0.5, 10, 1e-5, "rdp", None), rel=1e-12)
