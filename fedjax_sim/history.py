@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -119,6 +120,23 @@ def add_client_summaries(history: History, summaries: Mapping[int, Mapping[str, 
   return out
 
 
+def _untracked_figure(**kwargs):
+  """A matplotlib figure that pyplot does not track: it never changes the backend, is never shown
+  by ``plt.show`` or Jupyter's end-of-cell display, and is never left open.
+
+  In IPython it is made through pyplot and released at once: pyplot's first figure loads the
+  configured backend, whose IPython hooks show a figure that is a cell's value as an image (a
+  bare ``Figure`` would print as text in a session that never used pyplot).
+  """
+  if "IPython" in sys.modules:
+    import matplotlib.pyplot as plt
+    fig = plt.figure(**kwargs)
+    plt.close(fig)
+    return fig
+  from matplotlib.figure import Figure
+  return Figure(**kwargs)
+
+
 def plot_histories(histories: Mapping[str, History], path: str | Path | None = None, axes=None,
                    client_band: bool = True, title: str | None = None):
   """Compares several runs on one figure: loss (left) and accuracy (right) by round.
@@ -136,10 +154,8 @@ def plot_histories(histories: Mapping[str, History], path: str | Path | None = N
   2); h.plot(axes=axes); plt.show()``. With ``axes`` (two of them), the curves are drawn there
   and their figure is returned (and saved to ``path`` if given).
   """
-  from matplotlib.figure import Figure
-
   if axes is None:
-    fig = Figure(figsize=(11, 4.4 if title else 4))
+    fig = _untracked_figure(figsize=(11, 4.4 if title else 4))
     axes = fig.subplots(1, 2)
   else:
     fig = axes[0].figure
