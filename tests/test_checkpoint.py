@@ -191,6 +191,7 @@ MESH_CHILD = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_resume_on_a_device_mesh(tmp_path):
   """Restored arrays can feed the round sharded over 2 (forced CPU) devices."""
   script = tmp_path / "child.py"

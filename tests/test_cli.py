@@ -10,6 +10,7 @@ import pytest
 from fedjax_sim import cli
 
 
+@pytest.mark.slow
 def test_cli_run_digits_writes_outputs(tmp_path, capsys):
   out = tmp_path / "run"
   rc = cli.main(["run", "--dataset", "digits", "--num-clients", "20", "--cohort-size", "5",
@@ -192,6 +193,7 @@ def test_cli_config_missing_dataset_and_unwritable_out(tmp_path, capsys, monkeyp
   assert "cannot write to output folder" in _one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_cli_incompatible_checkpoint_is_one_line(tmp_path):
   """Resuming from a checkpoint of another model: one line on the real stderr (no orbax logs)."""
   cfg = _write(tmp_path, TINY.replace("rounds = 2", "rounds = 1") +

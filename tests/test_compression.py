@@ -191,6 +191,7 @@ def test_error_feedback_state_in_run(ragged_data):
     transforms.chain(transforms.clip_by_norm(0.5), compression.top_k(0.1)),
     transforms.chain(transforms.clip_by_norm(0.5), compression.top_k(0.3, error_feedback=False)),
 ], ids=["quant4", "quant2-leaf", "hadamard3", "topk-ef", "topk"])
+@pytest.mark.slow
 def test_compressed_round_equals_sequential_reference(ragged_data, transform):
   algo = dataclasses.replace(fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16),
                              update_transform=transform)

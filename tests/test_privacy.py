@@ -67,6 +67,7 @@ def test_fixed_clip_bounds_every_round_update_in_a_run(ragged_data):
 # Noise
 
 @pytest.mark.parametrize("mode", ["central", "adaptive", "local"])
+@pytest.mark.slow
 def test_noise_std_matches_calibration(ragged_data, mode):
   # Zero client learning rate: every delta is 0, so the round's update is pure noise.
   base = algorithms.fedavg(optax.sgd(0.0), **KW)
@@ -152,6 +153,7 @@ def test_adaptive_clip_converges_to_target_quantile_of_norms(ragged_data):
 # Equivalence with the sequential reference
 
 @pytest.mark.parametrize("mode", ["fixed", "adaptive_scaffold", "local"])
+@pytest.mark.slow
 def test_dp_equals_sequential_reference(ragged_data, mode):
   if mode == "fixed":
     algo = dp.dp_fedavg(algorithms.fedavg(optax.sgd(0.1), **KW), noise_multiplier=1.0,
