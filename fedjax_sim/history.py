@@ -70,10 +70,10 @@ class History(dict):
            client_band: bool = True, title: str | None = None):
     """Loss and accuracy by round. Returns the figure.
 
-    Curves: ``train`` is measured *during local training on the round's sampled clients* (the
-    mean over their local steps, each client on its own data: on non-IID data it sits above the
-    test curve without meaning over-fitting), drawn thin for every round; ``test`` is the global
-    model on ``eval_data`` where evaluated. ``label`` names the run in the legend; ``title``
+    Curves: "during local training" (thin, every round; the ``train_*`` columns) is measured on
+    the round's sampled clients while they train, each on its own data (on non-IID data it sits
+    above the test curve without meaning over-fitting); "test" (markers) is the global model on
+    ``eval_data`` where evaluated. ``label`` names the run in the legend; ``title``
     (e.g. a run description) heads the figure. See :func:`plot_histories` for ``path``,
     ``axes`` and how the figure is shown.
 
