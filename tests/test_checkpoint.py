@@ -91,6 +91,7 @@ CHILD = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted):
   ckpt, marker = tmp_path / "ckpt", tmp_path / "at_round_3"
   script = tmp_path / "child.py"

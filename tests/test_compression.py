@@ -37,6 +37,7 @@ def _draws(t, delta, num):
     lambda: compression.hadamard_quantize(1),
     lambda: compression.hadamard_quantize(4),
 ], ids=["q1", "q3", "q2-leaf", "hadamard1", "hadamard4"])
+@pytest.mark.slow
 def test_quantizers_are_unbiased(make):
   delta = _update()
   x = np.asarray(compression.flatten(delta), np.float64)
@@ -155,6 +156,7 @@ def test_error_feedback_residual_is_exactly_what_was_dropped_and_is_carried():
                              v1 + np.asarray(compression.flatten(d2)), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_error_feedback_state_in_run(ragged_data):
   """The engine stores each client's residual: a client that took part holds exactly what its
   last compressed update left out, one that never did holds zeros."""

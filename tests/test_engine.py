@@ -34,6 +34,7 @@ def test_vectorized_equals_sequential_3_rounds(ragged_data, chunk_size, server_o
   assert fs.tree.max_abs_diff(res.params, model.init(jax.random.split(jax.random.key(1))[0])) > 1e-3
 
 
+@pytest.mark.slow
 def test_local_steps_and_uniform_weighting(ragged_data):
   algo = fs.algorithms.fedavg(optax.adam(1e-2), local_steps=4, batch_size=8, weighting="uniform")
   res = fs.run(algo, _mlp(), ragged_data, rounds=2, cohort_size=12, seed=3, chunk_size=5,

@@ -142,6 +142,7 @@ def test_scaffold_matches_paper_equations(ragged_data):
   assert res.history["client_state_bytes"][0] == P * 4 * tree.num_params(x)
 
 
+@pytest.mark.slow
 def test_fednova_matches_paper_equations_with_unequal_steps(ragged_data):
   lr, E = 0.1, 3
   epochs = np.array([1, 2, 3] * 4)

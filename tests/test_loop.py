@@ -43,6 +43,7 @@ class _Budget:
     return {"spent": float(r)}
 
 
+@pytest.mark.slow
 def test_a_round_cap_is_said_once_and_recorded(capsys):
   data, te, model = _setup()
   algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16)

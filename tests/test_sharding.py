@@ -63,6 +63,7 @@ def test_cpu_devices_in_a_started_process():
       distributed.cpu_devices(bad)
 
 
+@pytest.mark.slow
 def test_cli_splits_the_cpu_into_devices(tmp_path):
   """A fresh CLI process makes the requested CPU devices, trains on them, records the count."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -50,6 +50,7 @@ def test_transformed_round_equals_sequential_reference(ragged_data, transform):
   testing.assert_trees_close(res.params, ref.params, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_median_resists_scaled_attack_that_breaks_mean():
   train, test = fs.datasets.digits()
   data = fs.FederatedData.from_partition(train, fs.partition.iid(train["y"], 30, seed=0),
