@@ -3,16 +3,22 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 FMNIST  := /usr/share/datasets/fashion-mnist
+FORTUNES := /usr/share/games/fortunes
 RUN_ARGS ?=
+# pip extras of `make run`'s environment (README: "pip extras"): enough for every README snippet,
+# --dataset digits, YAML configs and History.to_pandas. `make test` installs dev (all of them).
+RUN_EXTRAS := datasets,privacy,yaml,pandas
+PYTEST  := $(VPY) -m pytest -q -n auto --maxprocesses 4
 
-.PHONY: run test install install-dev fashion-mnist bench device-check fedjax-venv flower-venv clean
+.PHONY: run test test-fast notebooks install install-dev fashion-mnist fortunes data bench \
+        device-check fedjax-venv flower-venv clean
 
 $(VPY):
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(VPY)
-	$(VPY) -m pip install -q -e .
+	$(VPY) -m pip install -q -e ".[$(RUN_EXTRAS)]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(VPY)
@@ -26,21 +32,41 @@ $(VENV)/.installed-dev: pyproject.toml | $(VPY)
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist (IDX files). Installed when missing and
-# apt-get can run as root; otherwise the loader explains how to get the files.
-fashion-mnist:
-	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing dataset-fashion-mnist (Debian package)"; \
-	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
-	   echo "warning: could not install dataset-fashion-mnist; see README"; \
+# Data sets from Debian packages, installed when missing and apt-get can run as root; otherwise
+# the loaders say how to get the files, and optional parts are skipped with that message.
+#   dataset-fashion-mnist: Fashion-MNIST IDX files (make run, the README, notebooks, benchmarks)
+#   fortunes: the topic files of the text part of notebook 02 and benchmarks/transfer.py
+# $(call apt_install,PACKAGE,A FILE IT PROVIDES)
+apt_install = if [ ! -e $(2) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing $(1) (Debian package)"; \
+	  (apt-get install -y -q $(1) >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(1) >/dev/null 2>&1)) || \
+	   echo "warning: could not install $(1); see README"; \
 	fi
+
+fashion-mnist:
+	@$(call apt_install,dataset-fashion-mnist,$(FMNIST)/train-images-idx3-ubyte.gz)
+
+fortunes:
+	@$(call apt_install,fortunes,$(FORTUNES)/computers)
+
+data: fashion-mnist fortunes
 
 run: install fashion-mnist
 	$(VPY) -m fedjax_sim run $(RUN_ARGS)
 
-test: install-dev fashion-mnist
-	$(VPY) -m pytest -q -n auto --maxprocesses 4 tests
+# Everything, notebooks and the README's snippets included (< 10 min on 2 cores).
+test: install-dev data
+	$(PYTEST) tests
+
+# Without the tests marked slow (notebooks, README snippets, long runs): < 2 min on 2 cores.
+test-fast: install-dev data
+	$(PYTEST) -m "not slow" tests
+
+# Re-executes every notebook at full size and saves it with its outputs (plots, tables), so
+# readers on a code host see them; `make notebooks SMALL=1` for the quick sizes of the tests.
+notebooks: install-dev data
+	$(VPY) notebooks/execute.py $(if $(SMALL),--small) notebooks/*.ipynb
 
 bench: install
 	$(VPY) benchmarks/w1_w2.py

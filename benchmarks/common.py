@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: the workloads of ../shared/WORKLOAD.md, timing, memory."""
+"""Shared pieces of the benchmark scripts: the workloads of benchmarks/README.md, timing, memory."""
 
 from __future__ import annotations
 

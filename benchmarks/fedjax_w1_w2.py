@@ -1,4 +1,4 @@
-"""W1 and W2 (../shared/WORKLOAD.md) run by FedJAX 0.0.17 itself, for a side-by-side figure.
+"""W1 and W2 (benchmarks/README.md) run by FedJAX 0.0.17 itself, for a side-by-side figure.
 
 FedJAX pins an older JAX than fedjax_sim, so this script runs in its own virtual environment and
 imports nothing from fedjax_sim (the workload's data generator is repeated here, identical to

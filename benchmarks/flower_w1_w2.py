@@ -1,4 +1,4 @@
-"""W1 and W2 (../shared/WORKLOAD.md) in Flower's simulation engine, for a side-by-side figure.
+"""W1 and W2 (benchmarks/README.md) in Flower's simulation engine, for a side-by-side figure.
 
 Flower runs in its own virtual environment (its Ray backend pins its own dependencies) and this
 script imports nothing from fedjax_sim (the workload's data generator is repeated here, identical

@@ -56,8 +56,7 @@ from fedjax_sim import personalize  # noqa: E402
 from fedjax_sim.models import transfer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "transfer.jsonl"
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
-TOPICS = ("computers", "food", "law", "politics", "sports")
+TOPICS = fs.datasets.FORTUNES_TOPICS
 
 
 def emit(record: dict, out):
@@ -87,31 +86,10 @@ def holdout(parts, fraction: float = 0.2, seed: int = 0):
   return tr, te
 
 
-def load_fortunes(topics=TOPICS, max_per_topic: int = 400, seed: int = 0,
-                  folder: Path = FORTUNES_DIR):
-  """``(texts, labels)``: fortunes of each topic file (separated by lines holding only ``%``),
-  at most ``max_per_topic`` each, label = the topic's position in ``topics``."""
-  missing = [t for t in topics if not (folder / t).is_file()]
-  if missing:
-    raise FileNotFoundError(f"fortune files {missing} not found in {folder}: install the Debian "
-                            "`fortunes` package (sudo apt-get install fortunes)")
-  rng = np.random.default_rng(seed)
-  texts, labels = [], []
-  for c, t in enumerate(topics):
-    raw = (folder / t).read_text(encoding="utf-8", errors="replace")
-    items, cur = [], []
-    for line in raw.splitlines():
-      if line.strip() == "%":
-        items.append(" ".join(" ".join(cur).split()))
-        cur = []
-      else:
-        cur.append(line)
-    items.append(" ".join(" ".join(cur).split()))
-    items = [s for s in items if s]
-    for i in rng.permutation(len(items))[:max_per_topic]:
-      texts.append(items[i])
-      labels.append(c)
-  return texts, np.asarray(labels, np.int32)
+def load_fortunes(topics=TOPICS, max_per_topic: int = 400, seed: int = 0):
+  """``(texts, labels)``: :func:`fedjax_sim.datasets.fortunes` (Debian ``fortunes`` topic
+  files), at most ``max_per_topic`` each, label = the topic's position in ``topics``."""
+  return fs.datasets.fortunes(topics, max_per_topic, seed)
 
 
 def cached(name: str, key: str, fn):
@@ -344,7 +322,12 @@ def main(argv=None):
     if args.part in ("images", "all"):
       images(args, out)
     if args.part in ("text", "all"):
-      text(args, out)
+      try:
+        text(args, out)
+      except fs.datasets.DatasetNotFoundError as e:   # one message with the install command
+        if args.part == "text":
+          sys.exit(f"transfer.py --part text: {e}")
+        print(f"transfer.py: skipping the text part: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

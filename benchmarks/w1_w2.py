@@ -1,4 +1,4 @@
-"""Workloads W1 and W2 (../shared/WORKLOAD.md): vectorized engine vs a sequential baseline.
+"""Workloads W1 and W2 (benchmarks/README.md): vectorized engine vs a sequential baseline.
 
 Prints one JSON line per (workload, client count): seconds per round (median after a warm-up
 round, compile time apart), achieved GFLOP/s, peak memory, and the same for the sequential

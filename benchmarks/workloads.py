@@ -1,4 +1,4 @@
-"""The data of workloads W1 and W2 (../shared/WORKLOAD.md), with NumPy only.
+"""The data of workloads W1 and W2 (benchmarks/README.md), with NumPy only.
 
 Imported by ``common.py`` (fedjax_sim's benchmarks) and by the side-by-side scripts that run
 other frameworks in their own environments (``fedjax_w1_w2.py``, ``flower_w1_w2.py``), so every

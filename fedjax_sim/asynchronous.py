@@ -41,9 +41,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from fedjax_sim import engine, evaluation, loop, server, tree
+from fedjax_sim._progress import tqdm
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.client import ClientContext, make_client_train
 from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices

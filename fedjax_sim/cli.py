@@ -660,6 +660,18 @@ def load_data(cfg: Config, seed: int):
   return FederatedData.from_partition(train, parts, num_classes=10), test, train["x"].shape[1:]
 
 
+def run_title(cfg: Config, train) -> str:
+  """One line describing the run, for the title of its plot."""
+  p = cfg.partition
+  split = {"dirichlet": f"Dirichlet({p.alpha:g})", "shards": f"{p.shards_per_client} shards each",
+           "quantity_skew": f"quantity skew {p.exponent:g}"}.get(p.name, p.name)
+  if cfg.dataset == "synthetic":
+    split = f"Synthetic({p.alpha:g}, {p.beta:g})"
+  n = train.num_clients if train is not None else cfg.num_clients
+  return (f"{cfg.algorithm.name} on {cfg.dataset}, model {cfg.model}: {n} clients ({split}), "
+          f"{cfg.cohort_size} per round, {cfg.rounds} rounds")
+
+
 def _check_writable(out: Path):
   try:
     out.mkdir(parents=True, exist_ok=True)
@@ -774,7 +786,7 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
       {**resolved, "compile_seconds": res.compile_seconds,
        **({"resume_overrides": res.overrides} if res.overrides else {})}, indent=2))
   h.to_json(out / "history.json")
-  h.plot(out / "history.png", label=f"{algo.name} {cfg.model} {cfg.dataset} seed {seed}")
+  h.plot(out / "history.png", label=f"{algo.name} seed {seed}", title=run_title(cfg, train))
   acc, loss = _final(h, "test_accuracy"), _final(h, "test_loss")
   if not math.isfinite(loss) and not diverged:
     # not evaluated at all, say (no eval data): the result is unusable all the same
@@ -833,7 +845,8 @@ def _run_seeds(cfg: Config, out: Path, header: str) -> int:
   files.write_text(out / "config.toml", to_toml(to_dict(cfg), header))
   results = [run_one(cfg, s, out / f"seed-{s}", header, f"seed-{s}") for s in seeds]
   from fedjax_sim.history import plot_histories
-  plot_histories({f"seed {r['seed']}": r["history"] for r in results}, path=out / "history.png")
+  plot_histories({f"seed {r['seed']}": r["history"] for r in results}, path=out / "history.png",
+                 title=run_title(cfg, None))
   accs = [r["test_accuracy"] for r in results]
   diverged = [r["seed"] for r in results if r["diverged"]]
   # mean and std over the seeds that have a finite accuracy (a diverged run usually has one:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -60,18 +61,31 @@ class History(dict):
                 for k, v in d.items()})
 
   def to_pandas(self):
-    import pandas as pd   # optional dependency
+    """A ``pandas.DataFrame`` indexed by round (needs ``pip install 'fedjax_sim[pandas]'``)."""
+    try:
+      import pandas as pd   # optional dependency
+    except ImportError as e:
+      raise ImportError("History.to_pandas needs pandas: pip install 'fedjax_sim[pandas]' "
+                        "(or pip install pandas)") from e
     return pd.DataFrame(dict(self)).set_index("round")
 
   def plot(self, path: str | Path | None = None, label: str | None = None, axes=None,
-           client_band: bool = True):
-    """Loss and accuracy by round (train per round, test where evaluated). Returns the figure.
+           client_band: bool = True, title: str | None = None):
+    """Loss and accuracy by round. Returns the figure.
+
+    Curves: "during local training" (thin, every round; the ``train_*`` columns) is measured on
+    the round's sampled clients while they train, each on its own data (on non-IID data it sits
+    above the test curve without meaning over-fitting); "test" (markers) is the global model on
+    ``eval_data`` where evaluated. ``label`` names the run in the legend; ``title``
+    (e.g. a run description) heads the figure. See :func:`plot_histories` for ``path``,
+    ``axes`` and how the figure is shown.
 
     With ``client_band`` and per-client accuracy percentile columns (``client_accuracy_p10`` ...
     ``_p90``, see :func:`add_client_summaries`), the spread over clients is drawn as a shaded
     band on the accuracy axis, with the median dashed.
     """
-    return plot_histories({label or "run": self}, path=path, axes=axes, client_band=client_band)
+    return plot_histories({label or "run": self}, path=path, axes=axes, client_band=client_band,
+                          title=title)
 
   def client_percentiles(self, metric: str = "accuracy",
                          prefix: str = CLIENT_PREFIX) -> dict[float, np.ndarray]:
@@ -109,20 +123,43 @@ def add_client_summaries(history: History, summaries: Mapping[int, Mapping[str, 
   return out
 
 
+def _untracked_figure(**kwargs):
+  """A matplotlib figure that pyplot does not track: it never changes the backend, is never shown
+  by ``plt.show`` or Jupyter's end-of-cell display, and is never left open.
+
+  In IPython it is made through pyplot and released at once: pyplot's first figure loads the
+  configured backend, whose IPython hooks show a figure that is a cell's value as an image (a
+  bare ``Figure`` would print as text in a session that never used pyplot).
+  """
+  if "IPython" in sys.modules:
+    import matplotlib.pyplot as plt
+    fig = plt.figure(**kwargs)
+    plt.close(fig)
+    return fig
+  from matplotlib.figure import Figure
+  return Figure(**kwargs)
+
+
 def plot_histories(histories: Mapping[str, History], path: str | Path | None = None, axes=None,
-                   client_band: bool = True):
+                   client_band: bool = True, title: str | None = None):
   """Compares several runs on one figure: loss (left) and accuracy (right) by round.
 
-  Runs with per-client accuracy percentiles get a shaded band (lowest to highest percentile,
-  e.g. p10-p90) in their colour, and their median dashed (see :meth:`History.plot`).
-  """
-  import matplotlib
-  if path is not None:
-    matplotlib.use("Agg", force=False)
-  import matplotlib.pyplot as plt
+  Per run: accuracy/loss during local training on the sampled clients (thin) and of the global
+  model on the test data (markers); see :meth:`History.plot`. Runs with per-client accuracy
+  percentiles get a shaded band (lowest to highest percentile, e.g. p10-p90) in their colour,
+  and their median dashed.
 
+  Without ``axes``, the figure is a ``matplotlib.figure.Figure`` of its own, not registered with
+  ``pyplot``: plotting never changes the matplotlib backend or pyplot's current figure, and no
+  figure is left open in a loop. It is saved to ``path`` if given, and returned: in Jupyter a
+  returned figure is shown once, as the cell's value (``fig = h.plot()`` shows it when ``fig``
+  is displayed). For a ``pyplot`` window, draw on your own axes: ``fig, axes = plt.subplots(1,
+  2); h.plot(axes=axes); plt.show()``. With ``axes`` (two of them), the curves are drawn there
+  and their figure is returned (and saved to ``path`` if given).
+  """
   if axes is None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = _untracked_figure(figsize=(11, 4.4 if title else 4))
+    axes = fig.subplots(1, 2)
   else:
     fig = axes[0].figure
   for i, (name, h) in enumerate(histories.items()):
@@ -131,11 +168,11 @@ def plot_histories(histories: Mapping[str, History], path: str | Path | None = N
     for ax, metric in zip(axes, ("loss", "accuracy")):
       if f"train_{metric}" in h:
         ax.plot(r, h[f"train_{metric}"], color=color, alpha=0.35, lw=1,
-                label=f"{name} train")
+                label=f"{name} during local training (sampled clients)")
       if f"test_{metric}" in h:
         ok = ~np.isnan(h[f"test_{metric}"])
         ax.plot(r[ok], h[f"test_{metric}"][ok], color=color, marker="o", ms=3, lw=1.8,
-                label=f"{name} test")
+                label=f"{name} test (global model)")
     pct = h.client_percentiles("accuracy") if client_band else {}
     if len(pct) >= 2:
       (qlo, lo), (qhi, hi) = next(iter(pct.items())), list(pct.items())[-1]
@@ -151,6 +188,8 @@ def plot_histories(histories: Mapping[str, History], path: str | Path | None = N
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=11)
   fig.tight_layout()
   if path is not None:   # atomically, in the format of the file name's suffix
     with files.atomic_open(path) as f:

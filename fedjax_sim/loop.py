@@ -11,9 +11,9 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from fedjax_sim import checkpoint, distributed, engine, evaluation, server, tree
+from fedjax_sim._progress import tqdm
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.data.federated import FederatedData, check_numeric, is_inexact
 from fedjax_sim.data.procedural import ProceduralPopulation
@@ -333,7 +333,10 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
       ``max_rounds()`` method (e.g. :func:`fedjax_sim.privacy.privacy_callback`) caps ``rounds``
       up front, so a block of rounds never runs past it; one with a ``check_run(population=,
       cohort_size=, cohort_sampling=, heterogeneity=)`` method is called first and may refuse
-      the run with a ValueError (a privacy accountant whose sampling model is not the run's).
+      the run with a ValueError (a privacy accountant whose sampling model is not the run's);
+      a cap is said once (with the reason from the callback's ``max_rounds_reason(rounds)``
+      if it has one) in the progress output, or as a warning with ``progress=False``, and the
+      last round's record gets ``stopped_early`` and ``rounds_requested``.
     rounds_per_call: run up to this many rounds as one compiled ``lax.scan`` (sampling included),
       so small models are not bound by Python overhead between rounds. Blocks end at evaluation
       and checkpoint rounds; results equal ``rounds_per_call=1`` exactly. ``seconds`` is then the
@@ -390,7 +393,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     # A callback that knows its last allowed round (a privacy budget) caps the run up front, so
     # blocks of rounds (rounds_per_call > 1) never run past it.
     capped = max(1, min(rounds, int(callback.max_rounds())))
-    stops_early, rounds = capped < rounds, capped
+    stops_early, requested, rounds = capped < rounds, rounds, capped
   else:
     stops_early = False
   validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
@@ -482,6 +485,14 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
 
   bar = tqdm(total=rounds, initial=start - 1, desc=f"{algorithm.name}",
              disable=not progress or jax.process_index() != 0, leave=True)
+  if stops_early and jax.process_index() == 0:   # said once, up front; recorded in the history
+    why = getattr(callback, "max_rounds_reason", None)
+    msg = (f"{algorithm.name}: stopping after round {rounds} of the {requested} requested: "
+           f"{why(rounds) if callable(why) else f'the callback allows {rounds} rounds'}")
+    if progress:
+      bar.write(msg)
+    else:
+      warnings.warn(msg, stacklevel=2)
   try:
     r = start
     while r <= rounds:
@@ -520,7 +531,7 @@ def run(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds
     if ckpt is not None:
       ckpt.close()
   if stops_early and records and records[-1]["round"] == rounds:
-    records[-1]["stopped_early"] = 1.0
+    records[-1].update(stopped_early=1.0, rounds_requested=float(requested))
   warn_divergence(records)
   history = History.from_records(records)
   return RunResult(state.params, state, history, blocks.seconds,

@@ -20,9 +20,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from fedjax_sim import engine, evaluation, server
+from fedjax_sim._progress import tqdm
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.history import History
 from fedjax_sim.loop import (_communication, _positive_int, check_eval_data, communication_cost,

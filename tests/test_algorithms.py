@@ -16,6 +16,7 @@ def _model():
 
 
 @pytest.mark.parametrize("name", sorted(algorithms.REGISTRY))
+@pytest.mark.slow
 def test_algorithm_equals_sequential_reference(ragged_data, name):
   extra = {"fedprox": {"mu": 0.5}, "scaffold": {"client_lr": 0.05},
            "fednova": {"client_lr": 0.05, "momentum": 0.5}}.get(
@@ -29,6 +30,7 @@ def test_algorithm_equals_sequential_reference(ragged_data, name):
 
 
 @pytest.mark.parametrize("name", sorted(algorithms.REGISTRY))
+@pytest.mark.slow
 def test_algorithm_traces_once_and_runs_in_scan(ragged_data, name):
   algo = algorithms.make(name, **KW)
   model = _model()
@@ -50,6 +52,7 @@ def test_algorithm_traces_once_and_runs_in_scan(ragged_data, name):
   testing.assert_trees_close(scanned.params, looped.params, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fedprox_mu_zero_is_fedavg_and_mu_pulls_toward_global(ragged_data):
   m = _model()
   a = fs.run(algorithms.fedavg(optax.sgd(0.1), **KW), m, ragged_data, rounds=2, cohort_size=6,

@@ -91,6 +91,7 @@ CHILD = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted):
   ckpt, marker = tmp_path / "ckpt", tmp_path / "at_round_3"
   script = tmp_path / "child.py"
@@ -208,6 +209,7 @@ MESH_CHILD = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 def test_resume_on_a_device_mesh(tmp_path):
   """Restored arrays can feed the round sharded over 2 (forced CPU) devices."""
   script = tmp_path / "child.py"

@@ -10,6 +10,7 @@ import pytest
 from fedjax_sim import cli
 
 
+@pytest.mark.slow
 def test_cli_run_digits_writes_outputs(tmp_path, capsys):
   out = tmp_path / "run"
   rc = cli.main(["run", "--dataset", "digits", "--num-clients", "20", "--cohort-size", "5",
@@ -33,6 +34,7 @@ def test_cli_run_digits_writes_outputs(tmp_path, capsys):
     (["--server-lr", "0"], "server_lr must be > 0"),
     (["--dataset", "fashion_mnist", "--data-dir", "/nonexistent"], None),
 ])
+@pytest.mark.slow
 def test_cli_bad_input_is_one_line(tmp_path, args, message, monkeypatch):
   base = ["run", "--dataset", "digits", "--num-clients", "20", "--cohort-size", "5",
           "--rounds", "2", "--out", str(tmp_path / "o"), "--no-progress"]
@@ -101,6 +103,7 @@ def _one_error_line(capsys):
   return err[0]
 
 
+@pytest.mark.slow
 def test_cli_toml_config_runs_and_writes_resolved_config(tmp_path):
   out = tmp_path / "run"
   cfg = _write(tmp_path, TINY + "\n[checkpoint]\n")   # an empty table is fine
@@ -222,6 +225,7 @@ def test_cli_config_missing_dataset_and_unwritable_out(tmp_path, capsys, monkeyp
   assert "cannot write to output folder" in _one_error_line(capsys)
 
 
+@pytest.mark.slow
 def test_cli_incompatible_checkpoint_is_one_line(tmp_path):
   """Resuming from a checkpoint of another model: one line on the real stderr (no orbax logs)."""
   cfg = _write(tmp_path, TINY.replace("rounds = 2", "rounds = 1") +

@@ -37,6 +37,7 @@ def _draws(t, delta, num):
     lambda: compression.hadamard_quantize(1),
     lambda: compression.hadamard_quantize(4),
 ], ids=["q1", "q3", "q2-leaf", "hadamard1", "hadamard4"])
+@pytest.mark.slow
 def test_quantizers_are_unbiased(make):
   delta = _update()
   x = np.asarray(compression.flatten(delta), np.float64)
@@ -155,6 +156,7 @@ def test_error_feedback_residual_is_exactly_what_was_dropped_and_is_carried():
                              v1 + np.asarray(compression.flatten(d2)), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_error_feedback_state_in_run(ragged_data):
   """The engine stores each client's residual: a client that took part holds exactly what its
   last compressed update left out, one that never did holds zeros."""
@@ -191,6 +193,7 @@ def test_error_feedback_state_in_run(ragged_data):
     transforms.chain(transforms.clip_by_norm(0.5), compression.top_k(0.1)),
     transforms.chain(transforms.clip_by_norm(0.5), compression.top_k(0.3, error_feedback=False)),
 ], ids=["quant4", "quant2-leaf", "hadamard3", "topk-ef", "topk"])
+@pytest.mark.slow
 def test_compressed_round_equals_sequential_reference(ragged_data, transform):
   algo = dataclasses.replace(fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16),
                              update_transform=transform)

@@ -490,3 +490,37 @@ def test_population_exists_once_on_a_cpu():
   assert engine.to_device(data).x is dev.x                     # reused, not copied again
   with pytest.raises(ValueError, match="more than one client"):
     fs.FederatedData.from_partition({"x": x, "y": y}, [np.arange(10), np.arange(5, 15)])
+
+
+def test_fortunes_missing_says_how_to_install(tmp_path, monkeypatch):
+  monkeypatch.delenv(datasets.FORTUNES_ENV, raising=False)
+  with pytest.raises(datasets.DatasetNotFoundError, match=r"apt-get install fortunes.*"
+                     r"FEDJAX_SIM_FORTUNES_DIR") as e:
+    datasets.fortunes(folder=tmp_path)
+  assert "'computers'" in str(e.value) and str(tmp_path) in str(e.value)
+  monkeypatch.setenv(datasets.FORTUNES_ENV, str(tmp_path / "nowhere"))
+  with pytest.raises(datasets.DatasetNotFoundError, match="nowhere"):
+    datasets.fortunes()
+
+
+def test_fortunes_reads_topic_files(tmp_path, monkeypatch):
+  """Fortunes are separated by lines holding only %; whitespace collapses; empty ones are
+  dropped; labels follow the order of ``topics``."""
+  (tmp_path / "food").write_text("Eat\n  your  greens.\n%\nPie.\n%\n%\nSoup is\ngood\n")
+  (tmp_path / "law").write_text("%\nObjection!\n%\n")
+  monkeypatch.setenv(datasets.FORTUNES_ENV, str(tmp_path))
+  texts, labels = datasets.fortunes(("law", "food"))
+  assert texts == ["Objection!", "Eat your greens.", "Pie.", "Soup is good"]
+  assert labels.dtype == np.int32 and labels.tolist() == [0, 1, 1, 1]
+  texts, labels = datasets.fortunes(("food",), max_per_topic=2, seed=3, folder=tmp_path)
+  assert len(texts) == 2 and set(texts) <= {"Eat your greens.", "Pie.", "Soup is good"}
+  assert texts == datasets.fortunes(("food",), max_per_topic=2, seed=3, folder=tmp_path)[0]
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(datasets.FORTUNES_DIR, "computers")),
+                    reason="Debian's fortunes package is not installed")
+def test_fortunes_installed(monkeypatch):
+  monkeypatch.delenv(datasets.FORTUNES_ENV, raising=False)
+  texts, labels = datasets.fortunes(max_per_topic=50)
+  assert len(texts) == 250 and np.bincount(labels).tolist() == [50] * 5
+  assert all(t and "\n" not in t for t in texts)

@@ -16,6 +16,7 @@ def _mlp():
 
 @pytest.mark.parametrize("chunk_size", [3, 5, 100])
 @pytest.mark.parametrize("server_opt", ["sgd", "adam"])
+@pytest.mark.slow
 def test_vectorized_equals_sequential_3_rounds(ragged_data, chunk_size, server_opt):
   algo = fs.algorithms.fedavg(
       optax.sgd(0.05, momentum=0.9),
@@ -33,6 +34,7 @@ def test_vectorized_equals_sequential_3_rounds(ragged_data, chunk_size, server_o
   assert fs.tree.max_abs_diff(res.params, model.init(jax.random.split(jax.random.key(1))[0])) > 1e-3
 
 
+@pytest.mark.slow
 def test_local_steps_and_uniform_weighting(ragged_data):
   algo = fs.algorithms.fedavg(optax.adam(1e-2), local_steps=4, batch_size=8, weighting="uniform")
   res = fs.run(algo, _mlp(), ragged_data, rounds=2, cohort_size=12, seed=3, chunk_size=5,
@@ -100,6 +102,7 @@ def test_all_clients_nonfinite_keeps_model(ragged_data):
   assert np.isnan(res.history["train_loss"]).all()   # no loss to report, not 0
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(ragged_data):
   algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16)
   a = fs.run(algo, _mlp(), ragged_data, rounds=3, cohort_size=5, seed=7, progress=False)
@@ -110,6 +113,7 @@ def test_same_seed_same_numbers(ragged_data):
   assert fs.tree.max_abs_diff(a.params, c.params) > 1e-4
 
 
+@pytest.mark.slow
 def test_fedavg_learns_on_digits():
   train, test = fs.datasets.digits()
   data = fs.FederatedData.from_partition(train, fs.partition.dirichlet(train["y"], 30, 0.5, seed=0),
@@ -122,6 +126,7 @@ def test_fedavg_learns_on_digits():
   assert h.last("test_accuracy") > 0.8   # chance is 0.1
 
 
+@pytest.mark.slow
 def test_rounds_per_call_equals_round_by_round(ragged_data):
   """Blocks of rounds in one compiled scan give exactly the round-by-round results."""
   algo = fs.algorithms.fedavg(optax.sgd(0.1, momentum=0.9), optax.adam(0.01), batch_size=16)

@@ -3,11 +3,13 @@
 import jax
 import numpy as np
 import optax
+import pytest
 
 import fedjax_sim as fs
 from fedjax_sim.evaluation import evaluate_clients
 
 
+@pytest.mark.slow
 def test_per_client_evaluation_matches_loop(ragged_data):
   model = fs.models.mlp(8, (16,), 4)
   params = model.init(jax.random.key(3))

@@ -78,6 +78,7 @@ def _reference_update(config, model, data, key, arrivals, start_params, params, 
   return optax.apply_updates(params, updates)
 
 
+@pytest.mark.slow
 def test_no_staleness_equals_synchronous_fedavg(ragged_data):
   """M = K and equal speeds: every buffer is one synchronous cohort, all arrivals have staleness
   0, and the server step is FedAvg (uniform weights) on that cohort, checked over 2 steps."""
@@ -160,6 +161,7 @@ def _event_simulation(init, starts, k, restart):
 
 
 @pytest.mark.parametrize("restart,max_staleness", [("arrival", 16), ("update", 3)])
+@pytest.mark.slow
 def test_staleness_and_clock_match_event_simulation(ragged_data, restart, max_staleness):
   """M > K with stragglers: arrival order, staleness, clock and weights 1/sqrt(1+s) follow a
   Python event simulation; too-stale arrivals are dropped; the last server step (with stale
@@ -227,6 +229,7 @@ def test_durations_persistent_speed_and_work():
   assert steps_e.tolist() == [2, 2, 4]
 
 
+@pytest.mark.slow
 def test_learns_digits_and_compiles_once(monkeypatch):
   train, test = fs.datasets.digits()
   data = fs.FederatedData.from_partition(train, fs.partition.dirichlet(train["y"], 20, 1.0),

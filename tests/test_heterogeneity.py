@@ -17,6 +17,7 @@ def _model():
   return fs.models.logistic_regression(8, 4)
 
 
+@pytest.mark.slow
 def test_mixed_heterogeneity_equals_sequential_reference(ragged_data):
   rng = np.random.default_rng(0)
   het = Heterogeneity(straggler_fraction=0.5, dropout_fraction=0.25,
@@ -37,6 +38,7 @@ def test_mixed_heterogeneity_equals_sequential_reference(ragged_data):
   assert h["steps_wasted"].sum() > 0
 
 
+@pytest.mark.slow
 def test_stragglers_stop_part_way_and_fedavg_drops_them(ragged_data):
   base = algorithms.fedavg(optax.sgd(0.1), batch_size=8, local_epochs=4)
   het = Heterogeneity(straggler_fraction=1.0)
@@ -111,6 +113,7 @@ def _clients(data):
            data.arrays["y"][data.offsets[i]:data.offsets[i + 1]]) for i in range(data.num_clients)]
 
 
+@pytest.mark.slow
 def test_scaffold_matches_paper_equations(ragged_data):
   lr, E, rounds = 0.1, 3, 3
   model = _model()
@@ -139,6 +142,7 @@ def test_scaffold_matches_paper_equations(ragged_data):
   assert res.history["client_state_bytes"][0] == P * 4 * tree.num_params(x)
 
 
+@pytest.mark.slow
 def test_fednova_matches_paper_equations_with_unequal_steps(ragged_data):
   lr, E = 0.1, 3
   epochs = np.array([1, 2, 3] * 4)

@@ -8,6 +8,7 @@ import pytest
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
@@ -66,6 +67,45 @@ def test_plot_histories_compares_runs_with_and_without_bands():
   bands = _bands(fig)
   assert [b.get_label().split()[0] for b in bands] == ["a", "c"]
   # each run keeps its colour for its band
-  line_c = [ln for ln in fig.axes[1].lines if ln.get_label() == "c test"][0]
+  line_c = [ln for ln in fig.axes[1].lines if ln.get_label() == "c test (global model)"][0]
   assert np.allclose(bands[1].get_facecolor()[0][:3], matplotlib.colors.to_rgb(line_c.get_color()))
   matplotlib.pyplot.close("all")
+
+
+def test_plot_never_touches_pyplot_or_the_backend(tmp_path):
+  """The figure is pyplot-free: the user's backend and open figures are left alone (a notebook
+  keeps showing its own plots after saving a history plot), and nothing piles up in a loop."""
+  plt = matplotlib.pyplot
+  plt.close("all")
+  matplotlib.use("pdf")   # any backend other than the Agg the old code forced
+  try:
+    mine = plt.figure()
+    for i in range(3):
+      fig = _history().plot(tmp_path / f"h{i}.png", label="fedavg", title="FedAvg, 6 rounds")
+      assert (tmp_path / f"h{i}.png").stat().st_size > 1000
+    assert matplotlib.get_backend() == "pdf"
+    assert plt.get_fignums() == [mine.number] and plt.gcf() is mine
+    assert fig.get_suptitle() == "FedAvg, 6 rounds"
+    labels = [ln.get_label() for ln in fig.axes[1].lines]
+    assert labels == ["fedavg during local training (sampled clients)",
+                      "fedavg test (global model)"]
+    # drawing on the user's own axes returns their figure
+    axes = mine.subplots(1, 2)
+    assert _history().plot(axes=axes) is mine and len(axes[0].lines) == 2
+  finally:
+    plt.close("all")
+    matplotlib.use("Agg")
+
+
+def test_to_pandas_without_pandas_says_which_extra(monkeypatch):
+  import builtins
+  real_import = builtins.__import__
+
+  def no_pandas(name, *a, **k):
+    if name == "pandas":
+      raise ImportError("No module named 'pandas'")
+    return real_import(name, *a, **k)
+
+  monkeypatch.setattr(builtins, "__import__", no_pandas)
+  with pytest.raises(ImportError, match=r"fedjax_sim\[pandas\]"):
+    _history().to_pandas()

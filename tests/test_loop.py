@@ -1,7 +1,10 @@
 """run(): callback metrics and early stop, communication accounting."""
 
+import warnings
+
 import numpy as np
 import optax
+import pytest
 
 import fedjax_sim as fs
 
@@ -23,6 +26,48 @@ def test_callback_records_metrics_and_stops_early():
   assert h["stopped_early"][-1] == 1.0
   assert np.isfinite(h["test_accuracy"][-1]), "a stopped run is evaluated at its last round"
   assert int(res.state.round) == 4
+
+
+class _Budget:
+  """A callback that allows ``allowed`` rounds (as a privacy budget does)."""
+
+  def __init__(self, allowed, reason=True):
+    self.allowed = allowed
+    if reason:
+      self.max_rounds_reason = lambda r: f"the budget allows {r} rounds"
+
+  def max_rounds(self):
+    return self.allowed
+
+  def __call__(self, r, state, out):
+    return {"spent": float(r)}
+
+
+@pytest.mark.slow
+def test_a_round_cap_is_said_once_and_recorded(capsys):
+  data, te, model = _setup()
+  algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16)
+  res = fs.run(algo, model, data, rounds=10, cohort_size=5, callback=_Budget(3), progress=True,
+               rounds_per_call=2)
+  out = capsys.readouterr()
+  said = (out.out + out.err).count("stopping after round 3 of the 10 requested: the budget "
+                                   "allows 3 rounds")
+  assert said == 1
+  h = res.history
+  np.testing.assert_array_equal(h["round"], [1, 2, 3])
+  assert h["stopped_early"][-1] == 1.0 and h["rounds_requested"][-1] == 10.0
+  assert np.isnan(h["rounds_requested"][:-1]).all()
+  # without a progress bar it is a warning; a callback without a reason still says the cap
+  with pytest.warns(UserWarning, match="stopping after round 2 of the 10 requested: the "
+                    "callback allows 2 rounds"):
+    fs.run(algo, model, data, rounds=10, cohort_size=5, callback=_Budget(2, reason=False),
+           progress=False)
+  # a cap that does not bite says nothing and records nothing
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    h = fs.run(algo, model, data, rounds=3, cohort_size=5, callback=_Budget(5),
+               progress=False).history
+  assert "stopped_early" not in h and "rounds_requested" not in h
 
 
 def test_communication_is_recorded():

@@ -130,6 +130,7 @@ def _check(results, ref):
       assert abs(r["test_accuracy"] - ref_acc) < 1e-6
 
 
+@pytest.mark.slow
 def test_two_processes_equal_single_process(tmp_path):
   """distributed.run_rounds (the calls run() makes) over 2 processes x 2 CPU devices."""
   procs = _start_workers("helpers", tmp_path)
@@ -142,6 +143,7 @@ def test_two_processes_equal_single_process(tmp_path):
 
 @pytest.mark.skipif(not hasattr(loop, "distributed"),
                     reason="fedjax_sim.loop.run() is not multi-process aware yet")
+@pytest.mark.slow
 def test_run_two_processes_equal_single_process(tmp_path):
   """fs.run() itself in 2 processes (with evaluation) equals the single-process run."""
   procs = _start_workers("run", tmp_path)

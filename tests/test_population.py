@@ -55,6 +55,7 @@ def test_procedural_client_is_identical_every_time():
   assert not np.array_equal(test.client(0)["x"], a.client(0)["x"][:10])
 
 
+@pytest.mark.slow
 def test_procedural_run_learns_and_matches_materialized():
   pop = synthetic_population(10_000_000, iid=True, alpha=0.0, beta=0.0, examples_per_client=20)
   test = pop.materialize(np.arange(100), split="test", examples_per_client=20)

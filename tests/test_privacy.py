@@ -68,6 +68,7 @@ def test_fixed_clip_bounds_every_round_update_in_a_run(ragged_data):
 # Noise
 
 @pytest.mark.parametrize("mode", ["central", "adaptive", "local"])
+@pytest.mark.slow
 def test_noise_std_matches_calibration(ragged_data, mode):
   # Zero client learning rate: every delta is 0, so the round's update is pure noise.
   base = algorithms.fedavg(optax.sgd(0.0), **KW)
@@ -153,6 +154,7 @@ def test_adaptive_clip_converges_to_target_quantile_of_norms(ragged_data):
 # Equivalence with the sequential reference
 
 @pytest.mark.parametrize("mode", ["fixed", "adaptive_scaffold", "local"])
+@pytest.mark.slow
 def test_dp_equals_sequential_reference(ragged_data, mode):
   if mode == "fixed":
     algo = dp.dp_fedavg(algorithms.fedavg(optax.sgd(0.1), **KW), noise_multiplier=1.0,
@@ -262,10 +264,12 @@ def test_run_stops_at_budget_and_records_epsilon(ragged_data):
   assert cb.max_rounds() == 3
   algo = dp.dp_fedavg(algorithms.fedavg(**KW), noise_multiplier=z, clip_norm=0.5, adaptive=True,
                       clipped_count_stddev=1.0)
-  res = fs.run(algo, _model(), ragged_data, rounds=10, cohort_size=4, callback=cb,
-               progress=False)
+  with pytest.warns(UserWarning, match="stopping after round 3 of the 10 requested: privacy "
+                    "budget: epsilon after 3 rounds is"):
+    res = fs.run(algo, _model(), ragged_data, rounds=10, cohort_size=4, callback=cb,
+                 progress=False)
   h = res.history
-  assert list(h["round"]) == [1, 2, 3]
+  assert list(h["round"]) == [1, 2, 3] and h["rounds_requested"][-1] == 10
   np.testing.assert_allclose(h["epsilon"], [curve(1), curve(2), curve(3)], rtol=1e-12)
   assert h["epsilon"][-1] <= target < curve(4)
   assert h["stopped_early"][-1] == 1.0
@@ -341,3 +345,17 @@ def test_dp_fedavg_rejects_robust_aggregator():
 def test_accounting_bad_input(args, kwargs, match):
   with pytest.raises(ValueError, match=match):
     accounting.epsilon(*args, **kwargs)
+
+
+@needs_dpa
+def test_accounting_does_not_spam_absl_warnings(caplog):
+  """dp_accounting warns once per non-converging Renyi order (~50 lines per notebook cell at
+  q = 0.5); the accountant silences them while it computes, and only then."""
+  import logging
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  with caplog.at_level(logging.WARNING):
+    eps = accounting.EpsilonCurve(1.0, 0.5, 1e-5)(10)
+  assert not [r for r in caplog.records if r.name == "absl"]
+  assert absl_logger.level == level
+  assert eps == pytest.approx(_direct(1.0, 0.5, 10, 1e-5, "rdp", None), rel=1e-12)

@@ -152,6 +152,7 @@ def test_robust_to_20_percent_attackers(attack):
     ("krum_chunk3", agg_lib.krum(1, multi_m=2), 3),
     ("normbound_chunk3", agg_lib.norm_bounded_mean(1.0), 3),
 ])
+@pytest.mark.slow
 def test_trains_inside_run(ragged_data, name, agg, chunk):
   algo = dataclasses.replace(fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16), aggregator=agg)
   model = fs.models.mlp(input_dim=8, hidden=(16,), num_classes=4)
@@ -209,6 +210,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device():
   import json
   import os

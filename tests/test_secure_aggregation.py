@@ -86,6 +86,7 @@ def _ks_uniform(u):
 
 
 @pytest.mark.parametrize("ring_bits", [32, 20])
+@pytest.mark.slow
 def test_single_masked_update_is_uniform_and_independent_of_the_true_update(ring_bits):
   num_keys, c, n = 1000, 3, 64
   rng = np.random.default_rng(1)
@@ -243,6 +244,7 @@ def test_bad_parameters():
     sa.cost(10, 2 ** 17, 16, 1.0)
 
 
+@pytest.mark.slow
 def test_secure_sum_inside_run_matches_the_plain_mean(ragged_data):
   """With drop-outs (recovered by the server) and a compressed, clipped update."""
   model = fs.models.mlp(8, (16,), 4)

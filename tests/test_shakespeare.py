@@ -149,6 +149,7 @@ def test_options_validate_and_stride(small):
   assert [sh.decode(row) for row in x] == [text[s:s + 80] for s in (0, 5, 10)]
 
 
+@pytest.mark.slow
 def test_char_lstm_shapes_and_registry():
   m = zoo.char_lstm(vocab_size=81, hidden=16)
   params = m.init(jax.random.key(0))

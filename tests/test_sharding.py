@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
@@ -62,6 +63,7 @@ def test_cpu_devices_in_a_started_process():
       distributed.cpu_devices(bad)
 
 
+@pytest.mark.slow
 def test_cli_splits_the_cpu_into_devices(tmp_path):
   """A fresh CLI process makes the requested CPU devices, trains on them, records the count."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -15,6 +15,7 @@ def _setup():
   return data, te, fs.models.logistic_regression(64, 10)
 
 
+@pytest.mark.slow
 def test_sweep_equals_one_by_one():
   data, te, model = _setup()
   algo = fs.algorithms.fedprox(optax.sgd(0.05), mu=0.1, batch_size=16)

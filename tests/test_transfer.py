@@ -17,6 +17,7 @@ class Encoder(nn.Module):
     return nn.tanh(nn.Dense(6)(nn.relu(nn.Dense(32)(x))))
 
 
+@pytest.mark.slow
 def test_cached_features_train_the_same_head_as_in_step_encoder(ragged_data):
   enc = Encoder()
   enc_params = enc.init(jax.random.key(1), np.zeros((1, 8), np.float32))["params"]
@@ -137,6 +138,7 @@ def _source_task():
   return {"x": x, "y": np.argmax(x @ rng.normal(size=(8, 3)), 1).astype(np.int32)}
 
 
+@pytest.mark.slow
 def test_joint_objective_with_a0_b1_is_plain_training(ragged_data):
   enc_apply, enc_params = _encoder()
   every = lambda path: True
@@ -157,6 +159,7 @@ def test_joint_objective_with_a0_b1_is_plain_training(ragged_data):
   testing.assert_trees_close(b.params["source_head"], j0["source_head"], atol=0)
 
 
+@pytest.mark.slow
 def test_joint_objective_with_a_positive_moves_toward_the_source_task(ragged_data):
   enc_apply, enc_params = _encoder()
   src = _source_task()

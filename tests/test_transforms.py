@@ -40,6 +40,7 @@ def test_attacker_set_is_seeded_and_about_the_fraction():
     transforms.chain(transforms.sign_flip_attack(0.3, seed=1), transforms.clip_by_norm(0.1)),
     transforms.gaussian_attack(0.3, std=0.1, seed=2),
 ])
+@pytest.mark.slow
 def test_transformed_round_equals_sequential_reference(ragged_data, transform):
   algo = dataclasses.replace(fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16),
                              update_transform=transform)
@@ -49,6 +50,7 @@ def test_transformed_round_equals_sequential_reference(ragged_data, transform):
   testing.assert_trees_close(res.params, ref.params, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_median_resists_scaled_attack_that_breaks_mean():
   train, test = fs.datasets.digits()
   data = fs.FederatedData.from_partition(train, fs.partition.iid(train["y"], 30, seed=0),

@@ -5,6 +5,11 @@
 * :func:`digits` is scikit-learn's bundled 8x8 digits (1,797 images, no download).
 * :func:`synthetic` is the Synthetic(alpha, beta) generator of FedProx (Li et al., MLSys 2020,
   section 5.1 and ``data/synthetic_*/generate_synthetic.py`` of their code).
+* :func:`fortunes` reads topic files of Debian's ``fortunes`` package as a small text
+  classification task (the text part of the transfer-learning notebook and benchmark).
+
+A missing data set raises :class:`DatasetNotFoundError` (a ``FileNotFoundError``) whose message
+says how to install it; callers with an optional part catch it, print it and skip that part.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from fedjax_sim.data.federated import FederatedData
 
 FASHION_MNIST_ENV = "FEDJAX_SIM_FASHION_MNIST_DIR"
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FORTUNES_ENV = "FEDJAX_SIM_FORTUNES_DIR"
+FORTUNES_DIR = "/usr/share/games/fortunes"
+FORTUNES_TOPICS = ("computers", "food", "law", "politics", "sports")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 
@@ -131,6 +139,48 @@ def digits(test_fraction: float = 0.25, seed: int = 0, flatten: bool = True):
   n_test = int(round(test_fraction * len(y)))
   te, tr = perm[:n_test], perm[n_test:]
   return {"x": x[tr], "y": y[tr]}, {"x": x[te], "y": y[te]}
+
+
+def fortunes(topics: tuple[str, ...] = FORTUNES_TOPICS, max_per_topic: int | None = None,
+             seed: int = 0, folder: str | os.PathLike | None = None):
+  """Fortune cookies of a few topic files as ``(texts, labels)``: a text classification task.
+
+  Each topic file holds fortunes separated by lines holding only ``%``; every fortune becomes one
+  string (whitespace collapsed to single spaces) labelled with its topic's position in
+  ``topics`` (``labels`` is int32 ``[N]``). With ``max_per_topic``, a random subset (drawn with
+  ``seed``) of at most that many fortunes per topic is kept, in random order; without it, all
+  of them, in file order.
+
+  The files are looked for in ``folder``, else ``$FEDJAX_SIM_FORTUNES_DIR``, else
+  ``/usr/share/games/fortunes`` (Debian's ``fortunes`` package, which the Makefile installs).
+
+  Raises:
+    DatasetNotFoundError: a topic file is missing (the message says how to install them).
+  """
+  folder = Path(folder or os.environ.get(FORTUNES_ENV) or FORTUNES_DIR)
+  missing = [t for t in topics if not (folder / t).is_file()]
+  if missing:
+    raise DatasetNotFoundError(
+        f"fortune topic files {missing} not found in {folder}. Install Debian's `fortunes` "
+        "package (`sudo apt-get install fortunes`, or `make fortunes` in the repository as root), "
+        f"or pass folder= / set ${FORTUNES_ENV} to a folder holding them.")
+  rng = np.random.default_rng(seed)
+  texts, labels = [], []
+  for c, t in enumerate(topics):
+    raw = (folder / t).read_text(encoding="utf-8", errors="replace")
+    items, cur = [], []
+    for line in raw.splitlines() + ["%"]:
+      if line.strip() == "%":
+        items.append(" ".join(" ".join(cur).split()))
+        cur = []
+      else:
+        cur.append(line)
+    items = [s for s in items if s]
+    order = rng.permutation(len(items))[:max_per_topic] if max_per_topic is not None else \
+        range(len(items))
+    texts += [items[i] for i in order]
+    labels += [c] * len(order)
+  return texts, np.asarray(labels, np.int32)
 
 
 def synthetic(alpha: float = 1.0, beta: float = 1.0, iid: bool = False, num_clients: int = 30,
