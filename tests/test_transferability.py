@@ -38,8 +38,8 @@ def logme_reference(f, y, k, tol=1e-2, max_iter=11):
       a = alpha * np.eye(d) + beta * f.T @ f
       m = beta * np.linalg.solve(a, f.T @ t)
       gamma = np.sum(beta * sigma / (alpha + beta * sigma))
-      new_alpha = gamma / (m @ m)
-      new_beta = (n - gamma) / np.sum((f @ m - t) ** 2)
+      new_alpha = gamma / (m @ m + 1e-5)                     # the code's epsilon = 1e-5
+      new_beta = (n - gamma) / (np.sum((f @ m - t) ** 2) + 1e-5)
       done = abs(new_alpha / new_beta - alpha / beta) / (alpha / beta) < tol
       alpha, beta = new_alpha, new_beta
       if done:
@@ -47,7 +47,7 @@ def logme_reference(f, y, k, tol=1e-2, max_iter=11):
     a = alpha * np.eye(d) + beta * f.T @ f
     m = beta * np.linalg.solve(a, f.T @ t)
     ev = (n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi)
-          - beta / 2 * np.sum((f @ m - t) ** 2) - alpha / 2 * m @ m
+          - beta / 2 * (np.sum((f @ m - t) ** 2) + 1e-5) - alpha / 2 * (m @ m + 1e-5)
           - 0.5 * np.linalg.slogdet(a)[1])
     out.append(ev / n)
   return float(np.mean(out))

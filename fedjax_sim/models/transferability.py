@@ -159,7 +159,8 @@ def leep_log_statistic(x, y, mask, cond):
 # --- the server side: scores from the aggregated statistics ----------------------------------------
 
 def logme_from_statistics(ff, fy, count, n: float, *, tol: float = 1e-2,
-                          max_iter: int = 11, rank_rtol: float = 1e-6) -> float:
+                          max_iter: int = 11, rank_rtol: float = 1e-6,
+                          eps: float = 1e-5) -> float:
   """LogME (You et al., 2021, Algorithm 2): the mean over classes of the maximum log evidence per
   example of Bayesian linear regression from the features to each one-hot label column.
 
@@ -170,6 +171,8 @@ def logme_from_statistics(ff, fy, count, n: float, *, tol: float = 1e-2,
       paper's code's (1%, 11 steps). They matter: with more dimensions than examples the evidence
       keeps growing as ``beta -> inf`` (the features interpolate the labels), so the score is
       the one the paper's stopping rule defines, not a maximum.
+    eps: added to ``m^T m`` and ``||F m - y||^2`` as in the paper's code; it bounds ``beta``
+      when the features interpolate the labels (more dimensions than examples).
     rank_rtol: eigenvalues of ``F^T F`` below ``rank_rtol`` times the largest are taken as 0
       (float32 sums on the clients carry about 1e-7 relative rounding).
   """
@@ -198,8 +201,8 @@ def logme_from_statistics(ff, fy, count, n: float, *, tol: float = 1e-2,
       m = beta * t / (alpha + beta * sigma)  # posterior mean in the eigenbasis
       mm = float(m @ m)
       res = max(float(sigma @ (m * m) - 2 * m @ t + yy), 0.0)   # ||F m - y||^2
-      new_alpha = gamma / (mm + 1e-30)
-      new_beta = (n - gamma) / (res + 1e-30)
+      new_alpha = gamma / (mm + eps)
+      new_beta = (n - gamma) / (res + eps)
       if not (np.isfinite(new_alpha) and np.isfinite(new_beta) and new_alpha > 0
               and new_beta > 0):
         break
@@ -213,7 +216,7 @@ def logme_from_statistics(ff, fy, count, n: float, *, tol: float = 1e-2,
     mm = float(m @ m)
     res = max(float(sigma @ (m * m) - 2 * m @ t + yy), 0.0)
     ev = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.sum(np.log(alpha + beta * sigma))
-          - beta / 2 * res - alpha / 2 * mm - n / 2 * np.log(2 * np.pi))
+          - beta / 2 * (res + eps) - alpha / 2 * (mm + eps) - n / 2 * np.log(2 * np.pi))
     evidences.append(ev / n)
   return float(np.mean(evidences))
 
