@@ -619,13 +619,123 @@ def _plot_selection(rows, summary, path):
   plt.close(fig)
 
 
+# --- mapping between domains: alignment under an input shift ------------------------------------
+
+SHIFTS = {"invert": lambda x: 1.0 - x,
+          "noise": lambda x: np.clip(x + np.random.default_rng(5).normal(0, 0.5, x.shape), 0, 1)
+          .astype(np.float32)}
+
+
+def domain_shift(args, out):
+  """Section 3: the CNN pretrained on Fashion-MNIST 0-4 (unshifted), target clients with
+  classes 5-9 whose images are shifted (``args.shift``). Frozen head on clean vs shifted targets
+  gives the loss; then the first conv layer is unfrozen and trained federated with the head on
+  ``b * g_target + c * align`` (CORAL or MMD against the source features' aggregated moments),
+  c = 0 being the no-alignment baseline at the same rounds. c is chosen on a validation split."""
+  from fedjax_sim.models import alignment
+  train, test = fs.datasets.fashion_mnist(flatten=False)
+  shift = SHIFTS[args.shift]
+  rng = np.random.default_rng(0)
+  src = rng.permutation(np.flatnonzero(train["y"] < 5))[:args.pretrain_examples]
+  cnn = fs.models.cnn((28, 28, 1), 5)
+  pre = transfer.pretrain(cnn, {"x": train["x"][src], "y": train["y"][src]}, optax.adam(1e-3),
+                          epochs=args.pretrain_epochs, batch_size=64, key=jax.random.key(0))
+  module = fs.models.zoo.CNNModule((28, 28, 1), 5)
+  cnn_apply, cnn_params = transfer.flax_encoder(module, pre.params, "Dense_1")
+  f_src = transfer.encode(cnn_apply, cnn_params, train["x"][src])
+  enc_params = {"cnn": cnn_params, "mu": f_src.mean(0), "sd": f_src.std(0) + 1e-3}
+  enc_apply = lambda p, x: (cnn_apply(p["cnn"], x) - p["mu"][None]) / p["sd"][None]
+  # the source side shares only aggregated moments of its (unshifted) features
+  z_src = (f_src - enc_params["mu"]) / enc_params["sd"]
+  rff = alignment.random_fourier_features(jax.random.key(3), z_src.shape[1], 1024,
+                                          bandwidth=float(np.sqrt(z_src.shape[1])))
+  moments = alignment.source_moments(z_src, rff)
+
+  tgt = rng.permutation(np.flatnonzero(train["y"] >= 5))
+  n_lab = args.ds_clients * args.ds_k
+  lab, val = tgt[:n_lab], tgt[n_lab:n_lab + args.ds_val]
+  te = np.flatnonzero(test["y"] >= 5)[:args.test_examples]
+  parts = np.array_split(np.arange(n_lab), args.ds_clients)
+  def population(shifted):
+    x = train["x"][lab]
+    return fs.FederatedData.from_partition({"x": shift(x) if shifted else x,
+                                            "y": train["y"][lab] - 5}, parts, num_classes=5)
+  def split(idx, xs, ys, shifted):
+    return {"x": shift(xs[idx]) if shifted else xs[idx], "y": ys[idx] - 5}
+  val_s, test_s = (split(val, train["x"], train["y"], True), split(te, test["x"], test["y"], True))
+  test_c = split(te, test["x"], test["y"], False)
+  emit({"experiment": "domain_shift", "stage": "data", "shift": args.shift,
+        "clients": args.ds_clients, "labels_per_client": args.ds_k, "rounds": args.ds_rounds,
+        "cohort": args.ds_cohort, "test": int(te.size), "seeds": args.seeds}, out)
+
+  head_algo = fs.algorithms.fedavg(optax.sgd(args.head_lr), optax.sgd(1.0, momentum=0.5),
+                                   batch_size=10, local_epochs=args.head_epochs)
+  head = transfer.head_model(enc_apply, enc_params, nn.Dense(5), (28, 28, 1), 5)
+  ev_head = fs.evaluation.make_evaluate(head)
+  frozen = {}
+  for name, shifted, t in (("clean", False, test_c), ("shifted", True, test_s)):
+    fed_f = transfer.feature_cache(enc_apply, enc_params, population(shifted))
+    t_f = transfer.feature_cache(enc_apply, enc_params, t)
+    accs = [float(ev_head(fs.run(head_algo, head, fed_f, rounds=args.ds_rounds,
+                                 cohort_size=args.ds_cohort, seed=s, progress=False,
+                                 eval_every=args.ds_rounds).params, t_f["x"], t_f["y"])
+                  ["accuracy"]) for s in range(args.seeds)]
+    frozen[name] = np.asarray(accs)
+    emit({"experiment": "domain_shift", "stage": f"frozen_{name}",
+          "test_accuracy": round(float(np.mean(accs)), 4),
+          "test_accuracy_per_seed": [round(a, 4) for a in accs]}, out)
+  loss = frozen["clean"].mean() - frozen["shifted"].mean()
+
+  fed_s = population(True)
+  src_small = {"x": train["x"][src[:256]], "y": train["y"][src[:256]]}
+  algo = fs.algorithms.fedavg(optax.sgd(args.ds_lr), optax.sgd(1.0, momentum=0.5), batch_size=10,
+                              local_epochs=args.ds_epochs)
+
+  def adapt(kind, c, seed, evals):
+    model = transfer.joint_objective_model(
+        enc_apply, enc_params, nn.Dense(5), nn.Dense(5), (28, 28, 1), 5, 5, src_small, a=0.0,
+        b=1.0, c=c, align=alignment.make_align(kind, moments, rff) if c else None,
+        trainable=lambda path: path.startswith("cnn/Conv_0"))
+    r = fs.run(algo, model, fed_s, rounds=args.ds_rounds, cohort_size=args.ds_cohort, seed=seed,
+               progress=False, eval_every=args.ds_rounds)
+    ev = fs.evaluation.make_evaluate(model)
+    return [float(ev(r.params, d["x"], d["y"])["accuracy"]) for d in evals]
+
+  # choose c per alignment on the validation split (seed 0), then 3 seeds on the test split
+  results = {"none": np.asarray([adapt("coral", 0.0, s, [test_s])[0] for s in range(args.seeds)])}
+  emit({"experiment": "domain_shift", "stage": "unfrozen_conv0_no_alignment",
+        "test_accuracy": round(float(results["none"].mean()), 4),
+        "test_accuracy_per_seed": results["none"].round(4).tolist()}, out)
+  for kind in args.ds_aligns:
+    by_c = {c: adapt(kind, c, 0, [val_s])[0] for c in args.ds_cs}
+    c = max(by_c, key=by_c.get)
+    accs = np.asarray([adapt(kind, c, s, [test_s])[0] for s in range(args.seeds)])
+    results[kind] = accs
+    emit({"experiment": "domain_shift", "stage": f"unfrozen_conv0_{kind}", "c": c,
+          "val_accuracy_by_c": {str(k): round(v, 4) for k, v in by_c.items()},
+          "test_accuracy": round(float(accs.mean()), 4),
+          "test_accuracy_per_seed": accs.round(4).tolist(),
+          "gain_over_no_alignment_points": round(100 * float(accs.mean()
+                                                             - results["none"].mean()), 2),
+          "fraction_of_frozen_loss_recovered_by_alignment":
+              round(float((accs.mean() - results["none"].mean()) / loss), 3) if loss > 0 else None,
+          "fraction_of_frozen_loss_recovered_total":
+              round(float((accs.mean() - frozen["shifted"].mean()) / loss), 3)
+              if loss > 0 else None}, out)
+  emit({"experiment": "domain_shift", "stage": "summary", "shift": args.shift,
+        "frozen_loss_points": round(100 * float(loss), 2),
+        "shift_loses_10_points": bool(loss >= 0.10),
+        **{f"{k}_test_accuracy": round(float(v.mean()), 4) for k, v in results.items()}}, out)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--small", action="store_true", default=bool(os.environ.get("FEDJAX_SIM_SMALL")))
-  ap.add_argument("--part", choices=("images", "text", "all", "scarce_text", "source_selection"), default="all")
+  ap.add_argument("--part", choices=("images", "text", "all", "scarce_text", "source_selection", "domain_shift"), default="all")
   ap.add_argument("--out", default=None,
                   help="jsonl to append to (default results/transfer.jsonl, or "
                        "results/transfer_<part>.jsonl for the sections of issue 18)")
+  ap.add_argument("--shift", choices=tuple(SHIFTS), default="invert")
   ap.add_argument("--workdir", default="/tmp/fedjax_sim_transfer")
   args = ap.parse_args(argv)
   full = not args.small
@@ -665,6 +775,15 @@ def main(argv=None):
   args.sel_epochs = 5
   args.sel_lrs = (0.03, 0.1, 0.3) if full else (0.1,)
   args.sel_seeds = 2 if full else 1
+  args.ds_clients = 100 if full else 10
+  args.ds_k = 20 if full else 5
+  args.ds_val = 500 if full else 100
+  args.ds_rounds = 30 if full else 2
+  args.ds_cohort = 10 if full else 5
+  args.ds_epochs = 2
+  args.ds_lr = 0.05
+  args.ds_cs = (1.0, 10.0, 100.0) if full else (10.0,)
+  args.ds_aligns = ("coral", "mmd") if full else ("coral",)
   if args.out is None:
     args.out = str(RESULTS if args.part in ("images", "text", "all")
                    else RESULTS.with_name(f"transfer_{args.part}.jsonl"))
@@ -676,6 +795,8 @@ def main(argv=None):
       scarce_text(args, out)
     if args.part == "source_selection":
       source_selection(args, out)
+    if args.part == "domain_shift":
+      domain_shift(args, out)
     if args.part in ("images", "all"):
       images(args, out)
     if args.part in ("text", "all"):
