@@ -192,7 +192,10 @@ def logme_from_statistics(ff, fy, count, n: float, *, tol: float = 1e-2,
   sigma = np.where(sigma > sigma.max(initial=0.0) * rank_rtol, sigma, 0.0)
   evidences = []
   for k in range(fy.shape[1]):
-    t = v.T @ fy[:, k]                      # F^T y_k in the eigenbasis
+    # F^T y_k in the eigenbasis; it lies in the range of F^T, so it has no component along the
+    # null directions (those set to 0 above: what is there is rounding, and alpha, which can
+    # become tiny, would blow it up in m)
+    t = np.where(sigma > 0, v.T @ fy[:, k], 0.0)
     yy = count[k]
     alpha, beta = 1.0, 1.0
     lam = alpha / beta
