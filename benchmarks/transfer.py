@@ -29,6 +29,19 @@ Text (Debian ``fortunes``): a frozen all-MiniLM-L6-v2 with a federated linear he
 Dirichlet-split clients, vs the same head trained centrally on the same features, vs the same
 pipeline on a randomly initialised MiniLM of the same shape.
 
+Issue 18's parts (each to benchmarks/results/transfer_<part>.jsonl, plus .png / .md):
+
+* ``--part scarce_text``: k in {1, 5, 20} labelled fortunes per client, 100 clients, 3 seeds:
+  frozen MiniLM + federated head vs a federated hashed TF-IDF logistic regression from scratch,
+  learning rates tuned per model and k on a validation split (~15 min on 2 busy cores; MiniLM
+  embeddings cached in ``$FEDJAX_SIM_CACHE``).
+* ``--part source_selection``: 7 candidate encoders for Fashion-MNIST 5-9 ranked by federated
+  LogME / H-score / LEEP (:mod:`fedjax_sim.models.transferability`), against the accuracy of a
+  federated head fine-tuned on each; Spearman table and plot (~20 min).
+* ``--part domain_shift``: the target's images inverted; frozen head clean vs shifted, then the
+  first conv layer unfrozen with ``c * CORAL`` / ``c * MMD`` (:mod:`fedjax_sim.models.alignment`)
+  vs ``c = 0`` at the same rounds (~20 min).
+
 Every figure is printed as a JSON line and appended to benchmarks/results/transfer.jsonl::
 
   python benchmarks/transfer.py             # full sizes (a few minutes on 2 CPU cores)
