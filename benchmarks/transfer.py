@@ -29,6 +29,19 @@ Text (Debian ``fortunes``): a frozen all-MiniLM-L6-v2 with a federated linear he
 Dirichlet-split clients, vs the same head trained centrally on the same features, vs the same
 pipeline on a randomly initialised MiniLM of the same shape.
 
+Issue 18's parts (each to benchmarks/results/transfer_<part>.jsonl, plus .png / .md):
+
+* ``--part scarce_text``: k in {1, 5, 20} labelled fortunes per client, 100 clients, 3 seeds:
+  frozen MiniLM + federated head vs a federated hashed TF-IDF logistic regression from scratch,
+  learning rates tuned per model and k on a validation split (~15 min on 2 busy cores; MiniLM
+  embeddings cached in ``$FEDJAX_SIM_CACHE``).
+* ``--part source_selection``: 7 candidate encoders for Fashion-MNIST 5-9 ranked by federated
+  LogME / H-score / LEEP (:mod:`fedjax_sim.models.transferability`), against the accuracy of a
+  federated head fine-tuned on each; Spearman table and plot (~20 min).
+* ``--part domain_shift``: the target's images inverted; frozen head clean vs shifted, then the
+  first conv layer unfrozen with ``c * CORAL`` / ``c * MMD`` (:mod:`fedjax_sim.models.alignment`)
+  vs ``c = 0`` at the same rounds (~20 min).
+
 Every figure is printed as a JSON line and appended to benchmarks/results/transfer.jsonl::
 
   python benchmarks/transfer.py             # full sizes (a few minutes on 2 CPU cores)
@@ -289,11 +302,437 @@ def text(args, out):
         "chance": round(float(np.bincount(labels[te]).max() / len(te)), 4)}, out)
 
 
+# --- scarce labels: text ------------------------------------------------------------------------------
+
+def hashed_tfidf(texts, dim: int = 4096, fit=None):
+  """Bag-of-words features of ``texts``: lower-cased word unigrams and bigrams hashed (CRC32) into
+  ``dim`` buckets, sublinear term frequency ``1 + log tf``, times the IDF of the buckets over
+  the rows ``fit`` of ``texts`` (default all; document frequencies: unlabeled statistics a federation can sum like updates), rows
+  L2-normalised. Hashing needs no shared vocabulary; a from-scratch text model in the usual
+  TF-IDF + logistic regression form."""
+  import re
+  import zlib
+  rows = []
+  for t in texts:
+    w = re.findall(r"[a-z0-9']+", t.lower())
+    grams = w + [a + " " + b for a, b in zip(w, w[1:])]
+    rows.append(np.bincount([zlib.crc32(g.encode()) % dim for g in grams], minlength=dim)
+                if grams else np.zeros(dim, np.int64))
+  tf = np.asarray(rows, np.float64)
+  ref = tf if fit is None else tf[fit]
+  df = (ref > 0).sum(0)
+  idf = np.log((1 + len(ref)) / (1 + df)) + 1
+  x = np.where(tf > 0, 1 + np.log(np.maximum(tf, 1)), 0.0) * idf
+  return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def scarce_split(labels, seed: int = 0, test_fraction: float = 0.2, val_fraction: float = 0.1):
+  """Stratified ``(pool, val, test)`` index arrays (fixed across the label-sampling seeds)."""
+  rng = np.random.default_rng(seed)
+  pool, val, test = [], [], []
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    nt, nv = int(round(test_fraction * idx.size)), int(round(val_fraction * idx.size))
+    test.append(idx[:nt])
+    val.append(idx[nt:nt + nv])
+    pool.append(idx[nt + nv:])
+  return tuple(np.sort(np.concatenate(a)) for a in (pool, val, test))
+
+
+def labelled_clients(pool, clients: int, k: int, seed: int):
+  """``clients`` index arrays of ``min(k, len(pool) // clients)`` labelled examples each, drawn
+  without replacement from ``pool`` (the draw is the seed's: different seeds label different
+  examples)."""
+  per = min(k, len(pool) // clients)
+  if per < 1:
+    raise ValueError(f"{len(pool)} pool examples cannot give {clients} clients a label each")
+  rng = np.random.default_rng(1000 + seed)
+  picked = rng.permutation(pool)[:per * clients]
+  return [np.sort(picked[i * per:(i + 1) * per]) for i in range(clients)], per
+
+
+def _fed_logreg(x, y, parts, val, test, num_classes, lr, args, seed):
+  fed = fs.FederatedData.from_partition({"x": x, "y": y}, parts, num_classes=num_classes)
+  model = fs.models.logistic_regression(x.shape[1], num_classes)
+  per = int(fed.max_client_size)
+  algo = fs.algorithms.fedavg(optax.sgd(lr), batch_size=min(per, 10),
+                              local_epochs=args.scarce_epochs)
+  r = fs.run(algo, model, fed, rounds=args.scarce_rounds, cohort_size=args.scarce_cohort,
+             seed=seed, progress=False, eval_every=args.scarce_rounds, eval_data=None)
+  ev = fs.evaluation.make_evaluate(model)
+  return (float(ev(r.params, x[val], y[val])["accuracy"]),
+          float(ev(r.params, x[test], y[test])["accuracy"]), r)
+
+
+def _central_logreg(x, y, rows, test, num_classes, lr, epochs, seed):
+  model = fs.models.logistic_regression(x.shape[1], num_classes)
+  pre = transfer.pretrain(model, {"x": x[rows], "y": y[rows]}, optax.sgd(lr),
+                          epochs=epochs, batch_size=10, key=jax.random.key(seed))
+  return float(fs.evaluation.make_evaluate(model)(pre.params, x[test], y[test])["accuracy"])
+
+
+def scarce_text(args, out):
+  """Section 1 headline: k labelled fortunes per client, 100 clients; frozen MiniLM + federated
+  linear head vs a federated TF-IDF (hashed bag of words) logistic regression from scratch."""
+  from fedjax_sim.models import minilm
+  texts, labels = load_fortunes(TOPICS, args.scarce_per_topic)
+  k_classes = len(TOPICS)
+  enc = minilm.MiniLMEncoder.load(max_length=args.max_tokens)
+  key = f"{args.max_tokens}|" + "\x00".join(texts)
+  t = time.perf_counter()
+  emb, hit = cached("minilm", key, lambda: transfer.text_features(enc, texts, args.max_tokens))
+  t_emb = time.perf_counter() - t
+  pool, val, test = scarce_split(labels)
+  bow = hashed_tfidf(texts, args.bow_dim, fit=pool)
+  # Standardize MiniLM features with the pool's (unlabeled) mean and sd: two moments that a
+  # federation sums like updates; the L2-normalised embeddings are too small for one lr grid.
+  mu, sd = emb[pool].mean(0), emb[pool].std(0) + 1e-6
+  feats = {"minilm_head": ((emb - mu) / sd).astype(np.float32), "tfidf_logreg": bow}
+  emit({"experiment": "scarce_text", "stage": "data", "texts": len(texts), "topics": list(TOPICS),
+        "per_class": np.bincount(labels).tolist(), "pool": int(pool.size), "val": int(val.size),
+        "test": int(test.size), "max_tokens": args.max_tokens, "bow_dim": args.bow_dim,
+        "minilm_seconds": round(t_emb, 1), "cached": hit,
+        "chance_majority": round(float(np.bincount(labels[test]).max() / test.size), 4),
+        "clients": args.scarce_clients, "rounds": args.scarce_rounds,
+        "cohort": args.scarce_cohort, "local_epochs": args.scarce_epochs}, out)
+
+  # learning rates tuned per model and k on the validation split (seed 0 only)
+  best = {}
+  for k in args.ks:
+    parts, per = labelled_clients(pool, args.scarce_clients, k, 0)
+    for name, x in feats.items():
+      scores = {}
+      for lr in args.scarce_lrs:
+        scores[lr] = _fed_logreg(x, labels, parts, val, test, k_classes, lr, args, 0)[0]
+      best[(name, k)] = max(scores, key=lambda lr: (scores[lr], -lr))
+      emit({"experiment": "scarce_text", "stage": "lr_tuning", "model": name, "k": k,
+            "labels_per_client": per, "val_accuracy_by_lr": {str(a): round(b, 4)
+                                                             for a, b in scores.items()},
+            "chosen_lr": best[(name, k)]}, out)
+
+  summary = {}
+  for k in args.ks:
+    for name, x in feats.items():
+      lr = best[(name, k)]
+      accs, central = [], []
+      for seed in range(args.seeds):
+        parts, per = labelled_clients(pool, args.scarce_clients, k, seed)
+        accs.append(_fed_logreg(x, labels, parts, val, test, k_classes, lr, args, seed)[1])
+        central.append(_central_logreg(x, labels, np.concatenate(parts), test, k_classes, lr,
+                                       args.scarce_central_epochs, seed))
+      summary[(name, k)] = np.asarray(accs)
+      emit({"experiment": "scarce_text", "stage": "result", "model": name, "k": k,
+            "labels_per_client": per, "labels_total": per * args.scarce_clients,
+            "client_lr": lr, "seeds": args.seeds,
+            "federated_test_accuracy": round(float(np.mean(accs)), 4),
+            "federated_test_accuracy_sd": round(float(np.std(accs, ddof=1)), 4)
+            if args.seeds > 1 else None,
+            "federated_test_accuracy_per_seed": [round(a, 4) for a in accs],
+            "central_test_accuracy": round(float(np.mean(central)), 4),
+            "params_per_client_round": int(x.shape[1] * k_classes + k_classes)}, out)
+  for k in args.ks:
+    gap = summary[("minilm_head", k)].mean() - summary[("tfidf_logreg", k)].mean()
+    emit({"experiment": "scarce_text", "stage": "gap", "k": k,
+          "minilm_minus_tfidf_points": round(100 * float(gap), 2),
+          "goal_met_15_points": bool(gap >= 0.15) if k == 5 else None}, out)
+  plot_scarce(summary, args.ks, Path(args.out).with_suffix(".png"),
+              "fortunes topics, 100 clients: accuracy vs labels per client")
+
+
+def plot_scarce(summary, ks, path, title):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for name in sorted({n for n, _ in summary}):
+    m = np.array([summary[(name, k)].mean() for k in ks]) * 100
+    s = np.array([summary[(name, k)].std() for k in ks]) * 100
+    ax.errorbar(ks, m, yerr=s, marker="o", capsize=3, label=name)
+  ax.set_xscale("log")
+  ax.set_xticks(ks)
+  ax.set_xticklabels([str(k) for k in ks])
+  ax.set_xlabel("labelled examples per client (k)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# --- choosing the source: federated transferability estimates vs fine-tuned accuracy -------------
+
+def _pool2(x):
+  """2x2 average pooling of ``[N, 28, 28, 1]`` images, flattened: ``[N, 196]``."""
+  return x.reshape(x.shape[0], 14, 2, 14, 2).mean((2, 4)).reshape(x.shape[0], -1)
+
+
+def source_selection(args, out):
+  """Section 2: rank candidate encoders for Fashion-MNIST classes 5-9 (100 clients with
+  ``args.sel_k`` labels each) by federated LogME / H-score / LEEP, then fine-tune a federated
+  head on each (lr tuned on a validation split) and compare the rankings (Spearman)."""
+  from fedjax_sim.models import transferability as tfy
+  train, test = fs.datasets.fashion_mnist(flatten=False)
+  rng = np.random.default_rng(0)
+  src = rng.permutation(np.flatnonzero(train["y"] < 5))
+  tgt_all = rng.permutation(np.flatnonzero(train["y"] >= 5))
+  public = tgt_all[:args.sel_public]                       # public labelled 5-9, disjoint
+  rest = tgt_all[args.sel_public:]
+  n_lab = args.sel_clients * args.sel_k
+  tgt, val = rest[:n_lab], rest[n_lab:n_lab + args.sel_val]
+  te = np.flatnonzero(test["y"] >= 5)[:args.test_examples]
+  x_t, y_t = train["x"][tgt], train["y"][tgt] - 5
+  parts = np.array_split(np.arange(n_lab), args.sel_clients)
+  target = fs.FederatedData.from_partition({"x": x_t, "y": y_t}, parts, num_classes=5)
+  val_d = {"x": train["x"][val], "y": train["y"][val] - 5}
+  test_d = {"x": test["x"][te], "y": test["y"][te] - 5}
+  emit({"experiment": "source_selection", "stage": "data", "target_clients": args.sel_clients,
+        "labels_per_client": args.sel_k, "val": int(val.size), "test": int(te.size)}, out)
+
+  module = fs.models.zoo.CNNModule((28, 28, 1), 5)
+  cnn = fs.models.cnn((28, 28, 1), 5)
+  recipes = {   # name -> (source x, source y, epochs) or None for an untrained CNN
+      "cnn_fmnist0-4_2000x2": (train["x"][src[:2000]], train["y"][src[:2000]], 2),
+      "cnn_fmnist0-4_300x1": (train["x"][src[:300]], train["y"][src[:300]], 1),
+      "cnn_fmnist0-4_inverted": (1.0 - train["x"][src[:2000]], train["y"][src[:2000]], 1),
+      "cnn_fmnist0-4_shuffled_labels": (train["x"][src[:2000]],
+                                        rng.permutation(train["y"][src[:2000]]), 2),
+      "cnn_fmnist5-9_public": (train["x"][public], train["y"][public] - 5, 2),
+      "cnn_random": None,
+  }
+  candidates = {}
+  for name, r in recipes.items():
+    if r is None:
+      params = cnn.init(jax.random.key(7))
+      stat_x = train["x"][src[:2000]]
+    else:
+      params = transfer.pretrain(cnn, {"x": r[0], "y": r[1]}, optax.adam(1e-3), epochs=r[2],
+                                 batch_size=64, key=jax.random.key(0)).params
+      stat_x = r[0]
+    enc_apply, enc_params = transfer.flax_encoder(module, params, "Dense_1")
+    f = transfer.encode(enc_apply, enc_params, stat_x)
+    # the encoder standardizes its features with its own source data's statistics (a frozen
+    # BatchNorm); the source logits (for LEEP) come from the pretrained classifier itself
+    p = {"cnn": enc_params, "mu": f.mean(0), "sd": f.std(0) + 1e-3, "full": params}
+    candidates[name] = tfy.Candidate(
+        lambda q, x, a=enc_apply: (a(q["cnn"], x) - q["mu"][None]) / q["sd"][None], p,
+        lambda q, x: module.apply({"params": q["full"]}, x))
+  px = _pool2(train["x"][src[:2000]])
+  candidates["pixels_14x14"] = tfy.Candidate(
+      lambda q, x: (_pool2(x) - q["mu"][None]) / q["sd"][None],
+      {"mu": px.mean(0), "sd": px.std(0) + 1e-3})
+
+  rows = []
+  for name, c in candidates.items():
+    est = {}
+    feats = transfer.feature_cache(c.encoder_apply, c.encoder_params, target)
+    est["logme"] = tfy.logme(feats)
+    est["hscore"] = tfy.hscore(feats)
+    est["hscore_shrunk"] = tfy.hscore(feats, shrinkage=0.1)
+    if c.source_logits is not None:
+      probs = lambda q, x, g=c.source_logits: jax.nn.softmax(g(q, x), axis=-1)
+      est["leep"] = tfy.leep(transfer.feature_cache(probs, c.encoder_params, target))
+    val_f = transfer.feature_cache(c.encoder_apply, c.encoder_params, val_d)
+    test_f = transfer.feature_cache(c.encoder_apply, c.encoder_params, test_d)
+    head = fs.models.logistic_regression(feats.arrays["x"].shape[1], 5)
+    ev = fs.evaluation.make_evaluate(head)
+    by_lr = {}
+    for lr in args.sel_lrs:
+      algo = fs.algorithms.fedavg(optax.sgd(lr), batch_size=10, local_epochs=args.sel_epochs)
+      accs = []
+      for seed in range(args.sel_seeds):
+        res = fs.run(algo, head, feats, rounds=args.sel_rounds, cohort_size=args.sel_cohort,
+                     seed=seed, progress=False, eval_every=args.sel_rounds)
+        accs.append((float(ev(res.params, val_f["x"], val_f["y"])["accuracy"]),
+                     float(ev(res.params, test_f["x"], test_f["y"])["accuracy"])))
+      by_lr[lr] = np.asarray(accs)
+    lr = max(by_lr, key=lambda a: by_lr[a][:, 0].mean())
+    row = {"experiment": "source_selection", "stage": "candidate", "candidate": name,
+           "feature_dim": int(feats.arrays["x"].shape[1]),
+           **{f"{m}": round(e.score, 5) for m, e in est.items()},
+           **{f"{m}_floats_up_per_client": e.floats_up_per_client for m, e in est.items()},
+           "head_params_per_client_round": transfer.num_params(head.init(jax.random.key(0))),
+           "finetune_rounds": args.sel_rounds, "finetune_lr": lr,
+           "val_accuracy_by_lr": {str(a): round(float(b[:, 0].mean()), 4)
+                                  for a, b in by_lr.items()},
+           "finetuned_test_accuracy": round(float(by_lr[lr][:, 1].mean()), 4),
+           "finetuned_test_accuracy_per_seed": by_lr[lr][:, 1].round(4).tolist()}
+    rows.append(row)
+    emit(row, out)
+  acc = [r["finetuned_test_accuracy"] for r in rows]
+  summary = {"experiment": "source_selection", "stage": "spearman",
+             "candidates": len(rows), "ranking_by_accuracy":
+             [r["candidate"] for r in sorted(rows, key=lambda r: -r["finetuned_test_accuracy"])]}
+  for m in ("logme", "hscore", "hscore_shrunk", "leep"):
+    have = [r for r in rows if m in r]
+    summary[m] = round(tfy.spearman([r[m] for r in have],
+                                    [r["finetuned_test_accuracy"] for r in have]), 4)
+    summary[f"{m}_candidates"] = len(have)
+    summary[f"{m}_picks"] = max(have, key=lambda r: r[m])["candidate"]
+  summary["goal_met_0.8"] = {m: summary[m] >= 0.8 for m in ("logme", "hscore", "hscore_shrunk",
+                                                              "leep")}
+  emit(summary, out)
+  _plot_selection(rows, summary, Path(args.out).with_suffix(".png"))
+  _table_selection(rows, summary, Path(args.out).with_suffix(".md"))
+  del acc
+
+
+def _table_selection(rows, summary, path):
+  ms = ("logme", "hscore", "hscore_shrunk", "leep")
+  lines = ["| candidate | " + " | ".join(ms) + " | fine-tuned test accuracy |",
+           "|---|" + "---|" * (len(ms) + 1)]
+  for r in sorted(rows, key=lambda r: -r["finetuned_test_accuracy"]):
+    cells = [f"{r[m]:.4f}" if m in r else "-" for m in ms]
+    lines.append(f"| {r['candidate']} | " + " | ".join(cells)
+                 + f" | {100 * r['finetuned_test_accuracy']:.1f}% |")
+  lines.append("| **Spearman vs accuracy** | " + " | ".join(
+      f"**{summary[m]:.2f}** (n={summary[m + '_candidates']})" for m in ms) + " | |")
+  path.write_text("\n".join(lines) + "\n")
+
+
+def _plot_selection(rows, summary, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  ms = ("logme", "hscore", "hscore_shrunk", "leep")
+  fig, axes = plt.subplots(1, len(ms), figsize=(15, 3.8))
+  for ax, m in zip(axes, ms):
+    have = [r for r in rows if m in r]
+    ax.scatter([r[m] for r in have], [100 * r["finetuned_test_accuracy"] for r in have])
+    for r in have:
+      ax.annotate(r["candidate"], (r[m], 100 * r["finetuned_test_accuracy"]), fontsize=6)
+    ax.set_xlabel(f"federated {m}")
+    ax.set_ylabel("fine-tuned head test accuracy (%)")
+    ax.set_title(f"Spearman {summary[m]:.2f}", fontsize=9)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+# --- mapping between domains: alignment under an input shift ------------------------------------
+
+SHIFTS = {"invert": lambda x: 1.0 - x,
+          "noise": lambda x: np.clip(x + np.random.default_rng(5).normal(0, 0.5, x.shape), 0, 1)
+          .astype(np.float32)}
+
+
+def domain_shift(args, out):
+  """Section 3: the CNN pretrained on Fashion-MNIST 0-4 (unshifted), target clients with
+  classes 5-9 whose images are shifted (``args.shift``). Frozen head on clean vs shifted targets
+  gives the loss; then the first conv layer is unfrozen and trained federated with the head on
+  ``b * g_target + c * align`` (CORAL or MMD against the source features' aggregated moments),
+  c = 0 being the no-alignment baseline at the same rounds. c is chosen on a validation split."""
+  from fedjax_sim.models import alignment
+  train, test = fs.datasets.fashion_mnist(flatten=False)
+  shift = SHIFTS[args.shift]
+  rng = np.random.default_rng(0)
+  src = rng.permutation(np.flatnonzero(train["y"] < 5))[:args.pretrain_examples]
+  cnn = fs.models.cnn((28, 28, 1), 5)
+  pre = transfer.pretrain(cnn, {"x": train["x"][src], "y": train["y"][src]}, optax.adam(1e-3),
+                          epochs=args.pretrain_epochs, batch_size=64, key=jax.random.key(0))
+  module = fs.models.zoo.CNNModule((28, 28, 1), 5)
+  cnn_apply, cnn_params = transfer.flax_encoder(module, pre.params, "Dense_1")
+  f_src = transfer.encode(cnn_apply, cnn_params, train["x"][src])
+  # Standardize, but floor the scale at a tenth of the mean unit's: units dead on the source
+  # (sd ~ 0) wake up on shifted inputs, and dividing by ~1e-3 there makes the gradient into the
+  # unfrozen conv layer explode (the first attempt diverged to chance at lr 0.05).
+  sd = f_src.std(0)
+  enc_params = {"cnn": cnn_params, "mu": f_src.mean(0), "sd": np.maximum(sd, 0.1 * sd.mean())}
+  enc_apply = lambda p, x: (cnn_apply(p["cnn"], x) - p["mu"][None]) / p["sd"][None]
+  # the source side shares only aggregated moments of its (unshifted) features
+  z_src = (f_src - enc_params["mu"]) / enc_params["sd"]
+  rff = alignment.random_fourier_features(jax.random.key(3), z_src.shape[1], 1024,
+                                          bandwidth=float(np.sqrt(z_src.shape[1])))
+  moments = alignment.source_moments(z_src, rff)
+
+  tgt = rng.permutation(np.flatnonzero(train["y"] >= 5))
+  n_lab = args.ds_clients * args.ds_k
+  lab, val = tgt[:n_lab], tgt[n_lab:n_lab + args.ds_val]
+  te = np.flatnonzero(test["y"] >= 5)[:args.test_examples]
+  parts = np.array_split(np.arange(n_lab), args.ds_clients)
+  def population(shifted):
+    x = train["x"][lab]
+    return fs.FederatedData.from_partition({"x": shift(x) if shifted else x,
+                                            "y": train["y"][lab] - 5}, parts, num_classes=5)
+  def split(idx, xs, ys, shifted):
+    return {"x": shift(xs[idx]) if shifted else xs[idx], "y": ys[idx] - 5}
+  val_s, test_s = (split(val, train["x"], train["y"], True), split(te, test["x"], test["y"], True))
+  test_c = split(te, test["x"], test["y"], False)
+  emit({"experiment": "domain_shift", "stage": "data", "shift": args.shift,
+        "clients": args.ds_clients, "labels_per_client": args.ds_k, "rounds": args.ds_rounds,
+        "cohort": args.ds_cohort, "test": int(te.size), "seeds": args.seeds}, out)
+
+  head_algo = fs.algorithms.fedavg(optax.sgd(args.head_lr), optax.sgd(1.0, momentum=0.5),
+                                   batch_size=10, local_epochs=args.head_epochs)
+  head = transfer.head_model(enc_apply, enc_params, nn.Dense(5), (28, 28, 1), 5)
+  ev_head = fs.evaluation.make_evaluate(head)
+  frozen = {}
+  for name, shifted, t in (("clean", False, test_c), ("shifted", True, test_s)):
+    fed_f = transfer.feature_cache(enc_apply, enc_params, population(shifted))
+    t_f = transfer.feature_cache(enc_apply, enc_params, t)
+    accs = [float(ev_head(fs.run(head_algo, head, fed_f, rounds=args.ds_rounds,
+                                 cohort_size=args.ds_cohort, seed=s, progress=False,
+                                 eval_every=args.ds_rounds).params, t_f["x"], t_f["y"])
+                  ["accuracy"]) for s in range(args.seeds)]
+    frozen[name] = np.asarray(accs)
+    emit({"experiment": "domain_shift", "stage": f"frozen_{name}",
+          "test_accuracy": round(float(np.mean(accs)), 4),
+          "test_accuracy_per_seed": [round(a, 4) for a in accs]}, out)
+  loss = frozen["clean"].mean() - frozen["shifted"].mean()
+
+  fed_s = population(True)
+  src_small = {"x": train["x"][src[:256]], "y": train["y"][src[:256]]}
+  algo = fs.algorithms.fedavg(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(args.ds_lr)),
+                              optax.sgd(1.0, momentum=0.5), batch_size=10,
+                              local_epochs=args.ds_epochs)
+
+  def adapt(kind, c, seed, evals):
+    model = transfer.joint_objective_model(
+        enc_apply, enc_params, nn.Dense(5), nn.Dense(5), (28, 28, 1), 5, 5, src_small, a=0.0,
+        b=1.0, c=c, align=alignment.make_align(kind, moments, rff) if c else None,
+        trainable=lambda path: path.startswith("cnn/Conv_0"))
+    r = fs.run(algo, model, fed_s, rounds=args.ds_rounds, cohort_size=args.ds_cohort, seed=seed,
+               progress=False, eval_every=args.ds_rounds)
+    ev = fs.evaluation.make_evaluate(model)
+    return [float(ev(r.params, d["x"], d["y"])["accuracy"]) for d in evals]
+
+  # choose c per alignment on the validation split (seed 0), then 3 seeds on the test split
+  results = {"none": np.asarray([adapt("coral", 0.0, s, [test_s])[0] for s in range(args.seeds)])}
+  emit({"experiment": "domain_shift", "stage": "unfrozen_conv0_no_alignment",
+        "test_accuracy": round(float(results["none"].mean()), 4),
+        "test_accuracy_per_seed": results["none"].round(4).tolist()}, out)
+  for kind in args.ds_aligns:
+    by_c = {c: adapt(kind, c, 0, [val_s])[0] for c in args.ds_cs}
+    c = max(by_c, key=by_c.get)
+    accs = np.asarray([adapt(kind, c, s, [test_s])[0] for s in range(args.seeds)])
+    results[kind] = accs
+    emit({"experiment": "domain_shift", "stage": f"unfrozen_conv0_{kind}", "c": c,
+          "val_accuracy_by_c": {str(k): round(v, 4) for k, v in by_c.items()},
+          "test_accuracy": round(float(accs.mean()), 4),
+          "test_accuracy_per_seed": accs.round(4).tolist(),
+          "gain_over_no_alignment_points": round(100 * float(accs.mean()
+                                                             - results["none"].mean()), 2),
+          "fraction_of_frozen_loss_recovered_by_alignment":
+              round(float((accs.mean() - results["none"].mean()) / loss), 3) if loss > 0 else None,
+          "fraction_of_frozen_loss_recovered_total":
+              round(float((accs.mean() - frozen["shifted"].mean()) / loss), 3)
+              if loss > 0 else None}, out)
+  emit({"experiment": "domain_shift", "stage": "summary", "shift": args.shift,
+        "frozen_loss_points": round(100 * float(loss), 2),
+        "shift_loses_10_points": bool(loss >= 0.10),
+        **{f"{k}_test_accuracy": round(float(v.mean()), 4) for k, v in results.items()}}, out)
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--small", action="store_true", default=bool(os.environ.get("FEDJAX_SIM_SMALL")))
-  ap.add_argument("--part", choices=("images", "text", "all"), default="all")
-  ap.add_argument("--out", default=str(RESULTS))
+  ap.add_argument("--part", choices=("images", "text", "all", "scarce_text", "source_selection", "domain_shift"), default="all")
+  ap.add_argument("--out", default=None,
+                  help="jsonl to append to (default results/transfer.jsonl, or "
+                       "results/transfer_<part>.jsonl for the sections of issue 18)")
+  ap.add_argument("--shift", choices=tuple(SHIFTS), default="invert")
   ap.add_argument("--workdir", default="/tmp/fedjax_sim_transfer")
   args = ap.parse_args(argv)
   full = not args.small
@@ -315,10 +754,46 @@ def main(argv=None):
   args.text_clients = 20 if full else 5
   args.text_rounds = 100 if full else 10
   args.central_epochs = 50 if full else 10
+  args.ks = (1, 5, 20)
+  args.scarce_per_topic = 100000 if full else 60   # every fortune of the topic
+  args.scarce_clients = 100 if full else 10
+  args.scarce_rounds = 50 if full else 5
+  args.scarce_cohort = 20 if full else 5
+  args.scarce_epochs = 5
+  args.scarce_central_epochs = 50 if full else 5
+  args.scarce_lrs = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0) if full else (0.3, 3.0)
+  args.bow_dim = 4096 if full else 512
+  args.sel_public = 1000 if full else 200
+  args.sel_clients = 100 if full else 10
+  args.sel_k = 10 if full else 5
+  args.sel_val = 500 if full else 100
+  args.sel_rounds = 30 if full else 3
+  args.sel_cohort = 20 if full else 5
+  args.sel_epochs = 5
+  args.sel_lrs = (0.03, 0.1, 0.3) if full else (0.1,)
+  args.sel_seeds = 2 if full else 1
+  args.ds_clients = 100 if full else 10
+  args.ds_k = 20 if full else 5
+  args.ds_val = 500 if full else 100
+  args.ds_rounds = 30 if full else 2
+  args.ds_cohort = 10 if full else 5
+  args.ds_epochs = 2
+  args.ds_lr = 0.05
+  args.ds_cs = (1.0, 10.0, 100.0) if full else (10.0,)
+  args.ds_aligns = ("coral", "mmd") if full else ("coral",)
+  if args.out is None:
+    args.out = str(RESULTS if args.part in ("images", "text", "all")
+                   else RESULTS.with_name(f"transfer_{args.part}.jsonl"))
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   with open(args.out, "a") as out:
     emit({"experiment": "meta", "small": args.small, "backend": jax.default_backend(),
           "jax": jax.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, out)
+    if args.part == "scarce_text":
+      scarce_text(args, out)
+    if args.part == "source_selection":
+      source_selection(args, out)
+    if args.part == "domain_shift":
+      domain_shift(args, out)
     if args.part in ("images", "all"):
       images(args, out)
     if args.part in ("text", "all"):

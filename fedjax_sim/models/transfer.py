@@ -389,7 +389,8 @@ def load_encoder(path, like: Any = None) -> Any:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class JointModel(Model):
-  """A :class:`Model` whose training objective is ``b * target_loss + a * source_loss``.
+  """A :class:`Model` whose training objective is ``b * target_loss + a * source_loss
+  + c * align``.
 
   ``apply`` gives the target logits; ``batch_loss`` (what local training differentiates) adds
   ``a`` times the source-task loss of a source batch drawn by ``source_term``. Its metrics
@@ -401,11 +402,16 @@ class JointModel(Model):
       source batch chosen from the target batch.
     source_apply: ``(params, x_source [B, ...]) -> source logits`` (for evaluation).
     a, b: weights of the source and target losses.
+    align_term: ``(params, x [B, ...], mask [B]) -> scalar`` distance between the target batch's
+      features and the source feature statistics (see :mod:`fedjax_sim.models.alignment`).
+    c: its weight.
   """
   source_term: Callable[..., jax.Array] | None = None
   source_apply: Callable[..., jax.Array] | None = None
   a: float = 0.0
   b: float = 1.0
+  align_term: Callable[..., jax.Array] | None = None
+  c: float = 0.0
 
   def batch_loss(self, params, x, y, mask):
     loss, aux = super().batch_loss(params, x, y, mask)
@@ -414,6 +420,9 @@ class JointModel(Model):
       # An all-masked (padding) step keeps loss 0 and zero gradients, as for any Model.
       nonempty = (aux[2] > 0).astype(loss.dtype)
       obj = obj + self.a * nonempty * self.source_term(params, x, y, mask)
+    if self.c != 0 and self.align_term is not None:
+      nonempty = (aux[2] > 0).astype(loss.dtype)
+      obj = obj + self.c * nonempty * self.align_term(params, x, mask)
     return obj, aux
 
 
@@ -432,8 +441,10 @@ def joint_objective_model(encoder_apply: EncoderApply, encoder_params: Any, head
                           source_data: dict, *, a: float = 0.0, b: float = 1.0,
                           trainable: Callable[[str], bool] | None = None,
                           source_batch_size: int = 32, seed: int = 0,
+                          c: float = 0.0, align: Callable[[jax.Array, jax.Array], jax.Array]
+                          | None = None,
                           name: str = "joint_source+target") -> JointModel:
-  """Encoder + target head + source head, trained on ``b * g_target + a * f_source``.
+  """Encoder + target head + source head, trained on ``b * g_target + a * f_source + c * align``.
 
   Design (no change to the client loop): the local objective is the model's ``batch_loss``, so
   the source term lives in the model (:class:`JointModel`). Every client shares the same small
@@ -460,9 +471,15 @@ def joint_objective_model(encoder_apply: EncoderApply, encoder_params: Any, head
     a, b: non-negative weights of the source and target losses.
     trainable: optional predicate over encoder leaf paths that become federated params.
     source_batch_size: source examples per local step.
+    c, align: weight and function ``(target features [B, D], mask [B]) -> scalar`` of a domain
+      alignment term on the encoder's features of the target batch (e.g.
+      :func:`fedjax_sim.models.alignment.make_align`: CORAL or MMD against source feature
+      moments); like ``a``, it only changes the target model through trainable encoder leaves.
   """
-  if a < 0 or b < 0:
-    raise ValueError(f"the loss weights must be >= 0, got a={a}, b={b}")
+  if a < 0 or b < 0 or c < 0:
+    raise ValueError(f"the loss weights must be >= 0, got a={a}, b={b}, c={c}")
+  if c > 0 and align is None:
+    raise ValueError("c > 0 needs an align function (see fedjax_sim.models.alignment.make_align)")
   sx, sy = np.asarray(source_data["x"]), np.asarray(source_data["y"])
   if sx.shape[1:] != tuple(input_shape) or sx.shape[0] != sy.shape[0] or sx.shape[0] == 0:
     raise ValueError(f"source_data: x has shape {sx.shape} and y {sy.shape}; expected "
@@ -500,8 +517,13 @@ def joint_objective_model(encoder_apply: EncoderApply, encoder_params: Any, head
     idx = jax.random.randint(k, (source_batch_size,), 0, src_x.shape[0])
     return jnp.mean(sm.loss(source_apply(params, src_x[idx]), src_y[idx]))
 
+  def align_term(params, x, mask):
+    f = encoder(params, x)
+    return align(f.reshape(f.shape[0], -1), mask)
+
   return JointModel(init, apply, tuple(input_shape), num_classes, hm.loss, name,
-                    source_term=source_term, source_apply=source_apply, a=float(a), b=float(b))
+                    source_term=source_term, source_apply=source_apply, a=float(a), b=float(b),
+                    align_term=align_term if align is not None else None, c=float(c))
 
 
 # --- text features --------------------------------------------------------------------------------
