@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import types
 import warnings
@@ -325,9 +326,14 @@ class Checkpointer:
     # resume overrides so far: [{"round": r, "changes": [...]}], carried from step to step
     self.overrides: list[dict[str, Any]] = []
     try:
+      # Stale temporary steps (a run killed mid-save) are removed here, synchronously and under
+      # the lock: orbax's own clean-up runs in a background thread, which could still be
+      # deleting after this constructor returned.
+      for stale in self.directory.glob("*.orbax-checkpoint-tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
       options = ocp.CheckpointManagerOptions(
           max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
-          cleanup_tmp_directories=True)
+          cleanup_tmp_directories=False)
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_names=("state", "meta"))
     except BaseException:

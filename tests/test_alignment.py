@@ -63,6 +63,7 @@ class Enc(nn.Module):
     return nn.Dense(4, name="adapter")(x)
 
 
+@pytest.mark.slow
 def test_joint_objective_alignment_term_trains_the_encoder_towards_the_source():
   """c * CORAL in the local objective: the target features' covariance moves towards the
   source's, and c = 0 reproduces the plain joint model exactly."""

@@ -126,6 +126,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted):
   assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [4, 6]  # keeps 2
 
 
+@pytest.mark.slow
 def test_unfinalized_step_is_ignored(tmp_path, two_rounds, uninterrupted):
   ckpt = copy_of(two_rounds, tmp_path)
   # what a process killed while saving round 4 leaves behind: orbax's temporary directory
@@ -161,6 +162,7 @@ def test_incompatible_or_misused_checkpoint_is_rejected(tmp_path, two_rounds):
 
 # after a failed read orbax leaves reads in flight that later call into its closed event loop
 # ("Exception ignored ... Event loop is closed"): harmless, waited for and ignored here
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("item", ["meta", "state", "state/d"])   # state/d: the array data
 def test_corrupt_finalized_step_falls_back(tmp_path, two_rounds, uninterrupted, item):
@@ -314,6 +316,7 @@ def test_fingerprint_is_stable_and_names_hyperparameters():
   assert "algorithm.client_optimizer" in diff and "-0.1" in diff and "-0.3" in diff, diff
 
 
+@pytest.mark.slow
 def test_resume_override_is_recorded(tmp_path, two_rounds):
   """resume='override' accepts the changed experiment, warns, marks the round in the history
   and keeps the change in later checkpoints; a structural change is refused even then."""

@@ -147,6 +147,7 @@ def _rows(sizes, ids, work, max_size, seed):
   return np.asarray(rows), np.asarray(mask), offsets
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(_cohort(EPOCH_CONFIGS))
 def test_epoch_mode_each_example_once_per_epoch(cohort):
@@ -169,6 +170,7 @@ def test_epoch_mode_each_example_once_per_epoch(cohort):
     assert all(m[e][:n].all() for e in range(epochs))
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(_cohort(STEP_CONFIGS))
 def test_step_mode_rows_belong_to_client(cohort):

@@ -36,6 +36,7 @@ def _leaves(t):
   return [np.asarray(a) for a in jax.tree.leaves(t)]
 
 
+@pytest.mark.slow
 def test_overflowing_aggregate_keeps_the_global_model(ragged_data):
   """One local step at learning rate 1e36: every client's update is finite (~1e35), but their
   float32 weighted sum (weights 1000) overflows."""
@@ -129,6 +130,7 @@ def test_mean_or_nan():
   assert float(engine.mean_or_nan(np.float32(3.0), np.float32(2.0))) == 1.5
 
 
+@pytest.mark.slow
 def test_diverged_seed_does_not_stop_the_others(tmp_path, capsys):
   """`--seed 0 1` with a learning rate that diverges: both seeds run, summary.json records it."""
   out = tmp_path / "run"

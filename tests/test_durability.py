@@ -178,6 +178,7 @@ def cli_uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("kill, k", [("after_save", 3), pytest.param("mid_save", 2,
                                                                      marks=pytest.mark.slow),
                                      pytest.param("final_params", 0, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_cli_client_eval_kill_then_resume_is_bit_identical(tmp_path, cli_uninterrupted, kill, k):
   """--client-eval columns of rounds before the kill come back from the checkpoint."""
   out, ckpt = tmp_path / "out", tmp_path / "ckpt"
@@ -192,6 +193,7 @@ def test_cli_client_eval_kill_then_resume_is_bit_identical(tmp_path, cli_uninter
   assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_concurrent_writers_get_a_clear_error(tmp_path, uninterrupted, capsys):
   """A live run holds its checkpoint folder: a second run there is refused (its half-written
   step is left alone); once the first is killed, the folder resumes bit-identical. A second CLI
@@ -294,6 +296,7 @@ def _largest_file(step: Path) -> str:
                  key=lambda p: p.stat().st_size).relative_to(step))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_corrupt_state_and_meta_fall_back(tmp_path, two_steps):
   """A flipped byte in the arrays' data decodes without error: only the digest catches it."""
@@ -365,6 +368,7 @@ def test_default_out_folders_are_unique(tmp_path, monkeypatch):
     os.close(fd)
 
 
+@pytest.mark.slow
 def test_cli_out_folder_final_params_and_resume_override(tmp_path, capsys):
   """A non-empty --out is refused (its files untouched) unless --overwrite; the final model is
   saved and reads back to the reported accuracy; --resume with another learning rate is refused

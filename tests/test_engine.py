@@ -43,6 +43,7 @@ def test_local_steps_and_uniform_weighting(ragged_data):
   testing.assert_trees_close(res.params, ref.params, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_custom_client_weights_match_reference(ragged_data):
   w = np.linspace(0.0, 2.0, ragged_data.num_clients)
   algo = fs.algorithms.fedavg(optax.sgd(0.1), local_epochs=1, batch_size=32)
@@ -52,6 +53,7 @@ def test_custom_client_weights_match_reference(ragged_data):
   testing.assert_trees_close(res.params, ref.params, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_masked_steps_change_nothing():
   """A client with all-masked steps (padding) returns a zero delta, even with momentum/Adam."""
   model = _mlp()
@@ -74,6 +76,7 @@ def test_masked_steps_change_nothing():
   testing.assert_trees_close(a.delta, b.delta, atol=0)
 
 
+@pytest.mark.slow
 def test_nonfinite_client_is_dropped_not_poisoning(ragged_data):
   """A client whose update becomes NaN gets weight 0 and is counted."""
   model = _mlp()
@@ -149,6 +152,7 @@ def test_rounds_per_call_equals_round_by_round(ragged_data):
 HEAVY_TAILED = (1, 1, 2, 2, 3, 4, 5, 6, 8, 11, 15, 23, 40, 90, 400)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [1, 4, 100])
 def test_heavy_tailed_sizes_equal_sequential(chunk_size):
   data = testing.ragged_clients(HEAVY_TAILED)
@@ -169,6 +173,7 @@ def test_heavy_tailed_sizes_equal_sequential(chunk_size):
   assert res.history["num_stragglers"].sum() > 0
 
 
+@pytest.mark.slow
 def test_lognormal_sizes_equal_sequential_local_steps():
   """Fixed local steps (every client the same count) on lognormal sizes, uneven cohort split."""
   sizes = tuple(int(s) for s in np.random.default_rng(0).lognormal(3.0, 1.0, 13).clip(1, 300))
@@ -193,6 +198,7 @@ def test_cohort_layout_sorts_by_work_and_balances_devices():
   assert shares[:, 0].tolist() == [9, 9]
 
 
+@pytest.mark.slow
 def test_outputs_follow_cohort_order_not_layout(ragged_data):
   """Per-client outputs come back in sampled-cohort order whatever the work-sorted layout."""
   algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16)

@@ -296,6 +296,7 @@ def test_bad_run_input(ragged_data):
                              max_staleness=4)
 
 
+@pytest.mark.slow
 def test_run_until_simulated_time(ragged_data):
   """Equal speeds, 1 local step of 1 s and M = K: one update per simulated second, so
   until_time=3 stops after the third step (and evaluates there)."""

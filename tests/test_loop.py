@@ -15,6 +15,7 @@ def _setup():
   return data, te, fs.models.logistic_regression(64, 10)
 
 
+@pytest.mark.slow
 def test_callback_records_metrics_and_stops_early():
   data, te, model = _setup()
   algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16)

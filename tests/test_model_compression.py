@@ -59,6 +59,7 @@ def test_prune_bad_input(kw):
     compression.magnitude_prune({"b": jnp.ones(3)}, 0.5)
 
 
+@pytest.mark.slow
 def test_pruned_weights_stay_zero_through_federated_training(ragged_data):
   model = fs.models.mlp(8, (16,), 4)
   params = model.init(jax.random.key(0))
@@ -81,6 +82,7 @@ def test_pruned_weights_stay_zero_through_federated_training(ragged_data):
     assert any(np.any(o != 0) for o in off) == moved
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_close_to_float32_and_trains(ragged_data):
   model = fs.models.mlp(8, (16,), 4)
   bf = compression.bfloat16_compute(model)

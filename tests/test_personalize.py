@@ -43,6 +43,7 @@ def test_personalized_beats_global_on_non_iid_clients(split):
   np.testing.assert_allclose(out["count"], test.sizes)
 
 
+@pytest.mark.slow
 def test_vectorized_equals_a_per_client_loop(split):
   model, params, train, test = split
   opt = optax.sgd(0.1, momentum=0.5)

@@ -37,6 +37,7 @@ def test_sparse_sampling_is_uniform():
   assert counts.std() == pytest.approx(np.sqrt(R * C / P * (1 - C / P)), rel=0.05)
 
 
+@pytest.mark.slow
 def test_procedural_client_is_identical_every_time():
   pop = synthetic_population(100_000_000, 1.0, 1.0, examples_per_client=20, seed=3)
   a = pop.materialize([5, 99_999_999, 12345])
@@ -97,6 +98,7 @@ def test_size_weighted_sampling_statistics():
   assert int(valid.sum()) == 3 and set(np.asarray(ids)[np.asarray(valid)]) == {3, 4, 5}
 
 
+@pytest.mark.slow
 def test_size_weighted_run_equals_reference(ragged_data):
   algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16, weighting="uniform")
   model = fs.models.logistic_regression(8, 4)

@@ -108,6 +108,7 @@ def test_adaptive_server_update_is_the_geometric_rule():
     assert float(new["clip_norm"]) == pytest.approx(2.0 * math.exp(-0.2 * (frac - 0.3)), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_adaptive_clip_converges_to_target_quantile_of_norms(ragged_data):
   # One full-batch local step and a frozen server model: every client's update norm is the same
   # every round, so C must settle where a fraction target_quantile of the norms is unclipped.
@@ -204,6 +205,7 @@ def test_epsilon_equals_dp_accounting(acc, population):
   assert accounting.epsilon(1.1, 0.1, 0, 1e-5, acc, **kw) == 0.0
 
 
+@pytest.mark.slow
 @needs_dpa
 def test_accounting_needs_the_sampler_of_the_run(ragged_data):
   # No silent default: fedjax_sim.run draws fixed-size cohorts, so the matching analysis needs P.
@@ -247,6 +249,7 @@ def test_dp_algorithms_refuse_client_weights(ragged_data):
              client_weights=np.ones(12))
 
 
+@pytest.mark.slow
 @needs_dpa
 def test_noise_multiplier_for_hits_the_target():
   for kw in ({"population": 2000}, {"sampling": "poisson"}):
@@ -255,6 +258,7 @@ def test_noise_multiplier_for_hits_the_target():
     assert accounting.epsilon(z * 0.995, 0.05, 200, 1e-5, **kw) > 3.0
 
 
+@pytest.mark.slow
 @needs_dpa
 def test_run_stops_at_budget_and_records_epsilon(ragged_data):
   z, q, delta = 1.0, 4 / 12, 1e-5

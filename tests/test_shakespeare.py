@@ -165,6 +165,7 @@ def test_char_lstm_shapes_and_registry():
   assert out.shape == (2, 3, 81)
 
 
+@pytest.mark.slow
 def test_char_lstm_sgd_lowers_loss_on_a_tiny_client():
   text = "to be or not to be, that is the question. " * 4
   codes = sh.encode(text)

@@ -34,6 +34,7 @@ def test_sweep_equals_one_by_one():
   assert not np.allclose(hists[0]["train_loss"], hists[2]["train_loss"])
 
 
+@pytest.mark.slow
 def test_hparams_equal_sequential_reference_and_server_lr():
   data, _, model = _setup()
   algo = fs.algorithms.fedavgm(optax.sgd(0.05), batch_size=16)
@@ -56,6 +57,7 @@ def test_bad_sweeps():
     fs.run(algo, model, data, rounds=1, cohort_size=2, hparams={"mu": -1.0}, progress=False)
 
 
+@pytest.mark.slow
 def test_shared_seed_sweep_equals_one_by_one():
   # One seed: the round key is shared (not vmapped), cohorts and gathers computed once.
   data, _, model = _setup()

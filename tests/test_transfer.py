@@ -45,6 +45,7 @@ def _encoder():
   return (lambda p, x: enc.apply({"params": p}, x)), params
 
 
+@pytest.mark.slow
 def test_partial_unfreezing_trains_only_the_selected_leaves(ragged_data):
   enc_apply, enc_params = _encoder()
   model = transfer.partially_frozen_model(enc_apply, enc_params, nn.Dense(4), (8,), 4,
@@ -83,6 +84,7 @@ def test_communication_counts_head_only_vs_full():
   assert transfer.num_params(enc_params) == fs.tree.num_params(enc_params)
 
 
+@pytest.mark.slow
 def test_pretrain_learns_and_checkpoint_round_trips(tmp_path):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(300, 8)).astype(np.float32)
@@ -119,6 +121,7 @@ def test_encoder_head_shape_mismatch_is_a_clear_error():
     transfer.head_model(enc_apply, enc_params, nn.Dense(4), (9,), 4)
 
 
+@pytest.mark.slow
 def test_flax_encoder_is_the_classifier_minus_its_last_layer():
   model = fs.models.cnn((8, 8, 1), 3)
   params = model.init(jax.random.key(0))

@@ -144,6 +144,7 @@ class Enc(nn.Module):
     return nn.tanh(nn.Dense(self.width)(x))
 
 
+@pytest.mark.slow
 def test_choose_source_ranks_informative_encoders_first():
   data = _population(seed=5, d=6)
   x = data.arrays["x"]
