@@ -46,7 +46,7 @@ from fedjax_sim import engine, evaluation, loop, server, tree
 from fedjax_sim._progress import tqdm
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.client import ClientContext, make_client_train
-from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
+from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices, local_steps
 from fedjax_sim.history import History
 from fedjax_sim.models.core import Model
 
@@ -86,11 +86,9 @@ class DurationModel:
 
 
 def client_steps(work: LocalWork, sizes: jax.Array) -> jax.Array:
-  """Local steps of clients of ``sizes [C]`` examples (``[C]`` int32, at least 1)."""
-  if work.local_steps is not None:
-    return jnp.full(jnp.shape(sizes), work.local_steps, jnp.int32)
-  per_epoch = jnp.maximum(1, (sizes + work.batch_size - 1) // work.batch_size)
-  return (work.local_epochs * per_epoch).astype(jnp.int32)
+  """Local steps of clients of ``sizes [C]`` examples (``[C]`` int32, at least 1):
+  :func:`fedjax_sim.data.federated.local_steps`."""
+  return local_steps(work, sizes)
 
 
 def client_speed(duration: DurationModel, speed_key: jax.Array, client_ids: jax.Array) -> jax.Array:

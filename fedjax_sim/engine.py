@@ -29,7 +29,7 @@ from fedjax_sim import heterogeneity, server, tree
 from fedjax_sim import heterogeneity as heterogeneity_mod
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.client import ClientContext, make_client_loop
-from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
+from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices, local_steps
 from fedjax_sim.transforms.base import apply_transform
 from fedjax_sim.models.core import Model
 
@@ -299,10 +299,7 @@ def _work_estimate(data, ids: jax.Array, valid: jax.Array, work: LocalWork) -> j
   epochs' batches (or the fixed step count), capped by a per-client step cap if there is one.
   Only an ordering key: the trip counts themselves are exact (:func:`make_round`)."""
   sizes = data.client_sizes(ids)
-  if work.local_steps is not None:
-    est = jnp.full(ids.shape, work.local_steps, jnp.int32)
-  else:
-    est = work.local_epochs * ((sizes + work.batch_size - 1) // work.batch_size)
+  est = local_steps(work, sizes)
   het = getattr(data, "het", None)
   if het is not None and het.step_cap is not None:
     est = jnp.minimum(est, het.step_cap[ids])

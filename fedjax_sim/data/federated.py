@@ -114,6 +114,16 @@ def _client_indices(key, offset, size, work: LocalWork, max_client_size: int):
   return offset + rows, mask
 
 
+def local_steps(work: LocalWork, sizes: jax.Array) -> jax.Array:
+  """``[C]`` int32 local steps of clients with ``sizes [C]`` examples under ``work``: the fixed
+  step count, or ``local_epochs`` passes of ``ceil(size / batch_size)`` batches (at least one
+  batch, so an empty client counts one step; callers mask empty clients themselves)."""
+  if work.local_steps is not None:
+    return jnp.full(jnp.shape(sizes), work.local_steps, jnp.int32)
+  per_epoch = jnp.maximum(1, (sizes + work.batch_size - 1) // work.batch_size)
+  return (work.local_epochs * per_epoch).astype(jnp.int32)
+
+
 def batch_indices(key: jax.Array, client_ids: jax.Array, offsets: jax.Array, sizes: jax.Array,
                   work: LocalWork, max_client_size: int):
   """Per-client shuffled example rows for one round of local training.
