@@ -461,7 +461,7 @@ def cmd_scaffold(args):
     if key in done:
       continue
     common = dict(local_epochs=args.epochs, batch_size=args.batch_size, weighting="uniform")
-    algo = (fs.algorithms.scaffold(args.lr, **common) if method == "scaffold"
+    algo = (fs.algorithms.scaffold(optax.sgd(args.lr), **common) if method == "scaffold"
             else fs.algorithms.fedavg(optax.sgd(args.lr), **common))
     h, curve, secs, hit, comp = train_and_track(
         algo, model, train, rounds=args.rounds, cohort_size=10, eval_sets={"test": test_arr},

@@ -44,8 +44,7 @@ import numpy as np
 
 from fedjax_sim import engine, evaluation, loop, server, tree
 from fedjax_sim._progress import tqdm
-from fedjax_sim.algorithms.base import Algorithm
-from fedjax_sim.client import ClientContext, make_client_train
+from fedjax_sim.algorithms.base import Algorithm, no_state, pass_through
 from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices, local_steps
 from fedjax_sim.history import History
 from fedjax_sim.models.core import Model
@@ -132,9 +131,10 @@ class AsyncConfig:
 
   Attributes:
     name: display name.
-    algorithm: client/server optimizers, local work, weighting p_i and optional regularizer.
-      Per-client state, server-side state, ``client_finish``/``server_finish`` hooks and update
-      transforms are not supported; the aggregator is replaced by the staleness-weighted mean.
+    algorithm: client program and optimizers, local work, weighting p_i, update transform and
+      aggregator (the updates are reduced with weights ``p_i g(s_i)``). Per-client state and
+      server-side state (SCAFFOLD, DP-FedAvg's server step) are not supported: their papers
+      define them for synchronous rounds only.
     buffer_size: K, arrivals per server update.
     concurrency: M, clients in flight (``K <= M <= population``).
     max_staleness: H, versions kept in the ring; arrivals with staleness ``>= H`` are dropped.
@@ -177,9 +177,9 @@ class AsyncConfig:
     if not isinstance(self.duration, DurationModel):
       raise ValueError(f"duration must be a DurationModel, got {type(self.duration).__name__}")
     a = self.algorithm
-    for hook in ("client_state_init", "server_aux_init", "client_finish", "server_finish",
-                 "update_transform"):
-      if getattr(a, hook) is not None:
+    for hook, default in (("client_state_init", no_state), ("server_state_init", no_state),
+                          ("server_finish", pass_through)):
+      if getattr(a, hook) is not default:
         raise ValueError(f"asynchronous simulation does not support algorithms with {hook} "
                          f"(algorithm {a.name!r})")
 
@@ -230,14 +230,10 @@ def init_state(config: AsyncConfig, params: PyTree, data: engine.DeviceData,
   steps = client_steps(config.algorithm.work, data.sizes[ids])
   finish = client_durations(config.duration, speed_key, k_job, ids, steps)
   versions = jax.tree.map(lambda p: jnp.broadcast_to(p, (h,) + jnp.shape(p)), params)
-  return AsyncState(server=server.init(params, config.algorithm.server_optimizer),
+  return AsyncState(server=engine.init_state(config.algorithm, params, population),
                     versions=versions, client=ids, start_version=jnp.zeros(m, jnp.int32),
                     start_time=jnp.zeros(m, jnp.float32), finish_time=finish,
                     now=jnp.zeros((), jnp.float32), speed_key=speed_key)
-
-
-def _mask_tree(keep, t):
-  return jax.tree.map(lambda d: jnp.where(jnp.reshape(keep, (-1,) + (1,) * (d.ndim - 1)), d, 0), t)
 
 
 def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_client_size: int,
@@ -261,8 +257,10 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
   num_chunks = math.ceil(kk / min(kk, chunk_size or engine.default_chunk_size()))
   k = math.ceil(kk / num_chunks)
   padded = num_chunks * k
-  train = jax.vmap(make_client_train(model, a.client_optimizer, a.regularizer),
-                   in_axes=(0, 0, 0, 0, ClientContext(0, None, None)))
+  fold = engine.make_cohort_fold(a, model, max_client_size=max_client_size, chunk_size=k,
+                                 shared_params=False)
+  agg = a.aggregator
+  agg.validate(kk)
 
   def start_client(carry, slot, start_time, version, key, data, speed_key):
     """Puts a new client (uniform over those not in flight) into ``slot``."""
@@ -336,35 +334,25 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
       return jnp.concatenate([v, jnp.full((padded - kk,), fill, v.dtype)]).reshape(num_chunks, k)
 
     valid = jnp.arange(padded) < kk
-
-    def chunk(acc, inp):
-      wsum, psum, wtot = acc
-      cids, cver, cvalid, cfresh, cg = inp
-      sizes = jnp.where(cvalid & cfresh, data.sizes[cids], 0)
-      rows, mask = batch_indices(keys.batch, cids, data.offsets[cids], sizes, work,
-                                 max_client_size)
-      rows = jnp.clip(rows, 0, data.y.shape[0] - 1)
-      start = jax.tree.map(lambda r: r[cver % h], state.versions)
-      out = train(start, data.x[rows], data.y[rows], mask, ClientContext(cids))
-      finite = jax.vmap(tree.sum_is_finite)(out.delta) & jnp.isfinite(out.metrics["loss_sum"])
-      counted = finite & cvalid & cfresh
-      p = jnp.where(counted, data.weights[cids], 0.0)
-      w = p * cg
-      wsum = jax.tree.map(jnp.add, wsum, tree.weighted_sum(_mask_tree(counted, out.delta), w))
-      ys = dict(out.metrics, finite=finite, counted=counted, weight=w)
-      return (wsum, psum + jnp.sum(p), wtot + jnp.sum(w)), ys
-
-    acc0 = (tree.zeros_like(state.server.params), jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.float32))
-    (wsum, psum, wtot), ys = jax.lax.scan(
-        chunk, acc0, (pad(a_client), pad(a_version, t), valid.reshape(num_chunks, k),
-                      pad(fresh, False), pad(g, 0.0)))
-    ys = jax.tree.map(lambda v: v.reshape(-1)[:kk], ys)
-    denom = psum if config.aggregation == "mean" else wtot
-    update = jax.tree.map(lambda s: s / jnp.maximum(denom, 1e-30).astype(s.dtype), wsum)
+    srv = state.server
+    out = fold(state.versions, srv.aux, srv.clients, srv.hparams, data, keys, pad(a_client),
+               valid.reshape(num_chunks, k) & pad(fresh, False), weight_scale=pad(g, 0.0),
+               version=pad(a_version, t))
+    ys = jax.tree.map(lambda v: v.reshape((padded,) + v.shape[2:])[:kk], out.clients)
+    slot_ids = jnp.where(valid, pad(a_client).reshape(-1), population + jnp.arange(padded))
+    update, wtot = agg.finalize(out.aggregate, keys.aggregate, slot_ids)
+    if config.aggregation == "mean":
+      # sum_k p_k g(s_k) delta_k / sum_k p_k: the aggregate divided by sum p, not sum p g
+      psum = jnp.sum(jnp.where(ys["counted"], data.weights[a_client], 0.0))
+      update = jax.tree.map(
+          lambda u: (u * (wtot / jnp.maximum(psum, 1e-30)).astype(u.dtype)), update)
     # Not applied if no arrival counted, or if the aggregate or the new model is non-finite.
-    new_server, applied = server.step(a.server_optimizer, state.server, update,
-                                      (wtot > 0) & jnp.isfinite(denom))
+    new_server, applied, update = engine.apply_server_step(
+        a, srv, update, wtot, engine.upload_mean(out.upload),
+        jnp.sum(ys["counted"]).astype(jnp.int32), cohort_size=kk, population=population,
+        key=keys.server)
+    new_server = new_server.replace(clients=engine.scatter_stores(
+        srv.clients, a_client, ys["counted"] & applied, ys, population))
     versions = jax.tree.map(lambda r, p: r.at[(t + 1) % h].set(p), state.versions,
                             new_server.params)
     new_state = state.replace(server=new_server, versions=versions, client=client,
@@ -387,8 +375,7 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
         "num_counted": jnp.sum(counted).astype(jnp.int32),
         "mean_weight": jnp.sum(jnp.where(counted, g, 0.0)) / jnp.maximum(jnp.sum(counted), 1),
         "steps_done": jnp.sum(jnp.where(counted, ys["steps"], 0)).astype(jnp.int32),
-        "update_norm": jnp.sqrt(sum(jnp.sum(u.astype(jnp.float32) ** 2)
-                                    for u in jax.tree.leaves(update))),
+        "update_norm": engine.update_norm(update),
     }
     arrivals = {"slot": a_slot, "client": a_client, "start_version": a_version,
                 "start_time": a_start, "arrival_time": a_finish, "staleness": staleness,

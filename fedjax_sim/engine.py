@@ -27,10 +27,9 @@ import numpy as np
 
 from fedjax_sim import heterogeneity, server, tree
 from fedjax_sim import heterogeneity as heterogeneity_mod
-from fedjax_sim.algorithms.base import Algorithm
-from fedjax_sim.client import ClientContext, make_client_loop
+from fedjax_sim.algorithms.base import Algorithm, ServerContext
+from fedjax_sim.client import Batch, ClientContext, keep_if
 from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices, local_steps
-from fedjax_sim.transforms.base import apply_transform
 from fedjax_sim.models.core import Model
 
 # Clients per chunk of the vmapped client axis on CPU. Measured on the 2-core CPU with W1 at
@@ -201,23 +200,22 @@ class RoundKeys(NamedTuple):
   server: jax.Array
   availability: jax.Array
   aggregate: jax.Array
+  client: jax.Array
 
 
 def round_keys(key: jax.Array) -> RoundKeys:
   """Derives the round's independent keys (cohort sampling, local batching, update transforms,
-  heterogeneity draws, server-side noise, availability, keyed aggregators)."""
+  heterogeneity draws, server-side noise, availability, keyed aggregators, client programs)."""
   k_sample, k_batch = jax.random.split(key)
   return RoundKeys(k_sample, k_batch, jax.random.fold_in(key, 0x7F), jax.random.fold_in(key, 0x4E),
                    jax.random.fold_in(key, 0x5E), jax.random.fold_in(key, 0xA7),
-                   jax.random.fold_in(key, 0xC3))
+                   jax.random.fold_in(key, 0xC3), jax.random.fold_in(key, 0x2D))
 
 
-def transform_updates(transform, key: jax.Array, client_ids: jax.Array, deltas, states=None):
-  """Applies a per-client update transform to stacked deltas ``[K, ...]``; client i uses
-  ``fold_in(key, client_ids[i])``. Returns ``(deltas, states)`` (states ``None`` if stateless)."""
-  keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(client_ids)
-  return jax.vmap(lambda d, k, c, s: apply_transform(transform, d, k, c, s))(
-      deltas, keys, client_ids, states)
+def client_keys(key: jax.Array, client_ids: jax.Array) -> jax.Array:
+  """``[K]`` keys ``fold_in(key, client_ids[i])``: a client's draws do not depend on its position
+  in the cohort, the chunking or the devices."""
+  return jax.vmap(lambda c: jax.random.fold_in(key, c))(client_ids)
 
 
 def device_memory_bytes(device: jax.Device | None = None) -> tuple[int, str]:
@@ -240,21 +238,13 @@ def init_state(algorithm: Algorithm, params, population: int,
                hparams: dict | None = None) -> server.ServerState:
   """The round-0 :class:`~fedjax_sim.server.ServerState` of ``algorithm``: params, server optimizer
   state, the algorithm's server-side state, per-client state stores ``[P, ...]`` and in-state
-  hyperparameters (:data:`fedjax_sim.server.HPARAMS`)."""
-  hp = server.check_hparams(hparams)
-  aux = algorithm.server_aux_init(params) if algorithm.server_aux_init is not None else {}
-  clients = {}
+  hyperparameters (:data:`fedjax_sim.server.HPARAMS` and ``algorithm.hparams``).
 
-  def store(one):
-    return jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (population,) + jnp.shape(a)),
-                        one)
-
-  one = {}
-  if algorithm.client_state_init is not None:
-    one["algorithm"] = algorithm.client_state_init(params)
-  t = algorithm.update_transform
-  if t is not None and t.init is not None:
-    one["transform"] = t.init(params)
+  Raises ValueError if the per-client state of the population would take more than half of the
+  memory its arrays live in (:func:`device_memory_bytes`)."""
+  hp = server.check_hparams(hparams, algorithm.hparams)
+  one = server.ClientStores(algorithm.client_state_init(params),
+                            algorithm.update_transform.init(params))
   per_client = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(one))
   total = per_client * population
   memory, where = device_memory_bytes()
@@ -263,9 +253,10 @@ def init_state(algorithm: Algorithm, params, population: int,
         f"{algorithm.name} keeps {per_client} bytes of state per client: {total / 1e9:.1f} GB for "
         f"{population} clients, more than half of the {memory / 1e9:.1f} GB of {where}. Use a "
         "smaller population or a stateless algorithm.")
-  for name, value in one.items():
-    clients[name] = store(value)
-  return server.init(params, algorithm.server_optimizer, aux=aux, clients=clients, hparams=hp)
+  stores = jax.tree.map(
+      lambda a: jnp.broadcast_to(jnp.asarray(a), (population,) + jnp.shape(a)), one)
+  return server.init(params, algorithm.server_optimizer, aux=algorithm.server_state_init(params),
+                     clients=stores, hparams=hp)
 
 
 class RoundOutput(NamedTuple):
@@ -284,8 +275,9 @@ def client_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.array(devices), ("clients",))
 
 
-def _mask_tree(keep: jax.Array, t):
-  """Zeros the rows ``t[k]`` (leaves ``[K, ...]``) where ``keep [K]`` is False."""
+def mask_rows(keep: jax.Array, t):
+  """Zeros the rows ``t[k]`` (leaves ``[K, ...]``) where ``keep [K]`` is False (``0 * NaN`` would
+  still be NaN in a weighted sum, so dropped clients' rows are zeroed, not just weighted 0)."""
   return jax.tree.map(lambda d: jnp.where(jnp.reshape(keep, (-1,) + (1,) * (d.ndim - 1)), d, 0), t)
 
 
@@ -297,7 +289,7 @@ def mean_or_nan(total: jax.Array, count: jax.Array) -> jax.Array:
 def _work_estimate(data, ids: jax.Array, valid: jax.Array, work: LocalWork) -> jax.Array:
   """``[C]`` int32 local steps each cohort client will roughly take (-1 for empty slots): its
   epochs' batches (or the fixed step count), capped by a per-client step cap if there is one.
-  Only an ordering key: the trip counts themselves are exact (:func:`make_round`)."""
+  Only an ordering key: the trip counts themselves are exact (:func:`make_cohort_fold`)."""
   sizes = data.client_sizes(ids)
   est = local_steps(work, sizes)
   het = getattr(data, "het", None)
@@ -316,6 +308,184 @@ def cohort_layout(work: jax.Array, num_devices: int) -> jax.Array:
   return order.reshape(-1, num_devices).T.reshape(-1)
 
 
+class FoldOutput(NamedTuple):
+  """What :func:`make_cohort_fold`'s fold returns for its share of a cohort.
+
+  Attributes:
+    aggregate: the aggregator's state after every chunk.
+    upload: ``(weighted sum of the uploads, their total weight)``.
+    clients: per-client results ``[chunks, K]``: the program's metrics, ``state_algorithm`` and
+      ``state_transform`` (new per-client states), ``finite``, ``counted``, ``straggler``,
+      ``dropped``, ``weight`` (the aggregation weight used, 0 if not counted).
+  """
+  aggregate: Any
+  upload: Any
+  clients: dict
+
+
+def make_cohort_fold(algorithm: Algorithm, model: Model, *, max_client_size: int, chunk_size: int,
+                     heterogeneity: heterogeneity.Heterogeneity | None = None,
+                     shared_params: bool = True):
+  """THE cohort fold, shared by the synchronous round and the asynchronous simulation:
+  chunks of K clients -> batches -> ``vmap`` of the client program over the chunk, stepped as
+  many times as the chunk's busiest client needs -> update transform -> finite mask ->
+  aggregator accumulate.
+
+  Returns ``fold(params, aux, stores, hparams, data, keys, ids, valid, weight_scale=None,
+  version=None) -> FoldOutput``: ``ids``/``valid [chunks, K]`` (slots with ``valid`` False are
+  padding), ``aux`` the algorithm's server state, ``stores`` the population's
+  :class:`~fedjax_sim.server.ClientStores`, ``keys`` the :class:`RoundKeys`. Clients start from
+  ``params`` (``shared_params=True``), or, with ``shared_params=False``, from
+  ``params[version[c] % H]`` of a ring of H models (leaves ``[H, ...]``: asynchronous clients
+  start from the version they downloaded). ``weight_scale [chunks, K]`` multiplies the
+  aggregation weights (asynchronous staleness). Not jitted.
+  """
+  work = algorithm.work
+  het = heterogeneity
+  k = chunk_size
+  program = algorithm.client(model, algorithm.client_optimizer)
+  agg, transform = algorithm.aggregator, algorithm.update_transform
+  ctx_axes = ClientContext(client_id=0, global_params=None if shared_params else 0, state=0,
+                           server=None, hparams=None, lr_scale=0, key=0, num_examples=0)
+
+  def one_step(carry, batch, ctx, t):
+    new = program.step(carry, batch, ctx, jax.random.fold_in(ctx.key, t))
+    return keep_if(jnp.any(batch.mask), new, carry)   # an empty (padding) step is a no-op
+
+  v_init = jax.vmap(program.init, in_axes=(ctx_axes,))
+  v_step = jax.vmap(one_step, in_axes=(0, Batch(0, 0, 0), ctx_axes, None))
+  v_final = jax.vmap(program.final, in_axes=(0, ctx_axes))
+  v_transform = jax.vmap(transform.apply)
+
+  def train_chunk(data, cids, rows, mask, ctx):
+    """Local training of one chunk: ``rows``/``mask [k, S, B]`` -> stacked ClientResult ``[k]``.
+
+    Cost follows the chunk's real work, not S: each client's non-empty steps are moved to the
+    front (an empty step is a no-op, so the order of the non-empty ones, all that matters, is
+    kept), and the chunk runs only as many steps as its busiest client has (a dynamic trip count,
+    one scalar per chunk, computed outside the vmap over clients so it is not batched). A stored
+    population's batch rows ``[k, B]`` are gathered inside the loop, step by step: the chunk
+    never holds all its examples ``[k, S, B, ...]`` at once.
+    """
+    nonempty = jnp.any(mask, axis=2)                                   # [k, S]
+    order = jnp.argsort(~nonempty, axis=1, stable=True)
+    rows = jnp.take_along_axis(rows, order[:, :, None], axis=1)
+    mask = jnp.take_along_axis(mask, order[:, :, None], axis=1)
+    trips = jnp.max(jnp.sum(nonempty, axis=1))
+    per_step = getattr(data, "gather_per_step", True)
+    if not per_step:   # e.g. a procedural population, which generates a client's data at once
+      xs, ys = data.examples(cids, rows)
+
+    def body(t, carry):
+      m = jax.lax.dynamic_index_in_dim(mask, t, axis=1, keepdims=False)
+      if per_step:
+        bx, by = data.examples(cids, jax.lax.dynamic_index_in_dim(rows, t, axis=1, keepdims=False))
+      else:
+        bx, by = (jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False) for a in (xs, ys))
+      return v_step(carry, Batch(bx, by, m), ctx, t)
+
+    return v_final(jax.lax.fori_loop(0, trips, body, v_init(ctx)), ctx)
+
+  def template(params, aux, stores, hparams):
+    """Shapes of one client's upload (to start the running sum)."""
+    one = jax.tree.map(lambda a: a[0], stores)
+    start = params if shared_params else jax.tree.map(lambda r: r[0], params)
+    ctx = ClientContext(jnp.int32(0), start, one.algorithm, aux, hparams, jnp.float32(1),
+                        jax.random.key(0), jnp.int32(1))
+    return jax.eval_shape(lambda: program.final(program.init(ctx), ctx).upload)
+
+  def fold(params, aux, stores, hparams, data, keys, ids, valid, weight_scale=None,
+           version=None) -> FoldOutput:
+    num_chunks = ids.shape[0]
+
+    def chunk(carry, chunk_in):
+      acc, (up_sum, up_w) = carry
+      cids, cvalid, cscale, cver = chunk_in
+      sizes = jnp.where(cvalid, data.client_sizes(cids), 0)
+      rows, mask = batch_indices(keys.batch, cids, data.client_offsets(cids), sizes, work,
+                                 max_client_size)
+      lr_scale, straggler, dropped = jnp.ones(k, jnp.float32), jnp.zeros_like(cvalid), \
+          jnp.zeros_like(cvalid)
+      if het is not None:
+        mask, cond = heterogeneity_mod.apply(het, data.het, keys.heterogeneity, cids, mask, work)
+        straggler, dropped = cond.straggler, cond.dropped
+        if cond.lr_scale is not None:
+          lr_scale = cond.lr_scale.astype(jnp.float32)
+      if "client_lr_scale" in hparams:
+        lr_scale = lr_scale * hparams["client_lr_scale"]
+      mine = jax.tree.map(lambda s: s[cids], stores)
+      start = params if shared_params else jax.tree.map(
+          lambda r: r[cver % r.shape[0]], params)
+      ctx = ClientContext(cids, start, mine.algorithm, aux, hparams, lr_scale,
+                          client_keys(keys.client, cids), sizes)
+      res = train_chunk(data, cids, rows, mask, ctx)
+      delta, new_tr = v_transform(res.delta, client_keys(keys.transform, cids), cids,
+                                  mine.transform)
+      finite = jax.vmap(tree.sum_is_finite)(delta) & jnp.isfinite(res.metrics["loss_sum"])
+      if jax.tree.leaves(res.upload):
+        finite = finite & jax.vmap(tree.sum_is_finite)(res.upload)
+      counted = finite & cvalid & ~dropped
+      if algorithm.drop_stragglers:
+        counted = counted & ~straggler
+      w = jnp.where(counted, data.client_weights(cids), 0.0)
+      if cscale is not None:
+        w = w * cscale
+      acc = agg.accumulate(acc, mask_rows(w > 0, delta), w)
+      up_sum = jax.tree.map(jnp.add, up_sum, tree.weighted_sum(mask_rows(w > 0, res.upload), w))
+      ys = dict(res.metrics, state_algorithm=res.state, state_transform=new_tr, finite=finite,
+                counted=counted, straggler=straggler & cvalid, dropped=dropped & cvalid, weight=w)
+      return (acc, (up_sum, up_w + jnp.sum(w))), ys
+
+    up0 = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                        template(params, aux, stores, hparams)), jnp.zeros((), jnp.float32))
+    (acc, up), clients = jax.lax.scan(chunk, (agg.init(params if shared_params else jax.tree.map(
+        lambda r: r[0], params), num_chunks * k), up0), (ids, valid, weight_scale, version))
+    return FoldOutput(acc, up, clients)
+
+  return fold
+
+
+def upload_mean(upload) -> Any:
+  """``(weighted sum, total weight)`` -> the weighted mean of the clients' uploads."""
+  up_sum, up_w = upload
+  return jax.tree.map(lambda a: a / jnp.maximum(up_w, 1e-30).astype(a.dtype), up_sum)
+
+
+def scatter_stores(stores: server.ClientStores, ids: jax.Array, keep: jax.Array, clients: dict,
+                   population: int) -> server.ClientStores:
+  """The population's stores with the rows of ``ids [C]`` where ``keep [C]`` replaced by the
+  clients' new states (``clients["state_algorithm"]``, ``clients["state_transform"]``, ``[C,
+  ...]``); other rows (clients whose update did not count) are left as they were."""
+  target = jnp.where(keep, ids, population)   # index P is out of bounds: dropped by the scatter
+
+  def put(store, new):
+    return jax.tree.map(lambda s, n: s.at[target].set(n.astype(s.dtype), mode="drop"), store, new)
+  return server.ClientStores(put(stores.algorithm, clients["state_algorithm"]),
+                             put(stores.transform, clients["state_transform"]))
+
+
+def apply_server_step(algorithm: Algorithm, state: server.ServerState, update, total_w, upload,
+                      num_counted, *, cohort_size: int, population: int, key):
+  """``server_finish`` then the server optimizer step; a non-finite aggregate, model, optimizer
+  state or algorithm server state is not applied (the state stays as it was but ``round``).
+  Returns ``(new_state, applied, update)``."""
+  sctx = ServerContext(state.params, state.aux, upload, num_counted, total_w, cohort_size,
+                       population, state.hparams, key)
+  update, aux = algorithm.server_finish(sctx, update)
+  new_state, applied = server.step(algorithm.server_optimizer, state, update,
+                                   (total_w > 0) & jnp.isfinite(total_w))
+  applied = applied & tree.all_finite(aux)
+  new_state = new_state.replace(
+      params=tree.where(applied, new_state.params, state.params),
+      opt_state=tree.where(applied, new_state.opt_state, state.opt_state),
+      aux=tree.where(applied, aux, state.aux))
+  return new_state, applied, update
+
+
+def update_norm(update) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(u.astype(jnp.float32) ** 2) for u in jax.tree.leaves(update)))
+
+
 def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_size: int,
                max_client_size: int, chunk_size: int | None = None,
                mesh: jax.sharding.Mesh | None = None,
@@ -324,8 +494,8 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
   """Builds ``round_fn(state, data: DeviceData, key) -> (ServerState, RoundOutput)`` (not jitted).
 
   Args:
-    algorithm: the federated algorithm (client/server optimizers, local work, aggregation,
-      optional per-client state and hooks; see :mod:`fedjax_sim.algorithms.base`).
+    algorithm: the federated algorithm (client program, optimizers, local work, aggregation,
+      per-client and server state; see :mod:`fedjax_sim.algorithms.base`).
     model: the model.
     population: number of clients P in ``data``.
     cohort_size: clients per round C.
@@ -358,120 +528,24 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
   het = heterogeneity
   if het is not None:
     het.validate(population, work)
-  loop = make_client_loop(model, algorithm.client_optimizer, algorithm.regularizer)
-  client_step = jax.vmap(loop.step, in_axes=(0, None, 0, 0, 0, ClientContext(0, 0, None, None), 0))
-  client_finish = jax.vmap(loop.finish, in_axes=(0, None))
   agg = algorithm.aggregator
-  if agg.validate is not None:
-    agg.validate(cohort_size)
-  transform = algorithm.update_transform
-  has_upload = algorithm.client_finish is not None
+  agg.validate(cohort_size)
+  fold = make_cohort_fold(algorithm, model, max_client_size=max_client_size, chunk_size=k,
+                          heterogeneity=het)
 
-  def train_chunk(params, data, cids, rows, mask, ctx, lr_scale):
-    """Local training of one chunk: ``rows``/``mask [k, S, B]`` -> stacked ClientOutput ``[k]``.
-
-    Cost follows the chunk's real work, not S: each client's non-empty steps are moved to the
-    front (an empty step is a no-op, so the order of the non-empty ones, all that matters, is
-    kept), and the chunk runs only as many steps as its busiest client has (a dynamic trip count,
-    one scalar per chunk, computed outside the vmap over clients so it is not batched). A stored
-    population's batch rows ``[k, B]`` are gathered inside the loop, step by step: the chunk
-    never holds all its examples ``[k, S, B, ...]`` at once.
-    """
-    nonempty = jnp.any(mask, axis=2)                                   # [k, S]
-    order = jnp.argsort(~nonempty, axis=1, stable=True)
-    rows = jnp.take_along_axis(rows, order[:, :, None], axis=1)
-    mask = jnp.take_along_axis(mask, order[:, :, None], axis=1)
-    trips = jnp.max(jnp.sum(nonempty, axis=1))
-    per_step = getattr(data, "gather_per_step", True)
-    if not per_step:   # e.g. a procedural population, which generates a client's data at once
-      xs, ys = data.examples(cids, rows)
-
-    def body(t, carry):
-      m = jax.lax.dynamic_index_in_dim(mask, t, axis=1, keepdims=False)
-      if per_step:
-        bx, by = data.examples(cids, jax.lax.dynamic_index_in_dim(rows, t, axis=1, keepdims=False))
-      else:
-        bx, by = (jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False) for a in (xs, ys))
-      return client_step(carry, params, bx, by, m, ctx, lr_scale)
-
-    carry = jax.tree.map(lambda a: jnp.broadcast_to(a, (k,) + jnp.shape(a)), loop.init(params))
-    return client_finish(jax.lax.fori_loop(0, trips, body, carry), params)
-
-  def fold_cohort(params, aux, stores, hparams, data, keys, ids, valid):
-    """One device's share: ids/valid ``[1, num_chunks, k]`` -> (aggregator state [1, ...],
-    upload sums [1, ...], per-client outputs ``[1, num_chunks, k]``)."""
-
-    def chunk(carry, chunk_in):
-      acc, up_acc = carry
-      cids, cvalid = chunk_in
-      sizes = jnp.where(cvalid, data.client_sizes(cids), 0)
-      rows, mask = batch_indices(keys.batch, cids, data.client_offsets(cids), sizes, work,
-                                 max_client_size)
-      lr_scale, straggler, dropped = None, jnp.zeros_like(cvalid), jnp.zeros_like(cvalid)
-      if het is not None:
-        mask, cond = heterogeneity_mod.apply(het, data.het, keys.heterogeneity, cids, mask, work)
-        lr_scale, straggler, dropped = cond.lr_scale, cond.straggler, cond.dropped
-      if "client_lr_scale" in hparams:
-        swept = jnp.broadcast_to(hparams["client_lr_scale"], cids.shape)
-        lr_scale = swept if lr_scale is None else lr_scale * swept
-      mine = jax.tree.map(lambda s: s[cids], stores)
-      ctx = ClientContext(cids, mine.get("algorithm"),
-                          aux if algorithm.server_aux_init is not None else None, hparams)
-      out = train_chunk(params, data, cids, rows, mask, ctx, lr_scale)
-      delta, ys = out.delta, dict(out.metrics)
-      upload = None
-      if has_upload:
-        info = {"steps": out.metrics["steps"],
-                "lr_scale": jnp.ones(k) if lr_scale is None else lr_scale}
-        finish = jax.vmap(algorithm.client_finish,
-                          in_axes=(ClientContext(0, 0, None, None), 0, 0))
-        delta, new_alg, upload = finish(ctx, delta, info)
-        if new_alg is not None:
-          ys["state_algorithm"] = new_alg
-      if transform is not None:
-        delta, new_tr = transform_updates(transform, keys.transform, cids, delta,
-                                          mine.get("transform"))
-        if new_tr is not None:
-          ys["state_transform"] = new_tr
-      finite = jax.vmap(tree.sum_is_finite)(delta) & jnp.isfinite(out.metrics["loss_sum"])
-      if upload is not None:
-        finite = finite & jax.vmap(tree.sum_is_finite)(upload)
-      counted = finite & cvalid & ~dropped
-      if algorithm.drop_stragglers:
-        counted = counted & ~straggler
-      w = jnp.where(counted, data.client_weights(cids), 0.0)
-      # Zero the deltas of dropped clients: 0 * NaN would still be NaN in the sum.
-      acc = agg.accumulate(acc, _mask_tree(w > 0, delta), w)
-      if upload is not None:
-        up_sum, up_w = up_acc
-        up_acc = (jax.tree.map(jnp.add, up_sum, tree.weighted_sum(_mask_tree(w > 0, upload), w)),
-                  up_w + jnp.sum(w))
-      ys.update(finite=finite, counted=counted, straggler=straggler & cvalid,
-                dropped=dropped & cvalid)
-      return (acc, up_acc), ys
-
-    up0 = None
-    if has_upload:
-      template = jax.eval_shape(
-          algorithm.client_finish,
-          ClientContext(jnp.int32(0), jax.tree.map(lambda s: s[0], stores).get("algorithm"),
-                        aux if algorithm.server_aux_init is not None else None, hparams),
-          params, {"steps": jnp.int32(0), "lr_scale": jnp.float32(1)})[2]
-      up0 = (jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), template),
-             jnp.zeros((), jnp.float32))
-    (acc, up), clients = jax.lax.scan(chunk, (agg.init(params, num_chunks * k), up0),
-                                      (ids[0], valid[0]))
-    lead = lambda t: jax.tree.map(lambda a: a[None], t)   # noqa: E731
-    return lead(acc), lead(up), lead(clients)
+  def fold_share(params, aux, stores, hparams, data, keys, ids, valid):
+    """One device's share: ids/valid ``[1, num_chunks, k]`` -> FoldOutput with a leading [1]."""
+    out = fold(params, aux, stores, hparams, data, keys, ids[0], valid[0])
+    return jax.tree.map(lambda a: a[None], out)
 
   if mesh is not None:
     spec = jax.sharding.PartitionSpec("clients")
     rep = jax.sharding.PartitionSpec()
     # check_vma=False: the replicated global params seed per-device (varying) scan carries; the
     # varying-axis type check would demand a pcast on every carry for no behavioural difference.
-    fold_cohort = jax.shard_map(fold_cohort, mesh=mesh,
-                                in_specs=(rep, rep, rep, rep, rep, rep, spec, spec),
-                                out_specs=(spec, spec, spec), check_vma=False)
+    fold_share = jax.shard_map(fold_share, mesh=mesh,
+                               in_specs=(rep, rep, rep, rep, rep, rep, spec, spec),
+                               out_specs=spec, check_vma=False)
 
   def round_fn(state: server.ServerState, data: DeviceData, key: jax.Array):
     keys = round_keys(key)
@@ -492,49 +566,25 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     layout = cohort_layout(_work_estimate(data, ids, valid, work), num_dev)
     lids, lvalid = ids[layout], valid[layout]
     shape = (num_dev, num_chunks, k)
-    accs, ups, clients = fold_cohort(state.params, state.aux, state.clients, state.hparams, data,
-                                     keys, lids.reshape(shape), lvalid.reshape(shape))
+    out = fold_share(state.params, state.aux, state.clients, state.hparams, data, keys,
+                     lids.reshape(shape), lvalid.reshape(shape))
     back = jnp.zeros(padded, jnp.int32).at[layout].set(jnp.arange(padded, dtype=jnp.int32))
     clients = jax.tree.map(lambda a: a.reshape((padded,) + a.shape[3:])[back][:cohort_size],
-                           clients)
-    if agg.keyed:
-      # Slots of the combined state follow the layout's (device, chunk, k) order; empty slots
-      # get distinct ids outside the population so that every slot has its own.
-      slot_ids = jnp.where(lvalid, lids, population + jnp.arange(padded, dtype=jnp.int32))
-      update, total_w = agg.finalize(agg.combine(accs), keys.aggregate, slot_ids)
-    else:
-      update, total_w = agg.finalize(agg.combine(accs))
+                           out.clients)
+    # Slots of the combined state follow the layout's (device, chunk, k) order; empty slots get
+    # distinct ids outside the population so that every slot has its own (secure aggregation).
+    slot_ids = jnp.where(lvalid, lids, population + jnp.arange(padded, dtype=jnp.int32))
+    update, total_w = agg.finalize(agg.combine(out.aggregate), keys.aggregate, slot_ids)
     counted = clients["counted"]
-    aux = state.aux
-    if algorithm.server_finish is not None:
-      upload = None
-      if ups is not None:
-        up_sum, up_w = jax.tree.map(lambda a: jnp.sum(a, axis=0), ups)
-        upload = jax.tree.map(lambda a: a / jnp.maximum(up_w, 1e-30).astype(a.dtype), up_sum)
-      info = {"cohort_size": cohort_size, "population": population, "hparams": state.hparams,
-              "num_counted": jnp.sum(counted).astype(jnp.int32), "total_weight": total_w}
-      update, new_aux = algorithm.server_finish(state.aux, update, upload, info, keys.server)
-      aux = new_aux
-    # A non-finite aggregate (finite client updates can still overflow in their weighted sum) or
-    # a step that would make the model or optimizer state non-finite is not applied: the round
-    # leaves the whole state as it was and counts itself in `aggregate_nonfinite`.
-    new_state, applied = server.step(algorithm.server_optimizer, state, update,
-                                     (total_w > 0) & jnp.isfinite(total_w))
-    applied = applied & tree.all_finite(aux)
-    aux = tree.where(applied, aux, state.aux)
-    new_state = new_state.replace(params=tree.where(applied, new_state.params, state.params),
-                                  opt_state=tree.where(applied, new_state.opt_state,
-                                                       state.opt_state))
-    stores = dict(state.clients)
+    upload = upload_mean(jax.tree.map(lambda a: jnp.sum(a, axis=0), out.upload))
+    new_state, applied, update = apply_server_step(
+        algorithm, state, update, total_w, upload, jnp.sum(counted).astype(jnp.int32),
+        cohort_size=cohort_size, population=population, key=keys.server)
     ids = ids[:cohort_size]
     # Rows of clients whose update did not count (dropped, non-finite), or of every client of a
-    # round whose aggregate was not applied, are left as they were; index P is out of bounds and
-    # dropped by the scatter.
-    target = jnp.where(counted & applied, ids, population)
-    for name in stores:
-      stores[name] = jax.tree.map(lambda s, n: s.at[target].set(n.astype(s.dtype), mode="drop"),
-                                  stores[name], clients.pop("state_" + name))
-    new_state = new_state.replace(aux=aux, clients=stores)
+    # round whose aggregate was not applied, are left as they were.
+    new_state = new_state.replace(
+        clients=scatter_stores(state.clients, ids, counted & applied, clients, population))
 
     ok = clients["finite"]
     count = jnp.sum(jnp.where(ok, clients["count"], 0.0))
@@ -553,13 +603,13 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
         "steps_wasted": jnp.sum(jnp.where(counted, 0, steps)).astype(jnp.int32),
         "total_weight": total_w,
         "aggregate_nonfinite": ((total_w > 0) & ~applied).astype(jnp.int32),
-        "update_norm": jnp.sqrt(sum(jnp.sum(u.astype(jnp.float32) ** 2)
-                                    for u in jax.tree.leaves(update))),
+        "update_norm": update_norm(update),
     }
-    clients = {"id": ids, "loss": clients["loss_sum"] / jnp.maximum(clients["count"], 1),
-               "accuracy": clients["correct"] / jnp.maximum(clients["count"], 1),
-               "count": clients["count"], "steps": steps, "finite": ok, "counted": counted,
-               "straggler": clients["straggler"], "dropped": clients["dropped"]}
-    return new_state, RoundOutput(metrics, clients)
+    out_clients = {"id": ids, "loss": clients["loss_sum"] / jnp.maximum(clients["count"], 1),
+                   "accuracy": clients["correct"] / jnp.maximum(clients["count"], 1)}
+    out_clients.update({name: v for name, v in clients.items()
+                        if name not in ("state_algorithm", "state_transform", "loss_sum",
+                                        "correct", "weight")})
+    return new_state, RoundOutput(metrics, out_clients)
 
   return round_fn

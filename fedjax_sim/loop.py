@@ -189,10 +189,8 @@ def communication_cost(algorithm: Algorithm, params) -> dict[str, float]:
   global model)."""
   n = tree.num_params(params)
   down = float(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
-  up = down
-  t = algorithm.update_transform
-  if t is not None and getattr(t, "wire_bytes", None) is not None:
-    up = float(t.wire_bytes(params))
+  wire = algorithm.update_transform.wire_bytes(params)
+  up = down if wire is None else float(wire)
   return {"params_up_per_client": float(n), "bytes_up_per_client": up,
           "bytes_down_per_client": down}
 

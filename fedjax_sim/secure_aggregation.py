@@ -326,4 +326,4 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
     return unflatten(mean, template), total_w
 
   agg = _buffered(lambda updates, valid: updates)   # reuse the buffer; finalize is our own
-  return agg._replace(finalize=finalize, validate=validate, keyed=True)
+  return agg._replace(finalize=finalize, validate=validate)

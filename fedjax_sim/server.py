@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping, NamedTuple
 
 import flax.struct
 import jax
@@ -25,35 +25,49 @@ class ServerState:
     opt_state: the server optax optimizer's state.
     round: number of rounds completed (int32 scalar).
     aux: server-side state of the algorithm between rounds (e.g. SCAFFOLD's global control
-      variate, an adaptive clipping norm); ``{}`` when it has none.
-    clients: per-client state for the whole population, every leaf ``[P, ...]`` (e.g. SCAFFOLD's
-      control variates, error-feedback residuals): ``{"algorithm": ..., "transform": ...}``, only
-      the keys that exist. The round gathers the cohort's rows and scatters them back.
+      variate, an adaptive clipping norm; ``Algorithm.server_state_init``), ``EmptyState()``
+      when it has none.
+    clients: per-client state for the whole population (:class:`ClientStores`, every leaf
+      ``[P, ...]``: SCAFFOLD's control variates, error-feedback residuals). The round gathers
+      the cohort's rows and scatters them back.
     hparams: hyperparameters that live in state as arrays, so sweeps vmap over them and a new
-      value never recompiles (see :data:`HPARAMS`); ``{}`` for none.
+      value never recompiles: the generic :data:`HPARAMS` given to the run and those the
+      algorithm declares (``Algorithm.hparams``); ``{}`` for none.
   """
   params: PyTree
   opt_state: Any
   round: jax.Array
-  aux: Any = dataclasses.field(default_factory=dict)
-  clients: Any = dataclasses.field(default_factory=dict)
+  aux: Any = optax.EmptyState()
+  clients: Any = None
   hparams: Any = dataclasses.field(default_factory=dict)
 
 
-# Hyperparameters a run can hold in its state (``run(hparams=...)``, ``fedjax_sim.sweep``):
+class ClientStores(NamedTuple):
+  """Per-client state of the whole population, every leaf ``[P, ...]``: the algorithm's
+  (``Algorithm.client_state_init``) and the update transform's (``UpdateTransform.init``);
+  ``EmptyState()`` where there is none."""
+  algorithm: Any = optax.EmptyState()
+  transform: Any = optax.EmptyState()
+
+
+# Hyperparameters every run can hold in its state (``run(hparams=...)``, ``fedjax_sim.sweep``);
+# an algorithm adds its own (``Algorithm.hparams``, e.g. FedProx's ``mu``).
 HPARAMS = {
     "client_lr_scale": "multiplies every client optimizer update (the client learning rate)",
     "server_lr_scale": "multiplies the server optimizer's update (the server learning rate)",
-    "mu": "FedProx's proximal coefficient (replaces the algorithm's mu)",
 }
 
 
-def check_hparams(hparams) -> dict:
-  """Validates a ``{name: scalar}`` dict against :data:`HPARAMS`; returns float32 arrays."""
-  out = {}
+def check_hparams(hparams, declared: Mapping[str, float] | None = None) -> dict:
+  """Validates a ``{name: scalar}`` dict against :data:`HPARAMS` and the algorithm's
+  ``declared`` ones; returns float32 arrays: the declared defaults, overridden by ``hparams``."""
+  declared = dict(declared or {})
+  known = sorted(set(HPARAMS) | set(declared))
+  out = {name: jnp.asarray(v, jnp.float32) for name, v in declared.items()}
   for name, v in (hparams or {}).items():
-    if name not in HPARAMS:
-      raise ValueError(f"unknown hyperparameter {name!r}; state can hold {sorted(HPARAMS)}")
+    if name not in known:
+      raise ValueError(f"unknown hyperparameter {name!r}; this run's state can hold {known} "
+                       "(the generic ones and those the algorithm declares)")
     v = np.asarray(v, np.float32)
     if v.shape != () or not np.isfinite(v) or v < 0:
       raise ValueError(f"hyperparameter {name!r} must be a finite scalar >= 0, got {v!r}")
@@ -62,9 +76,10 @@ def check_hparams(hparams) -> dict:
 
 
 def init(params: PyTree, server_optimizer: optax.GradientTransformation, *, aux: Any = None,
-         clients: Any = None, hparams: Any = None) -> ServerState:
+         clients: ClientStores | None = None, hparams: Any = None) -> ServerState:
   return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32),
-                     {} if aux is None else aux, {} if clients is None else clients,
+                     optax.EmptyState() if aux is None else aux,
+                     ClientStores() if clients is None else clients,
                      {} if hparams is None else hparams)
 
 

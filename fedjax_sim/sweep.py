@@ -79,7 +79,7 @@ def sweep(algorithm: Algorithm, model: Model, train_data, *, rounds: int, cohort
            eval_every=eval_every, chunk_size=chunk_size, num_devices=1)
   _positive_int("rounds_per_call", rounds_per_call)
   for hp in hps:
-    server.check_hparams(hp)
+    server.check_hparams(hp, algorithm.hparams)
   eval_arrays = None
   if eval_data is not None:
     eval_arrays = evaluation.as_arrays(eval_data)

@@ -20,37 +20,28 @@ import optax
 
 from fedjax_sim import engine, server
 from fedjax_sim import heterogeneity as het_mod
-from fedjax_sim.algorithms.base import Algorithm
-from fedjax_sim.client import ClientContext
-from fedjax_sim.transforms.base import apply_transform
+from fedjax_sim.algorithms.base import Algorithm, ServerContext
+from fedjax_sim.client import Batch, ClientContext
 from fedjax_sim.data.federated import FederatedData, batch_indices
 from fedjax_sim.models.core import Model
 
 
 @functools.lru_cache(maxsize=None)
-def _make_step(model: Model, client_optimizer, regularizer):
-  def objective(params, global_params, x, y, mask, ctx):
-    loss, aux = model.batch_loss(params, x, y, mask)
-    if regularizer is not None:
-      loss = loss + regularizer(params, global_params, ctx)
-    return loss, aux
-
-  @jax.jit
-  def step(params, opt_state, global_params, x, y, mask, ctx, lr_scale):
-    (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, global_params, x, y,
-                                                                  mask, ctx)
-    updates, opt_state = client_optimizer.update(grads, opt_state, params)
-    updates = jax.tree.map(lambda u: (u * lr_scale).astype(u.dtype), updates)
-    return optax.apply_updates(params, updates), opt_state, aux
-
-  return step
+def _jitted_program(algorithm: Algorithm, model: Model):
+  program = algorithm.client(model, algorithm.client_optimizer)
+  return jax.jit(program.init), jax.jit(program.step), jax.jit(program.final)
 
 
 _client_rows = jax.jit(batch_indices, static_argnames=("work", "max_client_size"))
 
 
 def _row(store, i):
-  return jax.tree.map(lambda s: s[i], store)
+  return jax.tree.map(lambda s: jnp.asarray(s[i]), store)
+
+
+def _finite(t) -> bool:
+  return all(np.all(np.isfinite(np.asarray(a, np.float64))) for a in jax.tree.leaves(t)
+             if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact))
 
 
 def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
@@ -58,13 +49,16 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
                      weights: np.ndarray | None = None,
                      heterogeneity: het_mod.Heterogeneity | None = None,
                      cohort_sampling: str = "uniform"):
-  """One federated round computed client by client, step by step.
+  """One federated round computed client by client, step by step, with the weighted mean.
 
-  ``state`` comes from :func:`fedjax_sim.engine.init_state`. Returns ``(new_state, metrics)``
-  with ``metrics`` holding ``train_loss``, ``num_nonfinite`` and ``num_counted``.
+  ``state`` comes from :func:`fedjax_sim.engine.init_state`. The algorithm's client program is
+  run one client at a time and one jitted step per non-empty batch (no vmap, no chunks, no
+  masks over clients), its update transform one client at a time, and the aggregate is a float64
+  running weighted sum. Returns ``(new_state, metrics)`` with ``metrics`` holding
+  ``train_loss``, ``num_nonfinite`` and ``num_counted``.
   """
   work = algorithm.work
-  step = _make_step(model, algorithm.client_optimizer, algorithm.regularizer)
+  p_init, p_step, p_final = _jitted_program(algorithm, model)
   keys = engine.round_keys(key)
   het_arrays = None
   if heterogeneity is not None:
@@ -80,9 +74,7 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
     w_all = np.ones(data.num_clients, np.float32)
   x_all, y_all = data.arrays["x"], data.arrays["y"]
   global_params = state.params
-  server_aux = state.aux if algorithm.server_aux_init is not None else None
-  stores = {name: jax.tree.map(np.array, store) for name, store in state.clients.items()}
-  old_stores = {name: jax.tree.map(np.array, store) for name, store in state.clients.items()}
+  stores = jax.tree.map(np.array, state.clients)
   acc = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), global_params)
   up_acc = None
   total_w, loss_sum, count, nonfinite, counted = 0.0, 0.0, 0.0, 0, 0
@@ -99,35 +91,24 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
     if "client_lr_scale" in state.hparams:
       lr_scale *= float(state.hparams["client_lr_scale"])
     rows, mask = np.clip(np.asarray(rows[0]), 0, data.num_examples - 1), np.asarray(mask[0])
-    ctx = ClientContext(jnp.asarray(cid, jnp.int32),
-                        _row(stores["algorithm"], cid) if "algorithm" in stores else None,
-                        server_aux, state.hparams)
-    params, opt_state = global_params, algorithm.client_optimizer.init(global_params)
-    c_loss, c_count, c_steps = 0.0, 0.0, 0
+    ctx = ClientContext(jnp.asarray(cid, jnp.int32), global_params, _row(stores.algorithm, cid),
+                        state.aux, state.hparams, jnp.asarray(lr_scale, jnp.float32),
+                        jax.random.fold_in(keys.client, cid),
+                        jnp.asarray(data.sizes[cid], jnp.int32))
+    carry, t = p_init(ctx), 0
     for s in range(rows.shape[0]):
       if not mask[s].any():
         continue   # an empty step is a no-op by definition
-      params, opt_state, (l, _, n) = step(params, opt_state, global_params, x_all[rows[s]],
-                                          y_all[rows[s]], mask[s], ctx,
-                                          jnp.asarray(lr_scale, jnp.float32))
-      c_loss += float(l)
-      c_count += float(n)
-      c_steps += 1
-    delta = jax.tree.map(lambda g, p: g - p, global_params, params)
-    new_alg, upload = None, None
-    if algorithm.client_finish is not None:
-      delta, new_alg, upload = algorithm.client_finish(
-          ctx, delta, {"steps": jnp.asarray(c_steps, jnp.int32),
-                       "lr_scale": jnp.asarray(lr_scale, jnp.float32)})
-    new_tr = None
-    if algorithm.update_transform is not None:
-      delta, new_tr = apply_transform(
-          algorithm.update_transform, delta, jax.random.fold_in(keys.transform, cid),
-          jnp.asarray(cid, jnp.int32),
-          _row(stores["transform"], cid) if "transform" in stores else None)
+      carry = p_step(carry, Batch(x_all[rows[s]], y_all[rows[s]], mask[s]), ctx,
+                     jax.random.fold_in(ctx.key, t))
+      t += 1
+    res = p_final(carry, ctx)
+    delta, new_tr = algorithm.update_transform.apply(
+        res.delta, jax.random.fold_in(keys.transform, cid), jnp.asarray(cid, jnp.int32),
+        _row(stores.transform, cid))
     delta = jax.tree.map(lambda d: np.asarray(d, np.float64), delta)
-    finite = (all(np.all(np.isfinite(d)) for d in jax.tree.leaves(delta)) and np.isfinite(c_loss)
-              and all(np.all(np.isfinite(u)) for u in jax.tree.leaves(upload)))
+    c_loss, c_count = float(res.metrics["loss_sum"]), float(res.metrics["count"])
+    finite = _finite(delta) and np.isfinite(c_loss) and _finite(res.upload)
     if not finite:
       nonfinite += 1
     loss_sum += c_loss if finite else 0.0
@@ -137,37 +118,30 @@ def sequential_round(algorithm: Algorithm, model: Model, data: FederatedData,
     counted += 1
     w = float(w_all[cid])
     acc = jax.tree.map(lambda a, d: a + w * d, acc, delta)
-    if upload is not None:
-      up = jax.tree.map(lambda u: w * np.asarray(u, np.float64), upload)
-      up_acc = up if up_acc is None else jax.tree.map(np.add, up_acc, up)
+    up = jax.tree.map(lambda u: w * np.asarray(u, np.float64), res.upload)
+    up_acc = up if up_acc is None else jax.tree.map(np.add, up_acc, up)
     total_w += w
-    for name, new in (("algorithm", new_alg), ("transform", new_tr)):
-      if name in stores:
-        jax.tree.map(lambda s, n: s.__setitem__(cid, np.asarray(n)), stores[name], new)
+    for store, new in ((stores.algorithm, res.state), (stores.transform, new_tr)):
+      jax.tree.map(lambda s, n: s.__setitem__(cid, np.asarray(n)), store, new)
   params, opt_state, aux = global_params, state.opt_state, state.aux
+  new_stores = stores
   if total_w > 0:
     update = jax.tree.map(lambda a, p: jnp.asarray(a / total_w, p.dtype), acc, global_params)
-    if algorithm.server_finish is not None:
-      upload_mean = None
-      if up_acc is not None:
-        upload_mean = jax.tree.map(lambda u: jnp.asarray(u / total_w, jnp.float32), up_acc)
-      info = {"cohort_size": cohort_size, "population": data.num_clients,
-              "num_counted": jnp.asarray(counted, jnp.int32),
-              "total_weight": jnp.asarray(total_w, jnp.float32), "hparams": state.hparams}
-      update, aux = algorithm.server_finish(state.aux, update, upload_mean, info, keys.server)
+    upload = jax.tree.map(lambda u: jnp.asarray(u / total_w, jnp.float32), up_acc)
+    sctx = ServerContext(global_params, state.aux, upload, jnp.asarray(counted, jnp.int32),
+                         jnp.asarray(total_w, jnp.float32), cohort_size, data.num_clients,
+                         state.hparams, keys.server)
+    update, aux = algorithm.server_finish(sctx, update)
     updates, opt_state = algorithm.server_optimizer.update(update, state.opt_state, global_params)
     if "server_lr_scale" in state.hparams:
       updates = jax.tree.map(lambda u: u * state.hparams["server_lr_scale"], updates)
     params = optax.apply_updates(global_params, updates)
-    finite = lambda t: all(np.all(np.isfinite(np.asarray(a, np.float64)))  # noqa: E731
-                           for a in jax.tree.leaves(t)
-                           if jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact))
-    if not (finite(update) and finite(params) and finite(opt_state) and finite(aux)):
+    if not (_finite(update) and _finite(params) and _finite(opt_state) and _finite(aux)):
       # as the engine: a non-finite aggregate or step leaves the whole state as it was
       params, opt_state, aux = global_params, state.opt_state, state.aux
-      stores = old_stores
+      new_stores = state.clients
   new_state = state.replace(params=params, opt_state=opt_state, round=state.round + 1, aux=aux,
-                            clients={n: jax.tree.map(jnp.asarray, s) for n, s in stores.items()})
+                            clients=jax.tree.map(jnp.asarray, new_stores))
   return new_state, {"train_loss": loss_sum / count if count > 0 else float("nan"),
                      "num_nonfinite": nonfinite,
                      "num_counted": counted}

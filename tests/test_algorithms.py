@@ -18,8 +18,8 @@ def _model():
 @pytest.mark.parametrize("name", sorted(algorithms.REGISTRY))
 @pytest.mark.slow
 def test_algorithm_equals_sequential_reference(ragged_data, name):
-  extra = {"fedprox": {"mu": 0.5}, "scaffold": {"client_lr": 0.05},
-           "fednova": {"client_lr": 0.05, "momentum": 0.5}}.get(
+  extra = {"fedprox": {"mu": 0.5}, "scaffold": {"client_optimizer": optax.sgd(0.05)},
+           "fednova": {"client_optimizer": optax.sgd(0.05, momentum=0.5)}}.get(
                name, {"client_optimizer": optax.sgd(0.05, momentum=0.5)})
   algo = algorithms.make(name, **KW, **extra)
   assert algo.name == name

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import attacks
+from fedjax_sim import attacks, transforms
 
 
 def _population(num_clients=40, k=5, seed=0, labels=None):
@@ -62,7 +62,7 @@ def test_data_and_update_attacks_pick_the_same_clients():
   t = attacks.sign_flip_attack(fraction, factor=1.0, seed=seed)
   ids = jnp.arange(data.num_clients, dtype=jnp.int32)
   delta = {"w": jnp.ones((data.num_clients, 2))}
-  out = jax.vmap(t.apply)(delta, jax.random.split(jax.random.key(0), data.num_clients), ids)
+  out, _ = jax.vmap(lambda *a: t(*a))(delta, jax.random.split(jax.random.key(0), data.num_clients), ids)
   negated = np.asarray(out["w"][:, 0] < 0)
   bad = attacks.attackers(data.num_clients, fraction, seed)
   assert 0 < bad.sum() < data.num_clients
@@ -79,12 +79,13 @@ def test_registry_and_apply_attack():
   a2, d2 = attacks.apply_attack("label_flip", algo, data, 0.3)
   assert a2 is algo and d2 is not data
   a3, d3 = attacks.apply_attack("scale", algo, data, 0.3, factor=5.0)
-  assert d3 is data and a3.update_transform is not None and algo.update_transform is None
+  assert d3 is data and a3.update_transform is not transforms.IDENTITY
+  assert algo.update_transform is transforms.IDENTITY
   # Chained after an existing transform: clip to 1 then attackers scale by 5.
   clipped = dataclasses.replace(algo, update_transform=fs.transforms.clip_by_norm(1.0))
   a4, _ = attacks.apply_attack("scale", clipped, data, 0.3, factor=5.0, seed=1)
   bad = int(np.flatnonzero(attacks.attackers(data.num_clients, 0.3, 1))[0])
-  out = a4.update_transform.apply({"w": jnp.full((4,), 10.0)}, jax.random.key(0), jnp.int32(bad))
+  out = a4.update_transform({"w": jnp.full((4,), 10.0)}, jax.random.key(0), jnp.int32(bad))[0]
   np.testing.assert_allclose(float(fs.transforms.base.global_norm(out)), 5.0, rtol=1e-5)
 
 

@@ -26,7 +26,7 @@ def _update(seed=0):
 
 def _draws(t, delta, num):
   keys = jax.random.split(jax.random.key(123), num)
-  out = jax.jit(jax.vmap(lambda k: t.apply(delta, k, jnp.int32(0))))(keys)
+  out = jax.jit(jax.vmap(lambda k: t(delta, k, jnp.int32(0))[0]))(keys)
   return np.asarray(jax.vmap(compression.flatten)(out), np.float64)     # [num, n]
 
 
@@ -65,7 +65,7 @@ def test_stochastic_quantize_uses_2_pow_bits_levels_within_range():
 def test_constant_update_is_exact():
   delta = {"w": jnp.full((5, 3), 0.25), "b": jnp.full((3,), 0.25)}
   for t in (compression.stochastic_quantize(1), compression.stochastic_quantize(1, per_leaf=True)):
-    testing.assert_trees_close(jax.jit(t.apply)(delta, jax.random.key(0), jnp.int32(0)), delta,
+    testing.assert_trees_close(jax.jit(lambda *a: t(*a)[0])(delta, jax.random.key(0), jnp.int32(0)), delta,
                                atol=0)
 
 
@@ -122,7 +122,7 @@ def test_top_k_keeps_the_largest_and_full_fraction_is_identity():
   delta = _update(2)
   x = np.asarray(compression.flatten(delta))
   out = np.asarray(compression.flatten(
-      compression.top_k(0.1, error_feedback=False).apply(delta, jax.random.key(0), 0)))
+      compression.top_k(0.1, error_feedback=False)(delta, jax.random.key(0), 0)[0]))
   kept = np.flatnonzero(out)
   assert kept.size == 9
   np.testing.assert_array_equal(np.sort(kept), np.sort(np.argsort(-np.abs(x))[:9]))
@@ -168,7 +168,7 @@ def test_error_feedback_state_in_run(ragged_data):
   seen = set()
 
   def callback(r, state, out):
-    res = np.asarray(state.clients["transform"])       # [P, n]
+    res = np.asarray(state.clients.transform)       # [P, n]
     assert res.shape == (ragged_data.num_clients, n)
     ids = np.asarray(out.clients["id"])[np.asarray(out.clients["counted"])]
     seen.update(int(i) for i in ids)
@@ -182,7 +182,7 @@ def test_error_feedback_state_in_run(ragged_data):
                progress=False, callback=callback)
   ref, _ = testing.sequential_run(algo, _model(), ragged_data, rounds=2, cohort_size=5)
   assert len(seen) < ragged_data.num_clients
-  testing.assert_trees_close(res.state.clients["transform"], ref.clients["transform"], atol=1e-5)
+  testing.assert_trees_close(res.state.clients.transform, ref.clients.transform, atol=1e-5)
   testing.assert_trees_close(res.params, ref.params, atol=1e-5)
 
 

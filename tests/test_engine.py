@@ -231,7 +231,7 @@ def test_memory_guard_reads_the_accelerator_memory(monkeypatch):
   ram, where = fs.engine.device_memory_bytes(jax.devices("cpu")[0])
   assert where == "this machine's RAM" and ram > 4_000_000
   monkeypatch.setattr(fs.engine.jax, "local_devices", lambda: [_FakeGPU()])
-  algo = fs.algorithms.scaffold(client_lr=0.1)
+  algo = fs.algorithms.scaffold(optax.sgd(0.1))
   params = _mlp().init(jax.random.key(0))              # 212 floats: ~1.7 kB of state per client
   fs.engine.init_state(algo, params, 100)               # 0.17 MB: fits in half of 4 MB
   with pytest.raises(ValueError, match="Fake GPU device memory"):

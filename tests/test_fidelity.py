@@ -168,7 +168,7 @@ def test_fednova_with_unequal_steps_lr_scales_and_momentum():
   scales = np.array([0.5, 1.0, 2.0, 1.5, 0.8, 1.2])
   het = fs.Heterogeneity(local_steps=caps, learning_rate_scale=scales)
   hp_scale, rho = 0.7, 0.5
-  algo = fs.algorithms.fednova(LR, momentum=rho, local_steps=K, batch_size=B, shuffle=False)
+  algo = fs.algorithms.fednova(optax.sgd(LR, momentum=rho or None), local_steps=K, batch_size=B, shuffle=False)
   got, cohorts, clients = _run(algo, heterogeneity=het, hparams={"client_lr_scale": hp_scale})
   want = np_fednova(cohorts, clients, caps, hp_scale * scales, rho, LR)
   _close(got, want)

@@ -117,7 +117,7 @@ def _clients(data):
 def test_scaffold_matches_paper_equations(ragged_data):
   lr, E, rounds = 0.1, 3, 3
   model = _model()
-  algo = algorithms.scaffold(lr, batch_size=256, local_epochs=E)
+  algo = algorithms.scaffold(optax.sgd(lr), batch_size=256, local_epochs=E)
   res = fs.run(algo, model, ragged_data, rounds=rounds, cohort_size=P, seed=0, progress=False)
   x = model.init(jax.random.split(jax.random.key(0))[0])
   c = jax.tree.map(jnp.zeros_like, x)
@@ -137,7 +137,7 @@ def test_scaffold_matches_paper_equations(ragged_data):
     c = jax.tree.map(lambda c_, *d: c_ + sum(d) / P, c, *dcs)   # |S|/N * mean = sum / N
   testing.assert_trees_close(res.params, x, atol=1e-5)
   testing.assert_trees_close(res.state.aux, c, atol=1e-5)
-  testing.assert_trees_close(res.state.clients["algorithm"], tree.stack(ci), atol=1e-5)
+  testing.assert_trees_close(res.state.clients.algorithm, tree.stack(ci), atol=1e-5)
   # the population's control variates (P copies of the model) are reported in the history
   assert res.history["client_state_bytes"][0] == P * 4 * tree.num_params(x)
 
@@ -147,7 +147,7 @@ def test_fednova_matches_paper_equations_with_unequal_steps(ragged_data):
   lr, E = 0.1, 3
   epochs = np.array([1, 2, 3] * 4)
   model = _model()
-  algo = algorithms.fednova(lr, batch_size=256, local_epochs=E)
+  algo = algorithms.fednova(optax.sgd(lr), batch_size=256, local_epochs=E)
   res = fs.run(algo, model, ragged_data, rounds=2, cohort_size=P, seed=0, progress=False,
                heterogeneity=Heterogeneity(local_epochs=epochs))
   fedavg = fs.run(algorithms.fedavg(optax.sgd(lr), batch_size=256, local_epochs=E), model,
@@ -170,6 +170,8 @@ def test_fednova_matches_paper_equations_with_unequal_steps(ragged_data):
 
 def test_scaffold_fednova_bad_input():
   with pytest.raises(ValueError, match="client_lr"):
-    algorithms.scaffold(client_optimizer=optax.sgd(0.1))
+    algorithms.scaffold(client_lr=0.1)
   with pytest.raises(ValueError, match="momentum"):
-    algorithms.fednova(0.1, momentum=1.0)
+    algorithms.fednova(optax.sgd(0.1), momentum=0.5)
+  with pytest.raises(ValueError, match="client_optimizer"):
+    algorithms.fednova(0.1)

@@ -76,7 +76,7 @@ def test_procedural_run_learns_and_matches_materialized():
 
 def test_population_state_memory_guard():
   pop = synthetic_population(100_000_000, examples_per_client=20)
-  algo = fs.algorithms.scaffold(0.1, batch_size=10)
+  algo = fs.algorithms.scaffold(optax.sgd(0.1), batch_size=10)
   with pytest.raises(ValueError, match="bytes of state per client"):
     fs.run(algo, fs.models.logistic_regression(60, 10), pop, rounds=1, cohort_size=10,
            progress=False)

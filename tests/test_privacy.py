@@ -12,7 +12,8 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim import algorithms, engine, testing, transforms
-from fedjax_sim.client import ClientContext
+from fedjax_sim.algorithms.base import ServerContext
+from fedjax_sim.client import ClientContext, LocalCarry, zero_sums
 from fedjax_sim.privacy import accounting, dp
 
 KW = dict(batch_size=16, local_epochs=1, weighting="uniform")
@@ -39,18 +40,25 @@ def test_client_finish_clips_every_update_and_reports_unclipped():
   scales = jnp.asarray([1e-3, 0.1, 1.0, 10.0, 1e4])
   deltas = jax.tree.map(lambda p: scales.reshape((-1,) + (1,) * p.ndim) *
                         jax.random.normal(jax.random.key(1), (5,) + p.shape), params)
-  aux = algo.server_aux_init(params)
-  ctx = ClientContext(jnp.arange(5), None, aux)
-  info = {"steps": jnp.ones(5, jnp.int32), "lr_scale": jnp.ones(5)}
-  finish = jax.vmap(algo.client_finish, in_axes=(ClientContext(0, None, None), 0, 0))
-  clipped, _, up = jax.jit(finish)(ctx, deltas, info)
+  aux = algo.server_state_init(params)
+  opt = optax.sgd(0.1)
+  program = algo.client(_model(), opt)
+  # a carry whose local params are global - delta: the program's result delta is `deltas`
+  carry = jax.vmap(lambda d: LocalCarry(jax.tree.map(jnp.subtract, params, d), opt.init(params),
+                                        zero_sums()))(deltas)
+  ctx = ClientContext(jnp.arange(5), params, server=aux, hparams={}, lr_scale=jnp.ones(5))
+  final = jax.vmap(program.final,
+                   in_axes=(0, ClientContext(0, None, None, None, None, 0, None, None)))
+  res = jax.jit(final)(carry, ctx)
+  clipped, up = res.delta, res.upload
   before, after = _norms(deltas), _norms(clipped)
   assert np.all(after <= 0.5 * (1 + 1e-6))
   np.testing.assert_allclose(after, np.minimum(before, 0.5), rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(up["unclipped"]), before <= 0.5)
   # The local-DP transform with zero noise is the same clip.
   t = dp.local_gaussian_noise(0.0, 0.5)
-  out = jax.jit(jax.vmap(t.apply))(deltas, jax.random.split(jax.random.key(0), 5), jnp.arange(5))
+  out, _ = jax.jit(jax.vmap(t.apply))(deltas, jax.random.split(jax.random.key(0), 5),
+                                      jnp.arange(5), jax.vmap(t.init)(deltas))
   np.testing.assert_allclose(_norms(out), after, rtol=1e-5)
 
 
@@ -99,12 +107,12 @@ def test_adaptive_server_update_is_the_geometric_rule():
   algo = dp.dp_fedavg(noise_multiplier=0.0, clip_norm=2.0, adaptive=True, target_quantile=0.3,
                       clip_lr=0.2)
   params = {"w": jnp.ones(3)}
-  aux = algo.server_aux_init(params)
-  info = {"cohort_size": 10, "population": 100, "num_counted": jnp.int32(10),
-          "total_weight": jnp.float32(10)}
+  aux = algo.server_state_init(params)
   for frac in (0.0, 0.3, 0.8):
-    up = {"base": None, "unclipped": jnp.float32(frac)}
-    _, new = algo.server_finish(aux, params, up, info, jax.random.key(0))
+    up = {"base": optax.EmptyState(), "unclipped": jnp.float32(frac)}
+    ctx = ServerContext(params, aux, up, jnp.int32(10), jnp.float32(10), 10, 100, {},
+                        jax.random.key(0))
+    _, new = algo.server_finish(ctx, params)
     assert float(new["clip_norm"]) == pytest.approx(2.0 * math.exp(-0.2 * (frac - 0.3)), rel=1e-6)
 
 
@@ -161,7 +169,7 @@ def test_dp_equals_sequential_reference(ragged_data, mode):
     algo = dp.dp_fedavg(algorithms.fedavg(optax.sgd(0.1), **KW), noise_multiplier=1.0,
                         clip_norm=0.3)
   elif mode == "adaptive_scaffold":   # base hooks (control variates, regularizer) composed
-    algo = dp.dp_fedavg(algorithms.scaffold(0.05, batch_size=16), noise_multiplier=0.5,
+    algo = dp.dp_fedavg(algorithms.scaffold(optax.sgd(0.05), batch_size=16), noise_multiplier=0.5,
                         clip_norm=0.1, adaptive=True)
   else:
     algo = dp.dp_fedavg(algorithms.fedavg(optax.sgd(0.1), **KW), noise_multiplier=0.5,
@@ -286,20 +294,23 @@ def test_run_stops_at_budget_and_records_epsilon(ragged_data):
 # Composition and bad input
 
 def test_composition_keeps_base_hooks_and_chains_transforms():
-  sc = algorithms.scaffold(0.05)
+  sc = algorithms.scaffold(optax.sgd(0.05))
   algo = dp.dp_fedavg(sc, noise_multiplier=1.0, clip_norm=1.0)
   assert algo.name == "dp_scaffold" and algo.client_state_init is sc.client_state_init
-  assert algo.regularizer is not None and algo.work == sc.work
+  assert algo.client is not sc.client and algo.work == sc.work   # the base program, wrapped
   params = {"w": jnp.ones(3)}
-  assert set(algo.server_aux_init(params)) == {"base", "clip_norm"}
+  aux = algo.server_state_init(params)
+  assert set(aux) == {"base", "clip_norm"}
+  testing.assert_trees_close(aux["base"], sc.server_state_init(params))
   # A fixed clip is re-applied after the base's update transform.
   big = algorithms.fedavg(**KW)
   big = big.__class__(**{**big.__dict__, "update_transform": transforms.scale_attack(0.0, 1.0)})
   t = dp.dp_fedavg(big, noise_multiplier=1.0, clip_norm=1.0).update_transform
-  out = t.apply({"w": jnp.full(3, 100.0)}, jax.random.key(0), 0)
+  x = {"w": jnp.full(3, 100.0)}
+  out, _ = t.apply(x, jax.random.key(0), 0, t.init(x))
   assert float(jnp.linalg.norm(out["w"])) == pytest.approx(1.0, rel=1e-5)
   loc = dp.dp_fedavg(big, noise_multiplier=1.0, clip_norm=1.0, local=True)
-  assert loc.name == "ldp_fedavg" and loc.server_finish is None
+  assert loc.name == "ldp_fedavg" and loc.server_finish is algorithms.base.pass_through
 
 
 @pytest.mark.parametrize("kwargs, match", [

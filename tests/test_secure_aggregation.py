@@ -282,7 +282,7 @@ def test_keyed_aggregators_get_a_fresh_key_and_the_cohort_ids(ragged_data):
     jax.debug.callback(record, jax.random.key_data(key), client_ids, state.weights)
     return inner.finalize(state)
 
-  spy = inner._replace(finalize=finalize, keyed=True)
+  spy = inner._replace(finalize=finalize)
   algo = dataclasses.replace(fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16), aggregator=spy)
   fs.run(algo, fs.models.mlp(8, (16,), 4), ragged_data, rounds=3, cohort_size=5, chunk_size=2,
          progress=False)

@@ -54,7 +54,8 @@ def test_bad_sweeps():
     sweep_mod.sweep(algo, model, data, rounds=1, cohort_size=2, learning_rate=[1.0],
                     progress=False)
   with pytest.raises(ValueError, match="finite scalar"):
-    fs.run(algo, model, data, rounds=1, cohort_size=2, hparams={"mu": -1.0}, progress=False)
+    fs.run(algo, model, data, rounds=1, cohort_size=2, hparams={"client_lr_scale": -1.0},
+           progress=False)
 
 
 @pytest.mark.slow

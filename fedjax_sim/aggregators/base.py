@@ -23,23 +23,22 @@ class Aggregator(NamedTuple):
       ignore it.
     accumulate: ``(state, deltas [K, ...], weights [K]) -> state`` for one chunk of K clients.
       Weights are already 0 for padding and non-finite clients (whose deltas are zeroed).
-    finalize: ``state -> (update [...], total_weight scalar)``.
-    combine: ``states stacked on a leading device axis [D, ...] -> state``: merges the partial
-      states of D devices that each folded a share of the cohort.
-    validate: optional ``cohort_size -> None``, called by :func:`fedjax_sim.engine.make_round`
-      (so at ``run`` start) to reject cohort sizes the aggregator cannot work with (e.g. Krum
-      needs ``C > 2f + 2``) with a ``ValueError``.
-    keyed: if true, the engine calls ``finalize(state, key, client_ids)`` instead: ``key`` is
+    finalize: ``(state, key, client_ids) -> (update [...], total_weight scalar)``. ``key`` is
       fresh every round (:attr:`fedjax_sim.engine.RoundKeys.aggregate`) and ``client_ids [cap]``
       are the population ids of the combined state's client slots, in slot order (padding slots
-      carry weight 0). Secure aggregation derives its pairwise mask seeds from them.
+      carry weight 0 and ids outside the population); most aggregators ignore both, secure
+      aggregation derives its pairwise masks from them.
+    combine: ``states stacked on a leading device axis [D, ...] -> state``: merges the partial
+      states of D devices that each folded a share of the cohort.
+    validate: ``cohort_size -> None``, called by :func:`fedjax_sim.engine.make_round`
+      (so at ``run`` start) to reject cohort sizes the aggregator cannot work with (e.g. Krum
+      needs ``C > 2f + 2``) with a ``ValueError``.
   """
   init: Callable[[PyTree, int], Any]
   accumulate: Callable[[Any, PyTree, jax.Array], Any]
-  finalize: Callable[[Any], tuple[PyTree, jax.Array]]
+  finalize: Callable[[Any, jax.Array, jax.Array], tuple[PyTree, jax.Array]]
   combine: Callable[[Any], Any]
-  validate: Callable[[int], None] | None = None
-  keyed: bool = False
+  validate: Callable[[int], None] = lambda cohort_size: None
 
 
 class MeanState(NamedTuple):
@@ -74,7 +73,8 @@ def mean() -> Aggregator:
     s = jax.tree.map(jnp.add, state.weighted_sum, tree.weighted_sum(wide, weights))
     return MeanState(s, state.total_weight + jnp.sum(weights), state.dtypes)
 
-  def finalize(state):
+  def finalize(state, key=None, client_ids=None):
+    del key, client_ids
     denom = jnp.maximum(state.total_weight, 1e-30)
     return (jax.tree.map(lambda s, like: (s / denom.astype(s.dtype)).astype(like.dtype),
                          state.weighted_sum, state.dtypes), state.total_weight)

@@ -67,7 +67,8 @@ def _buffered(reduce) -> Aggregator:
     w = jax.lax.dynamic_update_slice_in_dim(state.weights, weights.astype(jnp.float32), start, 0)
     return BufferState(ups, w, state.num_chunks + 1)
 
-  def finalize(state):
+  def finalize(state, key=None, client_ids=None):
+    del key, client_ids
     valid = state.weights > 0
     return reduce(state.updates, valid), jnp.sum(jnp.where(valid, state.weights, 0.0))
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import optax
 
+from fedjax_sim.aggregators import Aggregator, mean
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.data.federated import LocalWork
+from fedjax_sim.transforms.base import IDENTITY, UpdateTransform
 
 
 def fedavg(client_optimizer: optax.GradientTransformation | None = None,
            server_optimizer: optax.GradientTransformation | None = None, *,
            local_epochs: int | None = None, local_steps: int | None = None, batch_size: int = 32,
            weighting: str = "examples", drop_stragglers: bool = False,
-           shuffle: bool = True) -> Algorithm:
+           shuffle: bool = True, aggregator: Aggregator | None = None,
+           update_transform: UpdateTransform | None = None) -> Algorithm:
   """FedAvg.
 
   Args:
@@ -40,6 +43,10 @@ def fedavg(client_optimizer: optax.GradientTransformation | None = None,
       :class:`fedjax_sim.data.federated.LocalWork`); to give each client's batch order
       explicitly, store its examples in that order (``FederatedData.from_partition`` keeps the
       order of each client's index array).
+    aggregator: how updates are reduced (default :func:`fedjax_sim.aggregators.mean`; e.g. a
+      robust aggregator, or secure aggregation).
+    update_transform: per-client rewrite of updates (clipping, compression, attacks; default
+      none).
   """
   if local_epochs is None and local_steps is None:
     local_epochs = 1
@@ -48,4 +55,6 @@ def fedavg(client_optimizer: optax.GradientTransformation | None = None,
       client_optimizer=client_optimizer if client_optimizer is not None else optax.sgd(0.05),
       server_optimizer=server_optimizer if server_optimizer is not None else optax.sgd(1.0),
       work=LocalWork(batch_size, local_epochs, local_steps, shuffle),
-      weighting=weighting, drop_stragglers=bool(drop_stragglers))
+      weighting=weighting, drop_stragglers=bool(drop_stragglers),
+      aggregator=aggregator if aggregator is not None else mean(),
+      update_transform=update_transform if update_transform is not None else IDENTITY)

@@ -13,69 +13,79 @@ contributes. Then::
     d_i = G_i a_i / ||a_i||_1 = (x - y_i) / (eta ||a_i||_1)
     x <- x - eta tau_eff sum_i p_i d_i,         tau_eff = sum_i p_i ||a_i||_1
 
-Here: local SGD with learning rate ``eta s_i`` (``eta = client_lr``; ``s_i`` is the client's
-learning-rate scale: ``Heterogeneity(learning_rate_scale=...)`` times the in-state hyperparameter
-``client_lr_scale``, the engine's per-client ``lr_scale``) and heavy-ball momentum ``rho``
-(optax's ``sgd(momentum=rho)``: ``u_k = rho u_{k-1} + g_k``, ``y <- y - eta s_i u_k``). After
-``tau_i`` steps, ``x - y_i = eta s_i sum_{k=1}^{tau_i} (1 - rho^(tau_i - k + 1)) / (1 - rho) g_k``,
-so the per-client learning rate belongs in the normalising vector::
+For local SGD with heavy-ball momentum rho (``optax.sgd(eta, momentum=rho)``) and a per-client
+learning-rate scale ``s_i`` (``Heterogeneity(learning_rate_scale=...)`` times the
+``client_lr_scale`` hyperparameter), ``a_{i,k} = s_i (1 - rho^(tau_i - k + 1)) / (1 - rho)``.
 
-    a_{i,k} = s_i (1 - rho^(tau_i - k + 1)) / (1 - rho)
-    ||a_i||_1 = s_i (tau_i - rho (1 - rho^tau_i) / (1 - rho)) / (1 - rho)    (= s_i tau_i, rho = 0)
+How ``eta ||a_i||_1`` is measured: every client also runs its own optimizer, with its own
+learning-rate scale and on exactly its non-empty steps, on a scalar *probe* whose gradient is 1 at
+every step; the probe's displacement is ``eta sum_k a_{i,k} = eta ||a_i||_1`` for any optimizer
+whose update is linear in the gradients and independent of the parameters (SGD, momentum,
+Nesterov, learning-rate schedules). So FedNova takes a ``client_optimizer`` like every algorithm
+and needs no closed form per optimizer; it is the paper's ``||a_i||_1`` for those optimizers. For
+others (Adam), the probe gives the displacement a constant unit gradient would cause, a
+normalisation of the same kind but not the paper's (the paper defines none for them).
 
-The engine hands the server ``mean_i(x - y_i)`` as the pseudo-gradient, so ``client_finish``
-uploads ``(x - y_i) / ||a_i||_1 = eta d_i`` with ``||a_i||_1`` (the engine averages both with the
-weights p_i) and ``server_finish`` returns ``tau_eff * sum_i p_i eta d_i``: with the default
-server optimizer ``sgd(1)`` that is the update above. ``p_i`` are the aggregation weights
-(normalised by the engine). A client with ``s_i`` twice another's but the same gradients thus
-gets the same ``d_i`` and the same say in the average; only ``tau_eff`` grows.
+The client uploads ``eta ||a_i||_1`` and sends ``(x - y_i) / (eta ||a_i||_1) = d_i`` as its
+update; the engine averages both with the weights p_i, and ``server_finish`` returns
+``tau_eff_eta * sum_i p_i d_i`` (``tau_eff_eta = sum_i p_i eta ||a_i||_1``): with the default
+server optimizer ``sgd(1)`` that is the update above. With equal ``||a_i||_1`` it is FedAvg.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.algorithms.base import Algorithm, reject_renamed
 from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.client import (ClientProgram, ClientResult, LocalCarry, local_training,
+                               scale_updates)
 
 
-def _a_norm(tau: jax.Array, momentum: float) -> jax.Array:
-  """``||a_i||_1 / s_i`` for ``tau`` local SGD steps with heavy-ball momentum ``rho``."""
-  tau = tau.astype(jnp.float32)
-  if momentum == 0:
-    return tau
-  rho = momentum
-  return (tau - rho * (1 - rho ** tau) / (1 - rho)) / (1 - rho)
+class NovaCarry(NamedTuple):
+  local: LocalCarry
+  probe: jax.Array        # scalar "parameter" driven by a unit gradient
+  probe_state: Any
 
 
-def fednova(client_lr: float = 0.05, server_optimizer: optax.GradientTransformation | None = None,
-            *, momentum: float = 0.0, **fedavg_kwargs) -> Algorithm:
-  """FedNova with local SGD (``client_lr``, optional heavy-ball ``momentum``); other arguments
-  as :func:`fedjax_sim.algorithms.fedavg`. Per-client steps, learning-rate scales and momentum
-  all enter ``||a_i||_1`` (module docstring). With equal ``||a_i||_1`` it is FedAvg."""
-  if not (isinstance(client_lr, (int, float)) and client_lr > 0):
-    raise ValueError(f"FedNova client_lr must be a number > 0, got {client_lr!r}")
-  if not 0 <= momentum < 1:
-    raise ValueError(f"FedNova momentum must lie in [0, 1), got {momentum!r}")
-  if "client_optimizer" in fedavg_kwargs:
-    raise ValueError("FedNova's normalisation assumes local SGD with heavy-ball momentum: give client_lr"
-                     " and momentum instead of client_optimizer")
-  opt = optax.sgd(client_lr, momentum=momentum or None)
-  base = fedavg(opt, server_optimizer, **fedavg_kwargs)
+def fednova_client(model, optimizer) -> ClientProgram:
+  """Local training plus the unit-gradient probe (module docstring)."""
+  inner = local_training()(model, optimizer)
 
-  def client_finish(ctx, delta, info):
-    # ||a_i||_1 includes the client's learning-rate scale s_i (module docstring).
-    a = jnp.maximum(_a_norm(info["steps"], momentum) * info["lr_scale"].astype(jnp.float32),
-                    1e-12)
-    return jax.tree.map(lambda d: d / a.astype(d.dtype), delta), None, a
+  def init(ctx):
+    probe = jnp.zeros((), jnp.float32)
+    return NovaCarry(inner.init(ctx), probe, optimizer.init(probe))
 
-  def server_finish(aux, update, tau_eff, info, key):
-    del info, key
-    return jax.tree.map(lambda u: u * tau_eff.astype(u.dtype), update), aux
+  def step(carry, batch, ctx, key):
+    upd, probe_state = optimizer.update(jnp.ones((), jnp.float32), carry.probe_state, carry.probe)
+    probe = optax.apply_updates(carry.probe, scale_updates(upd, ctx.lr_scale))
+    return NovaCarry(inner.step(carry.local, batch, ctx, key), probe, probe_state)
 
-  return dataclasses.replace(base, name="fednova", client_finish=client_finish,
-                             server_finish=server_finish)
+  def final(carry, ctx):
+    res = inner.final(carry.local, ctx)
+    eta_a = jnp.maximum(-carry.probe, 1e-12)          # eta ||a_i||_1 (> 0)
+    d = jax.tree.map(lambda x: x / eta_a.astype(x.dtype), res.delta)
+    return ClientResult(d, res.state, eta_a, res.metrics)
+
+  return ClientProgram(init, step, final)
+
+
+def _rescale(ctx, update):
+  tau_eff = ctx.upload                                # sum_i p_i eta ||a_i||_1 / sum_i p_i
+  return jax.tree.map(lambda u: u * tau_eff.astype(u.dtype), update), ctx.state
+
+
+def fednova(client_optimizer: optax.GradientTransformation | None = None,
+            server_optimizer: optax.GradientTransformation | None = None,
+            **fedavg_kwargs) -> Algorithm:
+  """FedNova (module docstring); local SGD with heavy-ball momentum is
+  ``client_optimizer=optax.sgd(lr, momentum=rho)``. Arguments as
+  :func:`fedjax_sim.algorithms.fedavg`."""
+  reject_renamed("FedNova", fedavg_kwargs)
+  base = fedavg(client_optimizer, server_optimizer, **fedavg_kwargs)
+  return dataclasses.replace(base, name="fednova", client=fednova_client, server_finish=_rescale)

@@ -2,7 +2,9 @@
 (Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, MLSys 2020).
 
 FedAvg whose clients minimise ``f_k(w) + mu/2 ||w - w_global||^2``: the proximal term keeps local
-models near the global one when clients are heterogeneous. ``mu = 0`` is FedAvg.
+models near the global one when clients are heterogeneous. ``mu = 0`` is FedAvg. ``mu`` is an
+in-state hyperparameter (``Algorithm.hparams``): ``run(hparams={"mu": ...})`` and
+:func:`fedjax_sim.sweep.sweep` change it without recompiling.
 """
 
 from __future__ import annotations
@@ -14,26 +16,20 @@ import jax.numpy as jnp
 
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.client import local_training
 
 
-def proximal_term(mu: float):
-  """``(params, global_params, ctx) -> mu/2 * ||params - global_params||^2``; an in-state
-  ``mu`` hyperparameter (``ctx.hparams["mu"]``, e.g. from a sweep) replaces ``mu``."""
-
-  def term(params, global_params, ctx=None):
-    m = mu
-    if ctx is not None and ctx.hparams and "mu" in ctx.hparams:
-      m = ctx.hparams["mu"]
-    sq = jax.tree.map(lambda p, g: jnp.sum((p - g) ** 2), params, global_params)
-    return 0.5 * m * sum(jax.tree.leaves(sq))
-
-  return term
+def proximal_term(params, ctx):
+  """``mu/2 * ||params - ctx.global_params||^2`` with ``mu = ctx.hparams["mu"]``."""
+  sq = jax.tree.map(lambda p, g: jnp.sum((p - g) ** 2), params, ctx.global_params)
+  return 0.5 * ctx.hparams["mu"] * sum(jax.tree.leaves(sq))
 
 
 def fedprox(client_optimizer=None, server_optimizer=None, *, mu: float = 0.01,
             **fedavg_kwargs) -> Algorithm:
   """FedProx with proximal coefficient ``mu >= 0``; other arguments as :func:`fedavg`."""
-  if not (isinstance(mu, (int, float)) and mu >= 0):
+  if isinstance(mu, bool) or not (isinstance(mu, (int, float)) and mu >= 0):
     raise ValueError(f"FedProx mu must be a number >= 0, got {mu!r}")
   base = fedavg(client_optimizer, server_optimizer, **fedavg_kwargs)
-  return dataclasses.replace(base, name="fedprox", regularizer=proximal_term(float(mu)))
+  return dataclasses.replace(base, name="fedprox", client=local_training(proximal_term),
+                             hparams={"mu": float(mu)})

@@ -1,63 +1,91 @@
 """SCAFFOLD: Stochastic Controlled Averaging for Federated Learning
-(Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, ICML 2020), option II.
+(Karimireddy, Kale, Mohri, Reddi, Stich, Suresh, ICML 2020).
 
 Each client i keeps a control variate ``c_i`` (population-scale state, zeros at first); the server
-keeps ``c``. Local steps correct client drift: ``y <- y - lr (g_i(y) - c_i + c)``, written here as
-the linear regularizer ``<c - c_i, y>`` whose gradient is exactly that correction, so any client
-optimizer works. After K local steps (option II):
+keeps ``c``. Local steps correct client drift: the client optimizer is fed ``g_i(y) - c_i + c``
+instead of the gradient ``g_i(y)`` (``y <- y - lr (g_i(y) - c_i + c)`` with local SGD). After K
+local steps::
 
-    c_i+ = c_i - c + (x - y) / (K lr)          delta_c_i = c_i+ - c_i
-    x    <- server step on mean_i (x - y_i)     c <- c + (|S| / N) mean_i delta_c_i
+    c_i+ = (1/K) sum_k g_i(y_k)                 delta_c_i = c_i+ - c_i
+    x    <- server step on mean_i (x - y_i)      c <- c + (|S| / N) mean_i delta_c_i
 
-With ``optax.sgd(1.0)`` on the server (the default) the model update is the paper's with global
-step size 1. Clients whose update does not arrive keep their old ``c_i``. The means are weighted
-by the algorithm's ``weighting`` (default ``"uniform"``, as in the paper).
+Deviation, stated: the paper's option II computes ``c_i+ = c_i - c + (x - y_i) / (K lr)``. With
+local SGD at any (per-client) learning rate that is exactly the mean of the local gradients used
+here, since ``x - y_i = lr sum_k (g_k - c_i + c)``; the mean of the gradients stays the paper's
+quantity for every other client optimizer too, which is why SCAFFOLD takes a ``client_optimizer``
+like every algorithm instead of a learning rate. With ``optax.sgd(1.0)`` on the server (the
+default) the model update is the paper's with global step size 1. Clients whose update does not
+arrive keep their old ``c_i``. The means are weighted by the algorithm's ``weighting`` (default
+``"uniform"``, as in the paper).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_sim import tree
-from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.algorithms.base import Algorithm, reject_renamed
 from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.client import (ClientProgram, ClientResult, add_sums, objective_grad,
+                               scale_updates, zero_sums)
 
 
-def _drift_correction(params, global_params, ctx):
-  del global_params
-  terms = jax.tree.map(lambda p, c, ci: jnp.sum(p * jax.lax.stop_gradient(c - ci)), params,
-                       ctx.server_aux, ctx.state)
-  return sum(jax.tree.leaves(terms))
+class ScaffoldCarry(NamedTuple):
+  params: Any
+  opt_state: Any
+  grad_sum: Any      # sum of the raw local gradients g_i(y_k)
+  sums: dict
 
 
-def scaffold(client_lr: float = 0.05, server_optimizer: optax.GradientTransformation | None = None,
-             *, weighting: str = "uniform", **fedavg_kwargs) -> Algorithm:
-  """SCAFFOLD (option II) with local SGD at ``client_lr`` (the control-variate update divides by
-  it); other arguments as :func:`fedjax_sim.algorithms.fedavg`."""
-  if not (isinstance(client_lr, (int, float)) and client_lr > 0):
-    raise ValueError(f"SCAFFOLD client_lr must be a number > 0, got {client_lr!r}")
-  if "client_optimizer" in fedavg_kwargs:
-    raise ValueError("SCAFFOLD's control-variate update assumes local SGD: give client_lr"
-                     " instead of client_optimizer")
-  base = fedavg(optax.sgd(client_lr), server_optimizer, weighting=weighting, **fedavg_kwargs)
+def scaffold_client(model, optimizer) -> ClientProgram:
+  """Local training on drift-corrected gradients; ``final`` returns ``c_i+`` as the new state and
+  ``delta_c_i`` as the upload."""
+  grad_fn = objective_grad(model)
 
-  def client_finish(ctx, delta, info):
-    k_lr = jnp.maximum(info["steps"], 1).astype(jnp.float32) * client_lr * info["lr_scale"]
-    # c_i+ - c_i = -c + (x - y) / (K lr); a client that made no step keeps c_i.
-    dc = jax.tree.map(lambda d, c: jnp.where(info["steps"] > 0, d / k_lr.astype(d.dtype) - c, 0),
-                      delta, ctx.server_aux)
-    new_ci = jax.tree.map(jnp.add, ctx.state, dc)
-    return delta, new_ci, dc
+  def init(ctx):
+    p = ctx.global_params
+    return ScaffoldCarry(p, optimizer.init(p), tree.zeros_like(p), zero_sums())
 
-  def server_finish(c, update, dc_mean, info, key):
+  def step(carry, batch, ctx, key):
     del key
-    frac = info["num_counted"].astype(jnp.float32) / info["population"]
-    return update, jax.tree.map(lambda a, d: a + (frac * d).astype(a.dtype), c, dc_mean)
+    (_, (loss_sum, correct, count)), g = grad_fn(carry.params, batch, ctx)
+    corrected = jax.tree.map(lambda gi, c, ci: gi + (c - ci).astype(gi.dtype), g, ctx.server,
+                             ctx.state)
+    updates, opt_state = optimizer.update(corrected, carry.opt_state, carry.params)
+    params = optax.apply_updates(carry.params, scale_updates(updates, ctx.lr_scale))
+    return ScaffoldCarry(params, opt_state, jax.tree.map(jnp.add, carry.grad_sum, g),
+                         add_sums(carry.sums, loss_sum, correct, count))
 
-  return dataclasses.replace(base, name="scaffold", regularizer=_drift_correction,
-                             client_state_init=tree.zeros_like, server_aux_init=tree.zeros_like,
-                             client_finish=client_finish, server_finish=server_finish)
+  def final(carry, ctx):
+    steps = carry.sums["steps"]
+    k = jnp.maximum(steps, 1).astype(jnp.float32)
+    # a client that made no step keeps c_i
+    new_ci = jax.tree.map(lambda s, ci: jnp.where(steps > 0, s / k.astype(s.dtype), ci),
+                          carry.grad_sum, ctx.state)
+    dc = jax.tree.map(jnp.subtract, new_ci, ctx.state)
+    delta = jax.tree.map(jnp.subtract, ctx.global_params, carry.params)
+    return ClientResult(delta, new_ci, dc, dict(carry.sums))
+
+  return ClientProgram(init, step, final)
+
+
+def _update_control_variate(ctx, update):
+  frac = ctx.num_counted.astype(jnp.float32) / ctx.population
+  return update, jax.tree.map(lambda c, d: c + (frac * d).astype(c.dtype), ctx.state, ctx.upload)
+
+
+def scaffold(client_optimizer: optax.GradientTransformation | None = None,
+             server_optimizer: optax.GradientTransformation | None = None, *,
+             weighting: str = "uniform", **fedavg_kwargs) -> Algorithm:
+  """SCAFFOLD (module docstring); arguments as :func:`fedjax_sim.algorithms.fedavg` (default
+  ``weighting="uniform"``, as in the paper)."""
+  reject_renamed("SCAFFOLD", fedavg_kwargs)
+  base = fedavg(client_optimizer, server_optimizer, weighting=weighting, **fedavg_kwargs)
+  return dataclasses.replace(base, name="scaffold", client=scaffold_client,
+                             client_state_init=tree.zeros_like, server_state_init=tree.zeros_like,
+                             server_finish=_update_control_variate)

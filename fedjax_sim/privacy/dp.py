@@ -46,7 +46,9 @@ import jax.numpy as jnp
 
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.algorithms.fedavg import fedavg
-from fedjax_sim.transforms.base import UpdateTransform, chain, clip_by_norm, global_norm
+from fedjax_sim.client import ClientProgram
+from fedjax_sim.transforms.base import (IDENTITY, UpdateTransform, chain, clip_by_norm, global_norm,
+                                        stateless)
 
 
 def _number(name: str, v, *, low: float, low_ok: bool = True, high: float | None = None,
@@ -101,7 +103,7 @@ def local_gaussian_noise(noise_multiplier: float, clip_norm: float) -> UpdateTra
     if z == 0:
       return clipped
     return jax.tree.map(jnp.add, clipped, gaussian_noise_like(key, clipped, z * c))
-  return UpdateTransform(apply)
+  return stateless(apply)
 
 
 def _is_mean(aggregator) -> bool:
@@ -130,11 +132,11 @@ def dp_fedavg(base: Algorithm | None = None, *, noise_multiplier: float, clip_no
               clipped_count_stddev: float | None = None, local: bool = False) -> Algorithm:
   """DP-FedAvg (central or local Gaussian noise; fixed or adaptive clipping) around ``base``.
 
-  ``base``'s optimizers, local work, regularizer and hooks are kept: the DP hooks wrap them
-  (``base.client_finish`` runs before clipping; ``base.server_finish`` runs after the noise is
-  added, on the noised update, so its treatment of the update is post-processing). Its
-  ``server_aux`` is nested under ``aux["base"]`` (its hooks and regularizer still see their own);
-  the current clip norm is ``aux["clip_norm"]`` (see :func:`current_clip_norm`).
+  ``base``'s optimizers, local work, client program and server step are kept: DP wraps them
+  (the clip is applied to the base program's result; ``base.server_finish`` runs after the noise
+  is added, on the noised update, so its treatment of the update is post-processing). Its server
+  state is nested under ``aux["base"]`` (its program and server step still see their own); the
+  current clip norm is ``aux["clip_norm"]`` (see :func:`current_clip_norm`).
 
   Args:
     base: the algorithm to privatize (default ``fedavg(weighting="uniform")``). Must use uniform
@@ -153,7 +155,7 @@ def dp_fedavg(base: Algorithm | None = None, *, noise_multiplier: float, clip_no
     local: local DP (clip and noise on each client, :func:`local_gaussian_noise`) instead of
       central DP. ``base.update_transform`` then runs first, followed by the local noise.
 
-  With central DP the clip is applied in ``client_finish``, before ``base.update_transform``
+  With central DP the clip is applied in the client program, before ``base.update_transform``
   (the engine runs transforms after the hooks). A fixed clip norm is then re-applied after the
   base transform (``chain(base.update_transform, clip_by_norm(C))``) so the bound still holds;
   with adaptive clipping the transform cannot see the server's current ``C`` and such a
@@ -186,51 +188,51 @@ def dp_fedavg(base: Algorithm | None = None, *, noise_multiplier: float, clip_no
       raise ValueError("adaptive clipping is a central-DP mechanism (the server noises the "
                        "unclipped count); it cannot be combined with local=True")
     noise = local_gaussian_noise(z, c0)
-    t = noise if base.update_transform is None else chain(base.update_transform, noise)
-    return dataclasses.replace(base, name=f"ldp_{base.name}", update_transform=t,
+    return dataclasses.replace(base, name=f"ldp_{base.name}",
+                               update_transform=chain(base.update_transform, noise),
                                fixed_weighting=True)
 
   if not _is_mean(base.aggregator):
     raise ValueError("central DP-FedAvg calibrates its noise to the sensitivity of the mean; "
                      f"base {base.name!r} uses another aggregator")
   transform = base.update_transform
-  if transform is not None:
+  if transform is not IDENTITY:
     if adaptive:
       raise ValueError("adaptive clipping cannot be combined with an update_transform: the engine "
-                       "applies transforms after client_finish, where the clip happens, and a "
-                       "transform cannot see the server's current clip norm")
+                       "applies transforms after the client program, where the clip happens, and "
+                       "a transform cannot see the server's current clip norm")
     transform = chain(transform, clip_by_norm(c0))
 
-  def base_ctx(ctx):
-    return ctx._replace(server_aux=ctx.server_aux["base"])
+  def server_state_init(params):
+    return {"base": base.server_state_init(params), "clip_norm": jnp.asarray(c0, jnp.float32)}
 
-  def wrapped_regularizer(params, global_params, ctx):
-    return base.regularizer(params, global_params, base_ctx(ctx))
+  def client(model, optimizer):
+    inner = base.client(model, optimizer)
 
-  regularizer = wrapped_regularizer if base.regularizer is not None else None
+    def base_ctx(ctx):   # the base program sees its own server state
+      return ctx._replace(server=ctx.server["base"])
 
-  def server_aux_init(params):
-    b = base.server_aux_init(params) if base.server_aux_init is not None else None
-    return {"base": b, "clip_norm": jnp.asarray(c0, jnp.float32)}
+    def final(carry, ctx):
+      res = inner.final(carry, base_ctx(ctx))
+      clip = ctx.server["clip_norm"] if adaptive else c0
+      delta, norm = clip_tree(res.delta, clip)
+      # the unclipped indicator b_i is always uploaded (one scalar), only adaptive clipping uses it
+      return res._replace(delta=delta, upload={"base": res.upload,
+                                               "unclipped": (norm <= clip).astype(jnp.float32)})
 
-  def client_finish(ctx, delta, info):
-    new_state, up = ctx.state, None
-    if base.client_finish is not None:
-      delta, new_state, up = base.client_finish(base_ctx(ctx), delta, info)
-    clip = ctx.server_aux["clip_norm"] if adaptive else c0
-    delta, norm = clip_tree(delta, clip)
-    # The unclipped indicator b_i is always uploaded (one scalar; the engine needs an upload with
-    # at least one array), but only adaptive clipping uses it.
-    return delta, new_state, {"base": up, "unclipped": (norm <= clip).astype(jnp.float32)}
+    return ClientProgram(lambda ctx: inner.init(base_ctx(ctx)),
+                         lambda carry, batch, ctx, key: inner.step(carry, batch, base_ctx(ctx), key),
+                         final)
 
-  def server_finish(aux, update, upload, info, key):
-    m = info["cohort_size"]
+  def server_finish(ctx, update):
+    m = ctx.cohort_size
+    aux = ctx.state
     clip = aux["clip_norm"]
     # The mean aggregator divides by the number of counted clients (uniform weights): rescale to
     # the fixed denominator m, the estimator with sensitivity C / m.
-    counted = info["num_counted"].astype(jnp.float32)
+    counted = ctx.num_counted.astype(jnp.float32)
     update = jax.tree.map(lambda u: u * (counted / m).astype(u.dtype), update)
-    k_update, k_count, k_base = jax.random.split(key, 3)
+    k_update, k_count, k_base = jax.random.split(ctx.key, 3)
     sigma_b = 0.0
     z_update = z
     if adaptive:
@@ -242,17 +244,16 @@ def dp_fedavg(base: Algorithm | None = None, *, noise_multiplier: float, clip_no
       update = jax.tree.map(jnp.add, update, noise)
     new_clip = clip
     if adaptive:
-      count = upload["unclipped"] * counted + sigma_b * jax.random.normal(k_count, ())
+      count = ctx.upload["unclipped"] * counted + sigma_b * jax.random.normal(k_count, ())
       new_clip = clip * jnp.exp(-eta * (count / m - gamma))
-    base_aux = aux["base"]
-    if base.server_finish is not None:
-      update, base_aux = base.server_finish(base_aux, update, upload["base"], info, k_base)
+    # the base's server step runs on the noised update: post-processing
+    update, base_aux = base.server_finish(
+        ctx._replace(state=aux["base"], upload=ctx.upload["base"], key=k_base), update)
     return update, {"base": base_aux, "clip_norm": new_clip.astype(jnp.float32)}
 
-  return dataclasses.replace(base, name=f"dp_{base.name}", regularizer=regularizer,
-                             update_transform=transform, server_aux_init=server_aux_init,
-                             client_finish=client_finish, server_finish=server_finish,
-                             fixed_weighting=True)
+  return dataclasses.replace(base, name=f"dp_{base.name}", client=client,
+                             update_transform=transform, server_state_init=server_state_init,
+                             server_finish=server_finish, fixed_weighting=True)
 
 
 def current_clip_norm(state) -> float | None:

@@ -6,11 +6,13 @@ so a client's randomness does not depend on chunking or devices). They compose w
 :func:`chain`, in order. Simulated attacks are transforms too: they rewrite the updates of a
 fixed, seeded subset of client ids.
 """
-from fedjax_sim.transforms.base import (UpdateTransform, apply_transform, chain, clip_by_norm,
+from fedjax_sim.transforms.base import (IDENTITY, UpdateTransform, chain, clip_by_norm, identity,
+                                        stateless,
                                         gaussian_attack, is_attacker, scale_attack,
                                         sign_flip_attack)
 from fedjax_sim.transforms.compression import hadamard_quantize, stochastic_quantize, top_k
 
-__all__ = ["UpdateTransform", "apply_transform", "chain", "clip_by_norm", "gaussian_attack",
+__all__ = ["IDENTITY", "UpdateTransform", "chain", "clip_by_norm", "gaussian_attack", "identity",
+           "stateless",
            "hadamard_quantize", "is_attacker", "scale_attack", "sign_flip_attack",
            "stochastic_quantize", "top_k"]

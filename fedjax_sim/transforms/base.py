@@ -7,59 +7,99 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import optax
+
 from fedjax_sim import tree as tree_lib
 
+EmptyState = optax.EmptyState
+
 PyTree = Any
+
+
+def _no_state(params):
+  del params
+  return EmptyState()
+
+
+def _same_encoding(params):
+  del params
+  return None
 
 
 class UpdateTransform(NamedTuple):
   """A per-client rewrite of ONE client's update (the engine vmaps it over the cohort).
 
-  Stateless (``init is None``): ``apply(delta, key, client_id) -> delta``.
-  Stateful (e.g. error feedback): ``init(params) -> state`` gives ONE client's initial state (the
-  engine stores it for the whole population, ``ServerState.clients["transform"]``, and gathers
-  the cohort's rows) and ``apply(delta, key, client_id, state) -> (delta, state)``.
+  ``apply(delta, key, client_id, state) -> (delta, state)`` and ``init(params) -> state``: ONE
+  client's initial state, which the engine stores for the whole population
+  (``ServerState.clients.transform``, every leaf ``[P, ...]``) and gathers for the cohort; a
+  stateless transform's state is ``EmptyState()`` (build it with :func:`stateless`).
 
-  ``wire_bytes(params) -> int``, optional: bytes one client sends for an update shaped like
-  ``params`` under this transform's encoding (compression); recorded in the history. Transforms
-  that do not change the encoding leave it ``None``.
+  ``wire_bytes(params) -> int | None``: bytes one client sends for an update shaped like
+  ``params`` under this transform's encoding (compression), recorded in the history; ``None``
+  when the transform does not change the encoding.
   """
-  apply: Callable[..., Any]
-  init: Callable[[PyTree], Any] | None = None
-  wire_bytes: Callable[[PyTree], int] | None = None
+  apply: Callable[[PyTree, jax.Array, jax.Array, Any], tuple[PyTree, Any]]
+  init: Callable[[PyTree], Any] = _no_state
+  wire_bytes: Callable[[PyTree], int | None] = _same_encoding
+
+  def __call__(self, delta, key, client_id, state=None):
+    """``apply`` for one client, from its initial state unless ``state`` is given:
+    ``-> (delta, state)``."""
+    return self.apply(delta, key, client_id, self.init(delta) if state is None else state)
 
 
-def apply_transform(t: UpdateTransform, delta, key, client_id, state=None):
-  """Uniform call for both kinds: ``-> (delta, state)`` (state ``None`` when stateless)."""
-  if t.init is None:
-    return t.apply(delta, key, client_id), state
-  return t.apply(delta, key, client_id, state)
+def stateless(fn: Callable[[PyTree, jax.Array, jax.Array], PyTree],
+              wire_bytes: Callable[[PyTree], int | None] = _same_encoding) -> UpdateTransform:
+  """The transform of a pure ``fn(delta, key, client_id) -> delta`` (no per-client state)."""
+
+  def apply(delta, key, client_id, state):
+    return fn(delta, key, client_id), state
+
+  return UpdateTransform(apply, _no_state, wire_bytes)
+
+
+def _pass(delta, key, client_id, state):
+  del key, client_id
+  return delta, state
+
+
+IDENTITY = UpdateTransform(_pass)
+
+
+def identity() -> UpdateTransform:
+  """The transform that leaves updates as they are (:data:`IDENTITY`, every algorithm's
+  default)."""
+  return IDENTITY
 
 
 def chain(*transforms: UpdateTransform) -> UpdateTransform:
-  """Applies ``transforms`` in order, each with its own key (``fold_in(key, position)``). The
-  chain is stateful if any member is; its state is the tuple of the members' states."""
-  stateful = [t.init is not None for t in transforms]
-  # The last transform that re-encodes the update decides what goes on the wire.
-  encoders = [t.wire_bytes for t in transforms if t.wire_bytes is not None]
-  wire = encoders[-1] if encoders else None
-  if not any(stateful):
-    def apply(delta, key, client_id):
-      for i, t in enumerate(transforms):
-        delta = t.apply(delta, jax.random.fold_in(key, i), client_id)
-      return delta
-    return UpdateTransform(apply, None, wire)
+  """Applies ``transforms`` in order, each with its own key (``fold_in(key, position)``); the
+  state is the tuple of the members' states. The last member that re-encodes the update
+  (``wire_bytes`` not ``None``) decides what goes on the wire."""
+  transforms = tuple(t for t in transforms if t is not IDENTITY)
+  if not transforms:
+    return IDENTITY
+  if len(transforms) == 1:
+    return transforms[0]
 
   def init(params):
-    return tuple(t.init(params) if t.init is not None else None for t in transforms)
+    return tuple(t.init(params) for t in transforms)
 
-  def apply_stateful(delta, key, client_id, state):
+  def apply(delta, key, client_id, state):
     new = []
     for i, t in enumerate(transforms):
-      delta, s = apply_transform(t, delta, jax.random.fold_in(key, i), client_id, state[i])
+      delta, s = t.apply(delta, jax.random.fold_in(key, i), client_id, state[i])
       new.append(s)
     return delta, tuple(new)
-  return UpdateTransform(apply_stateful, init, wire)
+
+  def wire_bytes(params):
+    for t in reversed(transforms):
+      b = t.wire_bytes(params)
+      if b is not None:
+        return b
+    return None
+
+  return UpdateTransform(apply, init, wire_bytes)
 
 
 def global_norm(tree: PyTree) -> jax.Array:
@@ -75,7 +115,7 @@ def clip_by_norm(max_norm: float) -> UpdateTransform:
     del key, client_id
     factor = jnp.minimum(1.0, max_norm / jnp.maximum(global_norm(delta), 1e-12))
     return jax.tree.map(lambda d: (d * factor).astype(d.dtype), delta)
-  return UpdateTransform(apply)
+  return stateless(apply)
 
 
 def is_attacker(client_id: jax.Array, fraction: float, seed: int = 0) -> jax.Array:
@@ -96,7 +136,7 @@ def _attack(fraction: float, seed: int, rewrite) -> UpdateTransform:
     bad = is_attacker(client_id, fraction, seed)
     new = rewrite(delta, key)
     return jax.tree.map(lambda n, d: jnp.where(bad, n, d).astype(d.dtype), new, delta)
-  return UpdateTransform(apply)
+  return stateless(apply)
 
 
 def sign_flip_attack(fraction: float, factor: float = 1.0, seed: int = 0) -> UpdateTransform:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.transforms.base import UpdateTransform
+from fedjax_sim.transforms.base import UpdateTransform, stateless
 
 PyTree = Any
 
@@ -124,7 +124,7 @@ def stochastic_quantize(bits: int, per_leaf: bool = False) -> UpdateTransform:
     groups = len(jax.tree.leaves(params)) if per_leaf else 1
     return math.ceil(bits * _num_params(params) / 8) + SCALE_BYTES * groups
 
-  return UpdateTransform(apply, None, wire_bytes)
+  return stateless(apply, wire_bytes)
 
 
 def next_pow2(n: int) -> int:
@@ -189,7 +189,7 @@ def hadamard_quantize(bits: int) -> UpdateTransform:
   def wire_bytes(params):
     return math.ceil(bits * next_pow2(_num_params(params)) / 8) + SCALE_BYTES
 
-  return UpdateTransform(apply, None, wire_bytes)
+  return stateless(apply, wire_bytes)
 
 
 def top_k_count(fraction: float, num_params: int) -> int:
@@ -212,7 +212,7 @@ def top_k(fraction: float, error_feedback: bool = True) -> UpdateTransform:
   With ``error_feedback`` the transform is stateful: client i keeps a residual ``e_i``
   (``float32 [num_params]``, zero at the start), compresses ``v = delta + e_i`` and keeps
   ``e_i <- v - topk(v)``, exactly what it did not send, to add to its next update. The engine
-  stores one residual per client of the population (``ServerState.clients["transform"]``; a
+  stores one residual per client of the population (``ServerState.clients.transform``; a
   client whose update was not counted, e.g. dropped, keeps its old residual).
 
   Args:
@@ -233,7 +233,7 @@ def top_k(fraction: float, error_feedback: bool = True) -> UpdateTransform:
     def apply(delta, key, client_id):
       del key, client_id
       return unflatten(compress(flatten(delta)), delta)
-    return UpdateTransform(apply, None, wire_bytes)
+    return stateless(apply, wire_bytes)
 
   def init(params):
     return jnp.zeros((_num_params(params),), jnp.float32)
