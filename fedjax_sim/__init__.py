@@ -15,7 +15,7 @@ True
 """
 
 from fedjax_sim import (aggregators, algorithms, asynchronous, attacks, checkpoint, distributed,
-                        engine, heterogeneity, models, personalize, secure_aggregation, server,
+                        engine, heterogeneity, models, personalize, server,
                         sweep, testing, transforms, tree)
 from fedjax_sim.asynchronous import run_async
 from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
@@ -28,6 +28,6 @@ __version__ = "0.1.0"
 __all__ = ["ClientBatches", "FederatedData", "Heterogeneity", "History", "LocalWork", "RunResult",
            "add_client_summaries", "aggregators", "algorithms", "asynchronous", "attacks",
            "checkpoint", "distributed", "datasets", "engine",
-           "heterogeneity", "models", "partition", "personalize", "plot_histories", "run", "run_async", "secure_aggregation", "server",
+           "heterogeneity", "models", "partition", "personalize", "plot_histories", "run", "run_async", "server",
            "sweep", "testing",
            "transforms", "tree"]

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import secure_aggregation as sa
+from fedjax_sim.aggregators import secure as sa
 from fedjax_sim import testing, transforms
 from fedjax_sim.transforms import compression
 
