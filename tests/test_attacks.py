@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import attacks
+from fedjax_sim.transforms import attacks
 
 
 def _population(num_clients=40, k=5, seed=0, labels=None):
