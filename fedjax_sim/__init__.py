@@ -16,7 +16,7 @@ True
 
 from fedjax_sim import (aggregators, algorithms, asynchronous, checkpoint, distributed,
                         engine, heterogeneity, models, personalize, server,
-                        sweep, testing, transforms, tree)
+                        sweep, testing, transfer, transforms, tree)
 from fedjax_sim.asynchronous import run_async
 from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
 from fedjax_sim.heterogeneity import Heterogeneity
@@ -30,4 +30,4 @@ __all__ = ["ClientBatches", "FederatedData", "Heterogeneity", "History", "LocalW
            "checkpoint", "distributed", "datasets", "engine",
            "heterogeneity", "models", "partition", "personalize", "plot_histories", "run", "run_async", "server",
            "sweep", "testing",
-           "transforms", "tree"]
+           "transfer", "transforms", "tree"]

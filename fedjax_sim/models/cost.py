@@ -1,4 +1,5 @@
-"""What a model costs: FLOPs and bytes of one forward pass (XLA's cost analysis).
+"""What a model costs: its parameters and bytes on the wire per round (:func:`communication`),
+and the FLOPs and bytes of one forward pass (:func:`cost`, XLA's cost analysis).
 
 XLA executes pruned matrices as dense ones, so :func:`count_flops` of a pruned model
 (:mod:`fedjax_sim.models.pruning`) equals the dense count.
@@ -10,10 +11,39 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_sim.models.core import Model
 
 PyTree = Any
+
+
+def num_params(params: Any) -> int:
+  """Number of scalars in ``params`` (what one client downloads and uploads per round)."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def num_bytes(params: Any) -> int:
+  """Bytes of ``params`` at their own dtypes."""
+  return int(sum(np.size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+
+
+def communication(params: Any, cohort_size: int = 1, rounds: int = 1) -> dict[str, int]:
+  """What the federated params cost on the wire (FedAvg without compression).
+
+  Every sampled client downloads the global params and uploads a delta of the same shape, so per
+  client per round it sends ``num_params(params)`` scalars (``bytes_up``) and receives as many.
+  For a frozen-encoder model ``params`` is the head alone; pass the full model's params for the
+  from-scratch comparison.
+
+  Returns:
+    ``params_per_client_round``, ``bytes_up_per_client_round``,
+    ``bytes_down_per_client_round``, and ``bytes_total`` over ``cohort_size`` clients and
+    ``rounds`` rounds (up + down).
+  """
+  n, b = num_params(params), num_bytes(params)
+  return {"params_per_client_round": n, "bytes_up_per_client_round": b,
+          "bytes_down_per_client_round": b, "bytes_total": 2 * b * int(cohort_size) * int(rounds)}
 
 
 def cost(model: Model, batch: Any, params: PyTree = None) -> dict[str, float]:
