@@ -13,6 +13,7 @@ from fedjax_sim.models.core import Model
 from fedjax_sim.transfer.encoders import EncoderApply, as_head_model, checked_feature_shape
 from fedjax_sim.transfer.unfreeze import merge_encoder, split_encoder
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class JointModel(Model):
   """A :class:`Model` whose training objective is ``b * target_loss + a * source_loss

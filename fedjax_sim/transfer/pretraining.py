@@ -18,6 +18,7 @@ from fedjax_sim import evaluation
 from fedjax_sim.models.core import Model
 from fedjax_sim.transfer.unfreeze import param_paths
 
+
 class PretrainResult(NamedTuple):
   """Outcome of :func:`pretrain`: ``params`` and the mean training loss of every epoch."""
   params: Any

@@ -5,9 +5,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+
 def text_features(encoder, texts, max_tokens: int = 64, batch_size: int = 64,
                   buckets: tuple[int, ...] = (16, 32, 64)) -> np.ndarray:
-  """Sentence embeddings ``[N, hidden]`` of ``texts`` with a :class:`~fedjax_sim.transfer.minilm.MiniLMEncoder` (pretrained, or with randomly initialised params), for caching.
+  """Sentence embeddings ``[N, hidden]`` of ``texts`` with a
+  :class:`~fedjax_sim.transfer.minilm.MiniLMEncoder` (pretrained, or with randomly initialised
+  params), for caching.
 
   Texts are truncated to ``max_tokens`` tokens, sorted by length and run in batches of
   ``batch_size`` padded to the smallest bucket length that fits (so the compiled encoder is

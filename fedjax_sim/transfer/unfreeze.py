@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from fedjax_sim.models.core import Model
 from fedjax_sim.transfer.encoders import EncoderApply, as_head_model, checked_feature_shape
 
+
 def param_paths(params: Any) -> list[str]:
   """The ``/``-joined paths of a pytree's leaves, e.g. ``"layer_5/query/kernel"``."""
   return [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
