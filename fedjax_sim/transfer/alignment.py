@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.data.federated import FederatedData
-from fedjax_sim.transfer import transferability
+from fedjax_sim.transfer.transferability import aggregate_statistics
 
 AlignFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -95,7 +95,7 @@ def source_moments(features, rff: RandomFourierFeatures | None = None, *,
     if "y" not in features.arrays:
       features = FederatedData(dict(features.arrays, y=np.zeros(features.num_examples, np.int32)),
                                features.offsets, features.client_ids)
-    s, n = transferability.aggregate_statistics(stat, features, aggregator=aggregator)
+    s, n = aggregate_statistics(stat, features, aggregator=aggregator)
     mu = s["f"] / n
     cov = (s["ff"] - n * np.outer(mu, mu)) / max(n - 1.0, 1.0)
     return Moments(mu, (cov + cov.T) / 2, n, None if rff is None else s["phi"] / n)
