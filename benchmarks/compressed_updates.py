@@ -35,7 +35,7 @@ import optax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fedjax_sim as fs  # noqa: E402
-from fedjax_sim import secure_aggregation as sa  # noqa: E402
+from fedjax_sim.aggregators import secure as sa  # noqa: E402
 from fedjax_sim import transforms  # noqa: E402
 from fedjax_sim.transforms import compression  # noqa: E402
 

@@ -176,14 +176,14 @@ def case_sweep(cfg) -> list[dict]:
 
 def case_transfer(cfg) -> list[dict]:
   """A linear head on cached CNN features vs the encoder in every step, and the sequential
-  baseline of the cached head (``fedjax_sim.models.transfer``)."""
+  baseline of the cached head (``fedjax_sim.transfer``)."""
   import flax.linen as nn
   import jax
   import numpy as np
   import optax
   import fedjax_sim as fs
   from common import sequential_baseline
-  from fedjax_sim.models import transfer
+  from fedjax_sim import transfer
   t = cfg["transfer"]
   c, m = t["clients"], t["per_client"]
   rng = np.random.default_rng(0)

@@ -41,7 +41,7 @@ import optax  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
 from fedjax_sim import evaluation  # noqa: E402
-from fedjax_sim.models import compression  # noqa: E402
+from fedjax_sim.models import cost, precision, pruning  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -67,7 +67,7 @@ def main(argv=None):
   p.add_argument("--batch-size", type=int, default=20)
   p.add_argument("--lr", type=float, default=0.05)
   p.add_argument("--sparsities", default="0,0.5,0.8,0.9")
-  p.add_argument("--scope", choices=compression.SCOPES, default="global")
+  p.add_argument("--scope", choices=pruning.SCOPES, default="global")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None,
                  help="results prefix (default benchmarks/results/model_compression)")
@@ -84,7 +84,7 @@ def main(argv=None):
                                          num_classes=10)
   dim = data.arrays["x"].shape[1]
   model = fs.models.mlp_2nn(dim, 10)
-  bf16 = compression.bfloat16_compute(model)
+  bf16 = precision.bfloat16_compute(model)
   client_opt = optax.sgd(args.lr)
   make_algo = lambda opt: fs.algorithms.fedavg(opt, optax.sgd(1.0), local_steps=args.local_steps,
                                                batch_size=args.batch_size)
@@ -120,9 +120,9 @@ def main(argv=None):
 
   total = int(sum(np.size(x) for x in jax.tree.leaves(dense.params)))
   for sparsity in [float(s) for s in args.sparsities.split(",") if s]:
-    pruned, mask = compression.magnitude_prune(dense.params, sparsity, scope=args.scope)
+    pruned, mask = pruning.magnitude_prune(dense.params, sparsity, scope=args.scope)
     acc_pruned = float(evaluate(pruned, ex, ey)["accuracy"])
-    opt = client_opt if sparsity == 0 else compression.masked_optimizer(client_opt, mask)
+    opt = client_opt if sparsity == 0 else pruning.masked_optimizer(client_opt, mask)
     t = time.perf_counter()
     # Same seed offset for every sparsity: identical cohorts and shuffles in the fine-tuning.
     res = fs.run(make_algo(opt), model, data, rounds=args.sparse_rounds,
@@ -130,12 +130,12 @@ def main(argv=None):
     seconds = time.perf_counter() - t
     stay_zero = all(bool(np.all(np.asarray(w)[~np.asarray(m)] == 0))
                     for w, m in zip(jax.tree.leaves(res.params), jax.tree.leaves(mask)))
-    c = compression.cost(model, batch, res.params)
+    c = cost.cost(model, batch, res.params)
     density = {"/".join(str(getattr(k, "key", k)) for k in path): float(np.mean(m))
                for path, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m.ndim >= 2}
     emit(dict(bench="model_compression", variant=f"prune_{int(round(100 * sparsity))}",
               sparsity=sparsity, compute="float32", params=total,
-              nonzero=compression.num_nonzero(res.params),
+              nonzero=pruning.num_nonzero(res.params),
               flops_xla=c["flops"], flops_sparse=sparse_flops(res.params, args.batch_size),
               bytes_accessed=c["bytes_accessed"], kernel_density=density,
               accuracy_dense_warmup=dense_acc, accuracy_after_prune=acc_pruned,
@@ -149,10 +149,10 @@ def main(argv=None):
   res = fs.run(make_algo(client_opt), bf16, data, rounds=rounds, eval_every=rounds,
                seed=args.seed, **kw)
   seconds = time.perf_counter() - t
-  c = compression.cost(bf16, batch, res.params)
+  c = cost.cost(bf16, batch, res.params)
   f32_acc = next((r["accuracy"] for r in rows if r["sparsity"] == 0), float("nan"))
   emit(dict(bench="model_compression", variant="bf16_compute", sparsity=0.0, compute="bfloat16",
-            params=total, nonzero=compression.num_nonzero(res.params), flops_xla=c["flops"],
+            params=total, nonzero=pruning.num_nonzero(res.params), flops_xla=c["flops"],
             flops_sparse=float("nan"), bytes_accessed=c["bytes_accessed"],
             accuracy=res.history.last("test_accuracy"), accuracy_float32_same_rounds=f32_acc,
             master_dtype=str(jax.tree.leaves(res.params)[0].dtype),

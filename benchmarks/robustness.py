@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
-from fedjax_sim import attacks  # noqa: E402
+from fedjax_sim.transforms import attacks  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -36,10 +36,10 @@ Issue 18's parts (each to benchmarks/results/transfer_<part>.jsonl, plus .png / 
   learning rates tuned per model and k on a validation split (~15 min on 2 busy cores; MiniLM
   embeddings cached in ``$FEDJAX_SIM_CACHE``).
 * ``--part source_selection``: 7 candidate encoders for Fashion-MNIST 5-9 ranked by federated
-  LogME / H-score / LEEP (:mod:`fedjax_sim.models.transferability`), against the accuracy of a
+  LogME / H-score / LEEP (:mod:`fedjax_sim.transfer.transferability`), against the accuracy of a
   federated head fine-tuned on each; Spearman table and plot (~20 min).
 * ``--part domain_shift``: the target's images inverted; frozen head clean vs shifted, then the
-  first conv layer unfrozen with ``c * CORAL`` / ``c * MMD`` (:mod:`fedjax_sim.models.alignment`)
+  first conv layer unfrozen with ``c * CORAL`` / ``c * MMD`` (:mod:`fedjax_sim.transfer.alignment`)
   vs ``c = 0`` at the same rounds (~20 min).
 
 Every figure is printed as a JSON line and appended to benchmarks/results/transfer.jsonl::
@@ -66,7 +66,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fedjax_sim as fs  # noqa: E402
 from fedjax_sim import personalize  # noqa: E402
-from fedjax_sim.models import transfer  # noqa: E402
+from fedjax_sim import transfer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "transfer.jsonl"
 TOPICS = fs.datasets.FORTUNES_TOPICS
@@ -249,7 +249,7 @@ def _curve(result):
 # --- text -----------------------------------------------------------------------------------------
 
 def text(args, out):
-  from fedjax_sim.models import minilm
+  from fedjax_sim.transfer import minilm
   texts, labels = load_fortunes(TOPICS, args.per_topic)
   enc = minilm.MiniLMEncoder.load(max_length=args.max_tokens)
   rand = minilm.MiniLMEncoder(enc.module, None, enc.tokenizer, enc.max_length)
@@ -374,7 +374,7 @@ def _central_logreg(x, y, rows, test, num_classes, lr, epochs, seed):
 def scarce_text(args, out):
   """Section 1 headline: k labelled fortunes per client, 100 clients; frozen MiniLM + federated
   linear head vs a federated TF-IDF (hashed bag of words) logistic regression from scratch."""
-  from fedjax_sim.models import minilm
+  from fedjax_sim.transfer import minilm
   texts, labels = load_fortunes(TOPICS, args.scarce_per_topic)
   k_classes = len(TOPICS)
   enc = minilm.MiniLMEncoder.load(max_length=args.max_tokens)
@@ -472,7 +472,7 @@ def source_selection(args, out):
   """Section 2: rank candidate encoders for Fashion-MNIST classes 5-9 (100 clients with
   ``args.sel_k`` labels each) by federated LogME / H-score / LEEP, then fine-tune a federated
   head on each (lr tuned on a validation split) and compare the rankings (Spearman)."""
-  from fedjax_sim.models import transferability as tfy
+  from fedjax_sim.transfer import transferability as tfy
   train, test = fs.datasets.fashion_mnist(flatten=False)
   rng = np.random.default_rng(0)
   src = rng.permutation(np.flatnonzero(train["y"] < 5))
@@ -624,7 +624,7 @@ def domain_shift(args, out):
   gives the loss; then the first conv layer is unfrozen and trained federated with the head on
   ``b * g_target + c * align`` (CORAL or MMD against the source features' aggregated moments),
   c = 0 being the no-alignment baseline at the same rounds. c is chosen on a validation split."""
-  from fedjax_sim.models import alignment
+  from fedjax_sim.transfer import alignment
   train, test = fs.datasets.fashion_mnist(flatten=False)
   shift = SHIFTS[args.shift]
   rng = np.random.default_rng(0)

@@ -119,6 +119,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              initialization_timeout=initialization_timeout)
 
 
+def backends_started() -> bool:
+  """Whether JAX's backends (and so its device list) have started in this process.
+
+  The one use of a JAX internal in the package: JAX 0.10 has no public query for this (asked for
+  in jax-ml/jax#23320), and calling any public device API to find out would start the backends,
+  fixing the device count that :func:`cpu_devices` is about to set. Kept in this one function so
+  that a public replacement, when JAX has one, is a one-line change.
+  """
+  from jax._src import xla_bridge
+  return bool(xla_bridge.backends_are_initialized())
+
+
 def accelerator_expected() -> bool:
   """Whether JAX's default backend is (or, before it starts, will be) a GPU or TPU.
 
@@ -132,8 +144,7 @@ def accelerator_expected() -> bool:
   import importlib.metadata
   import importlib.util
   import pkgutil
-  from jax._src import xla_bridge
-  if xla_bridge.backends_are_initialized():
+  if backends_started():
     return jax.default_backend() != "cpu"
   platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
   if platforms.strip():
@@ -178,8 +189,7 @@ def cpu_devices(n: int | None = None) -> int:
   """
   explicit = n is not None
   if not explicit and accelerator_expected():
-    from jax._src import xla_bridge
-    if xla_bridge.backends_are_initialized():
+    if backends_started():
       return len(jax.devices("cpu"))
     return max(1, int(jax.config.jax_num_cpu_devices))
   n = n if explicit else (os.cpu_count() or 1)
@@ -191,8 +201,7 @@ def cpu_devices(n: int | None = None) -> int:
     # (exit 134) instead of raising. Tests wanting more devices can still set XLA_FLAGS.
     raise ValueError(f"cpu_devices={n} but this machine has {cores} CPU core(s); use at most "
                      f"{cores} (one device per core)")
-  from jax._src import xla_bridge   # the public API has no "is the backend started" query
-  if xla_bridge.backends_are_initialized():
+  if backends_started():
     have = len(jax.devices("cpu"))
     if not explicit:
       return have

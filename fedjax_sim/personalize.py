@@ -26,6 +26,7 @@ import optax
 from fedjax_sim import evaluation, tree
 from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
 from fedjax_sim.models.core import Model
+from fedjax_sim.transfer.unfreeze import param_paths
 
 
 def summarize(accuracy: np.ndarray, count: np.ndarray, client_ids: np.ndarray,
@@ -52,7 +53,6 @@ def trainable_optimizer(optimizer: optax.GradientTransformation, params: Any,
   on the others (e.g. fine-tune only ``params["head"]``: ``lambda p: p.startswith("head/")``)."""
   if trainable is None:
     return optimizer
-  from fedjax_sim.models.transfer import param_paths
   paths = param_paths(params)
   if not any(trainable(p) for p in paths):
     raise ValueError(f"the trainable predicate matches none of the params' paths "

@@ -8,7 +8,8 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim.models import alignment, transfer
+from fedjax_sim import transfer
+from fedjax_sim.transfer import alignment
 
 
 def _feats(seed, n=50, d=5, shift=0.0, scale=1.0):

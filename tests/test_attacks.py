@@ -10,7 +10,8 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import attacks, transforms
+from fedjax_sim import transforms
+from fedjax_sim.transforms import attacks
 
 
 def _population(num_clients=40, k=5, seed=0, labels=None):

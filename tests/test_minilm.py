@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
-minilm = pytest.importorskip("fedjax_sim.models.minilm")
+minilm = pytest.importorskip("fedjax_sim.transfer.minilm")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import secure_aggregation as sa
+from fedjax_sim.aggregators import secure as sa
 from fedjax_sim import testing, transforms
 from fedjax_sim.transforms import compression
 
@@ -276,7 +276,7 @@ def test_keyed_aggregators_get_a_fresh_key_and_the_cohort_ids(ragged_data):
   def record(key_data, ids, weights):
     seen.append((np.asarray(key_data).copy(), np.asarray(ids).copy(), np.asarray(weights).copy()))
 
-  inner = fs.aggregators.robust._buffered(lambda ups, valid: jax.tree.map(lambda u: u[0], ups))
+  inner = fs.aggregators.robust.buffered(lambda ups, valid: jax.tree.map(lambda u: u[0], ups))
 
   def finalize(state, key, client_ids):
     jax.debug.callback(record, jax.random.key_data(key), client_ids, state.weights)

@@ -8,7 +8,7 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim import testing
-from fedjax_sim.models import transfer
+from fedjax_sim import transfer
 
 
 class Encoder(nn.Module):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim.models import transferability as tr
+from fedjax_sim.transfer import transferability as tr
 
 
 def _population(seed=0, n=600, d=6, k=3, clients=9, mean_shift=0.5):

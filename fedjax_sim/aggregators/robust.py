@@ -46,8 +46,12 @@ def _lead(x: jax.Array, ndim: int) -> jax.Array:
   return jnp.reshape(x, x.shape + (1,) * (ndim - 1))
 
 
-def _buffered(reduce) -> Aggregator:
-  """Buffering aggregator finishing with ``reduce(updates [cap, ...], valid [cap]) -> update``."""
+def buffered(reduce) -> Aggregator:
+  """Buffering aggregator finishing with ``reduce(updates [cap, ...], valid [cap]) -> update``.
+
+  The shared buffer of the robust aggregators here and of
+  :func:`fedjax_sim.aggregators.secure.secure_sum` (which replaces ``finalize``).
+  """
 
   def init(params, num_clients=None):
     if num_clients is None:
@@ -108,7 +112,7 @@ def coordinate_median() -> Aggregator:
 
     return jax.tree.map(leaf, updates)
 
-  return _buffered(reduce)
+  return buffered(reduce)
 
 
 def trimmed_mean(beta: float) -> Aggregator:
@@ -137,7 +141,7 @@ def trimmed_mean(beta: float) -> Aggregator:
 
     return jax.tree.map(leaf, updates)
 
-  return _buffered(reduce)
+  return buffered(reduce)
 
 
 def krum(num_byzantine: int, multi_m: int = 1) -> Aggregator:
@@ -192,7 +196,7 @@ def krum(num_byzantine: int, multi_m: int = 1) -> Aggregator:
         lambda x: (jnp.tensordot(sel, x[best].astype(jnp.float32), axes=1) / count).astype(x.dtype),
         updates)
 
-  agg = _buffered(reduce)
+  agg = buffered(reduce)
   return agg._replace(validate=validate)
 
 

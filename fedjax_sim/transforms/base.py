@@ -1,4 +1,4 @@
-"""The update-transform interface, clipping, and simulated Byzantine attacks."""
+"""The update-transform interface, identity, chaining and clipping (attacks: :mod:`fedjax_sim.transforms.attacks`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 import optax
 
-from fedjax_sim import tree as tree_lib
 
 EmptyState = optax.EmptyState
 
@@ -116,44 +115,3 @@ def clip_by_norm(max_norm: float) -> UpdateTransform:
     factor = jnp.minimum(1.0, max_norm / jnp.maximum(global_norm(delta), 1e-12))
     return jax.tree.map(lambda d: (d * factor).astype(d.dtype), delta)
   return stateless(apply)
-
-
-def is_attacker(client_id: jax.Array, fraction: float, seed: int = 0) -> jax.Array:
-  """Whether ``client_id`` is in the seeded attacker set: each id independently with probability
-  ``fraction`` (the same ids every round)."""
-  return jax.random.uniform(jax.random.fold_in(jax.random.key(seed), client_id)) < fraction
-
-
-def _check_fraction(fraction):
-  if not 0 <= fraction < 1:
-    raise ValueError(f"attacker fraction must lie in [0, 1), got {fraction!r}")
-
-
-def _attack(fraction: float, seed: int, rewrite) -> UpdateTransform:
-  _check_fraction(fraction)
-
-  def apply(delta, key, client_id):
-    bad = is_attacker(client_id, fraction, seed)
-    new = rewrite(delta, key)
-    return jax.tree.map(lambda n, d: jnp.where(bad, n, d).astype(d.dtype), new, delta)
-  return stateless(apply)
-
-
-def sign_flip_attack(fraction: float, factor: float = 1.0, seed: int = 0) -> UpdateTransform:
-  """Attackers send ``-factor * delta``."""
-  return _attack(fraction, seed, lambda d, k: jax.tree.map(lambda x: -factor * x, d))
-
-
-def scale_attack(fraction: float, factor: float = 100.0, seed: int = 0) -> UpdateTransform:
-  """Attackers send ``factor * delta``."""
-  return _attack(fraction, seed, lambda d, k: jax.tree.map(lambda x: factor * x, d))
-
-
-def gaussian_attack(fraction: float, std: float = 10.0, seed: int = 0) -> UpdateTransform:
-  """Attackers send pure Gaussian noise of standard deviation ``std``."""
-  def rewrite(d, key):
-    leaves, treedef = jax.tree.flatten(d)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten([std * tree_lib.random_normal(k, x.shape, x.dtype)
-                              for k, x in zip(keys, leaves)])
-  return _attack(fraction, seed, rewrite)

@@ -41,6 +41,7 @@ import numpy as np
 
 from fedjax_sim.aggregators import Aggregator, mean
 from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.transfer.encoders import feature_cache
 
 EncoderApply = Callable[[Any, jax.Array], jax.Array]
 METRICS = ("logme", "hscore", "leep")
@@ -367,7 +368,6 @@ def choose_source(candidates: Mapping[str, Candidate], target_data: FederatedDat
     metric: ``"logme"`` (default), ``"hscore"`` or ``"leep"`` (needs ``source_logits``).
     metric_kw: passed to the score (e.g. ``shrinkage`` for the H-score).
   """
-  from fedjax_sim.models import transfer   # local import: transfer imports evaluation, data
   if metric not in METRICS:
     raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
   if len(candidates) < 2:
@@ -380,10 +380,10 @@ def choose_source(candidates: Mapping[str, Candidate], target_data: FederatedDat
       if c.source_logits is None:
         raise ValueError(f"candidate {name!r} has no source_logits, which LEEP needs")
       probs = lambda p, x, f=c.source_logits: jax.nn.softmax(f(p, x), axis=-1)
-      feats = transfer.feature_cache(probs, c.encoder_params, target_data, batch_size)
+      feats = feature_cache(probs, c.encoder_params, target_data, batch_size)
       estimates[name] = leep(feats, num_classes, aggregator=aggregator)
     else:
-      feats = transfer.feature_cache(c.encoder_apply, c.encoder_params, target_data, batch_size)
+      feats = feature_cache(c.encoder_apply, c.encoder_params, target_data, batch_size)
       fn = logme if metric == "logme" else hscore
       estimates[name] = fn(feats, num_classes, aggregator=aggregator, **metric_kw)
   order = sorted(estimates, key=lambda n: -estimates[n].score)

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.aggregators.base import Aggregator
-from fedjax_sim.aggregators.robust import _buffered
+from fedjax_sim.aggregators.robust import buffered
 from fedjax_sim.transforms.compression import unflatten
 
 PyTree = Any
@@ -325,5 +325,5 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
     template = jax.tree.map(lambda x: x[0], state.updates)
     return unflatten(mean, template), total_w
 
-  agg = _buffered(lambda updates, valid: updates)   # reuse the buffer; finalize is our own
+  agg = buffered(lambda updates, valid: updates)   # reuse the buffer; finalize is our own
   return agg._replace(finalize=finalize, validate=validate)

@@ -1,32 +1,27 @@
-"""Model compression for weak clients: magnitude pruning, masked training, bfloat16 compute, costs.
+"""Magnitude pruning for weak clients: prune the smallest weights, train under the mask.
 
 * :func:`magnitude_prune` zeroes the smallest-magnitude weights (one *global* threshold over
   all weight matrices by default, or one per layer) and returns the binary mask.
 * :func:`masked_optimizer` wraps an optax optimizer so that pruned coordinates never move: give
   it to the clients (and, to be safe with any server optimizer, the server) and the pruned
   weights stay exactly zero through federated training.
-* :func:`bfloat16_compute` runs a model's forward/backward pass in bfloat16 while the master
-  params (what clients send and the server averages) stay float32.
-* :func:`cost` / :func:`count_flops` read XLA's cost analysis of one forward pass;
-  :func:`num_nonzero` counts the non-zero parameters.
+* :func:`num_nonzero` counts the non-zero parameters.
 
-Note that XLA executes pruned matrices as dense ones: :func:`count_flops` of a pruned model
-equals the dense count. The saving pruning buys is in parameters (storage, download to the
-client with a sparse encoding) and in FLOPs for a sparse kernel, which the caller can estimate
-from the per-layer density.
+Note that XLA executes pruned matrices as dense ones: :func:`fedjax_sim.models.cost.count_flops`
+of a pruned model equals the dense count. The saving pruning buys is in parameters (storage,
+download to the client with a sparse encoding) and in FLOPs for a sparse kernel, which the
+caller can estimate from the per-layer density. Lower-precision compute is
+:mod:`fedjax_sim.models.precision`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from fedjax_sim.models.core import Model
 
 PyTree = Any
 
@@ -125,62 +120,6 @@ def masked_optimizer(optimizer: optax.GradientTransformation,
     return jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros((), u.dtype)), updates, mask)
 
   return optax.chain(optimizer, optax.stateless(zero_pruned))
-
-
-def _cast_floats(tree: PyTree, dtype) -> PyTree:
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
-
-
-def bfloat16_compute(model: Model) -> Model:
-  """``model`` computing in bfloat16: ``apply`` casts the float params and float inputs to
-  bfloat16, runs the original ``apply`` and returns float32 logits (so the loss and its
-  reductions are float32).
-
-  ``init`` is unchanged: the master params stay float32, gradients flow back through the casts
-  as float32, and the optimizer, the clients' updates and the server's average are all float32
-  (mixed precision, as in Micikevicius et al. 2018, without loss scaling, which bfloat16's
-  float32-sized exponent range makes unnecessary). Integer inputs (token ids) pass through.
-  """
-  inner = model.apply
-
-  def apply(params, x):
-    return inner(_cast_floats(params, jnp.bfloat16), _cast_floats(x, jnp.bfloat16)).astype(
-        jnp.float32)
-
-  return dataclasses.replace(model, apply=apply, name=f"{model.name}_bf16")
-
-
-def cost(model: Model, batch: Any, params: PyTree = None) -> dict[str, float]:
-  """XLA's cost analysis of one compiled forward pass ``model.apply(params, x)``.
-
-  Args:
-    model: the model.
-    batch: ``x [B, *input_shape]`` (an array, a ``{"x": ...}`` dict, or a
-      ``jax.ShapeDtypeStruct``); only its shape and dtype matter.
-    params: params to analyse (default: the shapes of ``model.init``); only shapes and dtypes
-      matter, so pruning does not change the count.
-
-  Returns:
-    ``{"flops": ..., "bytes_accessed": ...}`` as floats (NaN if the backend reports nothing).
-  """
-  x = batch["x"] if isinstance(batch, dict) else batch
-  x = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x.dtype))
-  if params is None:
-    params = jax.eval_shape(model.init, jax.random.key(0))
-  params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p.dtype)),
-                        params)
-  analysis = jax.jit(model.apply).lower(params, x).compile().cost_analysis()
-  if isinstance(analysis, (list, tuple)):   # older jax: one dict per computation
-    analysis = analysis[0] if analysis else {}
-  analysis = analysis or {}
-  return {"flops": float(analysis.get("flops", float("nan"))),
-          "bytes_accessed": float(analysis.get("bytes accessed", float("nan")))}
-
-
-def count_flops(model: Model, batch: Any, params: PyTree = None) -> float:
-  """FLOPs of one forward pass on ``batch`` (XLA cost analysis; see :func:`cost`)."""
-  return cost(model, batch, params)["flops"]
 
 
 def num_nonzero(params: PyTree) -> int:

@@ -15,16 +15,19 @@ enters only as *aggregated moments* (no source example is needed on a target cli
 
 Both are computed from the source features' moments: :func:`source_moments` gives them from a
 centralized array or, federatedly, from source clients' per-client sums aggregated like updates
-(:func:`fedjax_sim.models.transferability.aggregate_statistics`).
+(:func:`fedjax_sim.transfer.transferability.aggregate_statistics`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.transfer.transferability import aggregate_statistics
 
 AlignFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -81,8 +84,6 @@ def source_moments(features, rff: RandomFourierFeatures | None = None, *,
     rff: random Fourier features for the MMD's source embedding (the same ``rff`` the target
       side uses).
   """
-  from fedjax_sim.data.federated import FederatedData
-  from fedjax_sim.models import transferability
   if isinstance(features, FederatedData):
     def stat(x, y, mask, extra):
       del y, extra
@@ -94,7 +95,7 @@ def source_moments(features, rff: RandomFourierFeatures | None = None, *,
     if "y" not in features.arrays:
       features = FederatedData(dict(features.arrays, y=np.zeros(features.num_examples, np.int32)),
                                features.offsets, features.client_ids)
-    s, n = transferability.aggregate_statistics(stat, features, aggregator=aggregator)
+    s, n = aggregate_statistics(stat, features, aggregator=aggregator)
     mu = s["f"] / n
     cov = (s["ff"] - n * np.outer(mu, mu)) / max(n - 1.0, 1.0)
     return Moments(mu, (cov + cov.T) / 2, n, None if rff is None else s["phi"] / n)
@@ -128,7 +129,7 @@ def mmd_loss(source_embedding: jax.Array, target: jax.Array, mask: jax.Array | N
 
 def make_align(kind: str, moments: Moments, rff: RandomFourierFeatures | None = None) -> AlignFn:
   """An ``align(features [B, D], mask [B]) -> scalar`` term for
-  :func:`fedjax_sim.models.transfer.joint_objective_model`: ``"coral"``, ``"mmd"`` (needs
+  :func:`fedjax_sim.transfer.joint_objective_model`: ``"coral"``, ``"mmd"`` (needs
   ``rff`` and ``moments.rff_mean``) or ``"mmd_linear"``."""
   if kind == "coral":
     cov = jnp.asarray(moments.cov, jnp.float32)
