@@ -194,6 +194,35 @@ class FederatedData:
                          "(the total number of examples)")
     _check_features(self.arrays, self.num_classes, self._client_of_row)
 
+  def device_array(self, name: str, dtype=None) -> jax.Array:
+    """Feature ``name`` (``[N, ...]``) as a jax Array on the default device, cast to ``dtype``.
+
+    Made once and kept (a feature given as a jax Array is used as it is). On a CPU backend the
+    population's features exist once: a 64-byte aligned host array becomes the device buffer
+    without a copy (``jax.device_put`` uses it in place). An unaligned one (NumPy aligns large
+    arrays to 16 bytes) is first moved into aligned memory by :func:`_move_to_aligned`: when the
+    population is its only holder (the README path: the user's arrays handed to
+    :meth:`from_partition` and not kept) the old array shrinks as the new one fills, so the
+    peak stays within one 64 MB block of the data's size; when the caller still holds it, that
+    is one copy, as ``device_put`` would make. Afterwards :meth:`adopt_device_array` keeps the
+    device array and a zero-copy host view of it in place of the host array. On an accelerator
+    the host array is copied to the device and stays. A cast (``dtype`` other than the
+    feature's own) is a separate array, not kept.
+    """
+    a = self.device_arrays.get(name)
+    if a is None:
+      cpu = jax.local_devices()[0].platform == "cpu"
+      if dtype is not None and self.arrays[name].dtype != np.dtype(dtype):
+        return jax.device_put(_aligned_copy(self.arrays[name], dtype))
+      if cpu and self.arrays[name].ctypes.data % _ALIGN:
+        # Handed over in a list so that no variable here refers to the array: numpy can then
+        # tell whether anything outside the population still does.
+        self.arrays[name] = _move_to_aligned([self.arrays.pop(name)])
+      a = jax.device_put(self.arrays[name])
+      if cpu:
+        self.adopt_device_array(name, a)
+    return a if dtype is None else a.astype(dtype)
+
   def adopt_device_array(self, name: str, array) -> None:
     """Keeps ``array`` (a jax Array equal to feature ``name``, e.g. the engine's device copy) and
     a host view of it in place of the host array: on a CPU backend the view is zero-copy, so the
@@ -282,7 +311,11 @@ class FederatedData:
         n = a.shape[0]
         per_client[k].append(a)
       sizes.append(n)
-    arrays = {k: np.concatenate(per_client[k]) for k in names}
+    arrays = {}
+    for k, parts in per_client.items():   # 64-byte aligned: a CPU device uses them in place
+      dtype = np.result_type(*{a.dtype for a in parts})
+      arrays[k] = np.concatenate(parts, out=aligned_empty((sum(sizes),) + parts[0].shape[1:],
+                                                          dtype))
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     return cls(arrays, offsets, ids, num_classes)
 
@@ -389,6 +422,44 @@ def _is_arange(order: np.ndarray, block: int = 1 << 20) -> bool:
   """Whether ``order`` is ``0, 1, ..., n-1`` (checked in blocks: no n-sized temporaries)."""
   return all(np.array_equal(order[i:i + block], np.arange(i, min(i + block, order.size)))
              for i in range(0, order.size, block))
+
+
+def _aligned_copy(a: np.ndarray, dtype=None) -> np.ndarray:
+  """``a.astype(dtype)`` (default: ``a``'s dtype) in a new 64-byte aligned array."""
+  out = aligned_empty(a.shape, a.dtype if dtype is None else dtype)
+  out[...] = a
+  return out
+
+
+# Rows copied at a time by _move_to_aligned: the most it holds twice.
+_MOVE_BLOCK_BYTES = 1 << 26
+
+
+def _move_to_aligned(box: list) -> np.ndarray:
+  """The array in the one-element list ``box`` (which this empties), in 64-byte aligned memory.
+
+  The caller passes the array in a list and keeps no reference of its own, so that numpy's
+  ``resize(refcheck=True)`` can tell whether anything else still refers to it. If nothing does
+  (and the array owns its C-contiguous data), it is copied block by block from its last row
+  and shrunk after each block (a ``realloc`` that returns the tail to the system), so old and
+  new together never hold more than one block beyond the data's size. Otherwise numpy refuses
+  the first shrink, nothing has changed, and the rest is copied as a whole (one full copy: the
+  holder keeps the original).
+  """
+  a = box.pop()
+  out = aligned_empty(a.shape, a.dtype)
+  n = a.shape[0]
+  if a.flags.owndata and a.flags.c_contiguous and a.base is None and a.size:
+    rows = max(1, _MOVE_BLOCK_BYTES // (a.nbytes // n))
+    try:
+      while n > rows:
+        out[n - rows:n] = a[n - rows:n]
+        a.resize((n - rows,) + a.shape[1:], refcheck=True)
+        n -= rows
+    except ValueError:   # another reference: numpy left the array as it was
+      pass
+  out[:n] = a[:n]
+  return out
 
 
 def _take_rows(a: np.ndarray, order: np.ndarray) -> np.ndarray:
