@@ -253,8 +253,10 @@ class FederatedData:
     Memory: when the clients' rows are already consecutive and in order (``partition`` covers
     ``0..N-1`` in order) the arrays are used as they are, not copied (like the constructor, the
     population then shares them: do not modify them afterwards). Otherwise they are reordered
-    into one 64-byte aligned copy, which :func:`fedjax_sim.engine.to_device` hands to a CPU
-    device without copying again.
+    into one 64-byte aligned copy, which a CPU device then uses without copying again. Either
+    way, on a CPU the features exist once after :meth:`device_array` (which
+    :func:`fedjax_sim.engine.to_device` calls) unless the caller keeps its own arrays: an
+    unaligned array that only the population holds is moved into aligned memory, not copied.
     """
     lengths = {k: np.shape(v)[0] for k, v in arrays.items()}
     if len(set(lengths.values())) > 1:
