@@ -549,6 +549,18 @@ def test_move_to_aligned_releases_a_sole_array_as_it_copies(monkeypatch):
   np.testing.assert_array_equal(federated._move_to_aligned([view]), expect[1:])
 
 
+def test_reordering_partition_copies_the_data_once():
+  """A partition that reorders rows costs one copy of the features at the peak, not two."""
+  x = np.random.default_rng(0).normal(size=(1 << 16, 128)).astype(np.float32)   # 32 MB
+  y = np.zeros(x.shape[0], np.int32)
+  parts = np.array_split(np.random.default_rng(1).permutation(x.shape[0]), 64)
+  data, growth = _rss_peak_growth(lambda: fs.FederatedData.from_partition({"x": x, "y": y},
+                                                                          parts))
+  np.testing.assert_array_equal(data.client(5)["x"], x[parts[5]])
+  if growth is not None:
+    assert growth < 1.5 * x.nbytes, growth / x.nbytes
+
+
 def test_device_array_keeps_one_copy_of_unaligned_numpy_input():
   """The README path with plain NumPy arrays (16-byte aligned) on a CPU: the population moves
   its features into aligned memory that the device then uses in place, and the batches are the

@@ -479,7 +479,9 @@ def _move_to_aligned(box: list) -> np.ndarray:
 def _take_rows(a: np.ndarray, order: np.ndarray) -> np.ndarray:
   """``a[order]`` into a new 64-byte aligned array (one copy, usable in place by the device)."""
   out = aligned_empty((order.size,) + a.shape[1:], a.dtype)
-  np.take(a, order, axis=0, out=out)
+  # mode="clip": with the default "raise" NumPy fills a temporary of the output's size and then
+  # copies it into `out` (2x the data at the peak). Callers pass indices already in range.
+  np.take(a, order, axis=0, out=out, mode="clip")
   return out
 
 
