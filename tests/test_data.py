@@ -604,6 +604,12 @@ def test_from_clients_is_aligned():
   assert all(a.ctypes.data % 64 == 0 for a in data.arrays.values())
   np.testing.assert_array_equal(data.arrays["x"], np.concatenate([c["x"] for c in clients]))
   assert data.arrays["y"].dtype == np.int64
+  objects = np.array([[None] * 3] * 4, dtype=object)   # still the feature check's clear message
+  for build in (lambda: fs.FederatedData.from_clients([{"x": objects, "y": np.zeros(4, int)}]),
+                lambda: fs.FederatedData.from_partition({"x": objects, "y": np.zeros(4, int)},
+                                                        [[1, 0], [2, 3]])):
+    with pytest.raises(ValueError, match="feature 'x' has dtype object"):
+      build()
 
 
 def test_fortunes_missing_says_how_to_install(tmp_path, monkeypatch):

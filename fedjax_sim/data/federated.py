@@ -418,6 +418,8 @@ def aligned_empty(shape, dtype) -> np.ndarray:
   :func:`jax.device_put` then uses its memory as the device buffer (no copy), so a population
   built in it exists once, not on the host and again on the device."""
   dtype = np.dtype(dtype)
+  if dtype.hasobject:   # references cannot live in raw bytes (nor on a device); the feature
+    return np.empty(shape, dtype)   # check rejects them with a clear message afterwards
   n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   raw = np.empty(n + _ALIGN, np.uint8)
   start = (-raw.ctypes.data) % _ALIGN
