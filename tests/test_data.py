@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedjax_sim as fs
-from fedjax_sim.data import batch_indices, datasets, partition
+from fedjax_sim.data import batch_indices, datasets, federated, partition
 
 PROPERTY = settings(max_examples=25, deadline=None, derandomize=True)
 
@@ -376,7 +376,9 @@ def test_fashion_mnist_from_folder(tmp_path, monkeypatch):
   train, test = datasets.fashion_mnist()
   assert train["x"].shape == (6, 784) and test["x"].shape == (3, 784)
   assert train["x"].dtype == np.float32 and train["y"].dtype == np.int32
-  np.testing.assert_allclose(train["x"] * 255, files["train-images-idx3-ubyte"].reshape(6, -1))
+  np.testing.assert_array_equal(   # the same float32 values as astype(float32) / 255
+      train["x"], files["train-images-idx3-ubyte"].reshape(6, -1).astype(np.float32) / 255.0)
+  assert all(a.ctypes.data % 64 == 0 for d in (train, test) for a in d.values())
   np.testing.assert_array_equal(test["y"], files["t10k-labels-idx1-ubyte"])
   train, _ = datasets.fashion_mnist(flatten=False)
   assert train["x"].shape == (6, 28, 28, 1)
@@ -407,6 +409,7 @@ def test_digits():
   assert train["x"].shape[1] == 64 and len(train["y"]) + len(test["y"]) == 1797
   assert 0 <= train["x"].min() and train["x"].max() <= 1
   np.testing.assert_array_equal(np.unique(train["y"]), np.arange(10))
+  assert all(a.ctypes.data % 64 == 0 for d in (train, test) for a in d.values())
 
 
 # --- synthetic ------------------------------------------------------------------------------------
@@ -492,6 +495,121 @@ def test_population_exists_once_on_a_cpu():
   assert engine.to_device(data).x is dev.x                     # reused, not copied again
   with pytest.raises(ValueError, match="more than one client"):
     fs.FederatedData.from_partition({"x": x, "y": y}, [np.arange(10), np.arange(5, 15)])
+
+
+def _unaligned_owned(shape, dtype=np.float32, seed=0):
+  """A random array that owns its data and does not start on a 64-byte boundary."""
+  rng, taken = np.random.default_rng(seed), []
+  for _ in range(64):
+    a = np.empty(shape, dtype)
+    if a.ctypes.data % 64:
+      a[...] = rng.normal(size=shape)
+      return a
+    taken.append(a)   # held, so the next one lands elsewhere
+  pytest.skip("the allocator returned only 64-byte aligned arrays")
+
+
+def _rss_peak_growth(fn):
+  """(fn(), growth of the process's peak RSS in bytes during fn) on Linux, after resetting the
+  peak (``clear_refs``); None where that is not possible."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    return fn(), None
+  kb = lambda key: int(open("/proc/self/status").read().split(key + ":")[1].split()[0])  # noqa
+  before = kb("VmRSS")
+  out = fn()
+  return out, (kb("VmHWM") - before) * 1024
+
+
+def test_move_to_aligned_releases_a_sole_array_as_it_copies(monkeypatch):
+  """An array nobody else holds is moved block by block (peak about one block over the data);
+  one the caller still holds is copied whole and left as it was."""
+  monkeypatch.setattr(federated, "_MOVE_BLOCK_BYTES", 1 << 20)
+  shape = (1 << 16, 128)                                         # 32 MB of float32
+  a = _unaligned_owned(shape)
+  expect = a.copy()
+  out, growth = _rss_peak_growth(lambda: federated._move_to_aligned([a]))
+  np.testing.assert_array_equal(out, expect)
+  assert out.ctypes.data % 64 == 0
+  # `a` was still bound here, so this was a copy: the original is intact.
+  assert a.shape == shape and np.array_equal(a, expect)
+  if growth is not None:
+    assert growth > 0.9 * a.nbytes
+  box = [a]
+  del a
+  out, growth = _rss_peak_growth(lambda: federated._move_to_aligned(box))
+  assert box == []
+  np.testing.assert_array_equal(out, expect)
+  assert out.ctypes.data % 64 == 0
+  if growth is not None:
+    assert growth < 0.25 * expect.nbytes, growth
+  view = expect[1:]                                               # views are copied, not moved
+  np.testing.assert_array_equal(federated._move_to_aligned([view]), expect[1:])
+
+
+def test_reordering_partition_copies_the_data_once():
+  """A partition that reorders rows costs one copy of the features at the peak, not two."""
+  x = np.random.default_rng(0).normal(size=(1 << 16, 128)).astype(np.float32)   # 32 MB
+  y = np.zeros(x.shape[0], np.int32)
+  parts = np.array_split(np.random.default_rng(1).permutation(x.shape[0]), 64)
+  data, growth = _rss_peak_growth(lambda: fs.FederatedData.from_partition({"x": x, "y": y},
+                                                                          parts))
+  np.testing.assert_array_equal(data.client(5)["x"], x[parts[5]])
+  if growth is not None:
+    assert growth < 1.5 * x.nbytes, growth / x.nbytes
+
+
+def test_device_array_keeps_one_copy_of_unaligned_numpy_input():
+  """The README path with plain NumPy arrays (16-byte aligned) on a CPU: the population moves
+  its features into aligned memory that the device then uses in place, and the batches are the
+  ones the stored order gives."""
+  x = _unaligned_owned((600, 6))
+  y = (np.arange(600) % 3).astype(np.int32)
+  expect_x, expect_y = x.copy(), y.copy()
+  parts = [np.arange(i * 20, (i + 1) * 20) for i in range(30)]
+  data = fs.FederatedData.from_partition({"x": x, "y": y}, parts, num_classes=3)
+  del x
+  dev_x = data.device_array("x")
+  np.testing.assert_array_equal(np.asarray(dev_x), expect_x)
+  if jax.local_devices()[0].platform == "cpu":
+    assert dev_x.unsafe_buffer_pointer() == data.arrays["x"].ctypes.data     # one copy in all
+    assert dev_x.unsafe_buffer_pointer() % 64 == 0
+  assert data.device_array("x") is dev_x and data.device_arrays["x"] is dev_x
+  np.testing.assert_array_equal(data.client(3)["x"], expect_x[60:80])
+  dev_y = data.device_array("y", np.int16)
+  np.testing.assert_array_equal(np.asarray(dev_y), expect_y)
+  assert "y" not in data.device_arrays          # a cast is not kept in place of the feature
+  # The caller still holds its array: it is left untouched, the device gets equal values.
+  x2 = _unaligned_owned((600, 6), seed=1)
+  data2 = fs.FederatedData.from_partition({"x": x2, "y": y}, parts, num_classes=3)
+  before = x2.copy()
+  np.testing.assert_array_equal(np.asarray(data2.device_array("x")), before)
+  assert x2.shape == before.shape and np.array_equal(x2, before)
+  # Same batches as before the move.
+  work = fs.LocalWork(batch_size=8, local_epochs=1)
+  b = data.cohort_batches(jax.random.key(0), [0, 5, 29], work)
+  ref = fs.FederatedData.from_partition({"x": expect_x, "y": expect_y}, parts, num_classes=3)
+  r = ref.cohort_batches(jax.random.key(0), [0, 5, 29], work)
+  np.testing.assert_array_equal(b.x, r.x)
+  np.testing.assert_array_equal(b.y, r.y)
+
+
+def test_from_clients_is_aligned():
+  rng = np.random.default_rng(0)
+  clients = [{"x": rng.normal(size=(n, 3)).astype(np.float32), "y": np.zeros(n, np.int64)}
+             for n in (3, 5, 2)]
+  data = fs.FederatedData.from_clients(clients)
+  assert all(a.ctypes.data % 64 == 0 for a in data.arrays.values())
+  np.testing.assert_array_equal(data.arrays["x"], np.concatenate([c["x"] for c in clients]))
+  assert data.arrays["y"].dtype == np.int64
+  objects = np.array([[None] * 3] * 4, dtype=object)   # still the feature check's clear message
+  for build in (lambda: fs.FederatedData.from_clients([{"x": objects, "y": np.zeros(4, int)}]),
+                lambda: fs.FederatedData.from_partition({"x": objects, "y": np.zeros(4, int)},
+                                                        [[1, 0], [2, 3]])):
+    with pytest.raises(ValueError, match="feature 'x' has dtype object"):
+      build()
 
 
 def test_fortunes_missing_says_how_to_install(tmp_path, monkeypatch):

@@ -194,6 +194,35 @@ class FederatedData:
                          "(the total number of examples)")
     _check_features(self.arrays, self.num_classes, self._client_of_row)
 
+  def device_array(self, name: str, dtype=None) -> jax.Array:
+    """Feature ``name`` (``[N, ...]``) as a jax Array on the default device, cast to ``dtype``.
+
+    Made once and kept (a feature given as a jax Array is used as it is). On a CPU backend the
+    population's features exist once: a 64-byte aligned host array becomes the device buffer
+    without a copy (``jax.device_put`` uses it in place). An unaligned one (NumPy aligns large
+    arrays to 16 bytes) is first moved into aligned memory by :func:`_move_to_aligned`: when the
+    population is its only holder (the README path: the user's arrays handed to
+    :meth:`from_partition` and not kept) the old array shrinks as the new one fills, so the
+    peak stays within one 64 MB block of the data's size; when the caller still holds it, that
+    is one copy, as ``device_put`` would make. Afterwards :meth:`adopt_device_array` keeps the
+    device array and a zero-copy host view of it in place of the host array. On an accelerator
+    the host array is copied to the device and stays. A cast (``dtype`` other than the
+    feature's own) is a separate array, not kept.
+    """
+    a = self.device_arrays.get(name)
+    if a is None:
+      cpu = jax.local_devices()[0].platform == "cpu"
+      if dtype is not None and self.arrays[name].dtype != np.dtype(dtype):
+        return jax.device_put(_aligned_copy(self.arrays[name], dtype))
+      if cpu and self.arrays[name].ctypes.data % _ALIGN:
+        # Handed over in a list so that no variable here refers to the array: numpy can then
+        # tell whether anything outside the population still does.
+        self.arrays[name] = _move_to_aligned([self.arrays.pop(name)])
+      a = jax.device_put(self.arrays[name])
+      if cpu:
+        self.adopt_device_array(name, a)
+    return a if dtype is None else a.astype(dtype)
+
   def adopt_device_array(self, name: str, array) -> None:
     """Keeps ``array`` (a jax Array equal to feature ``name``, e.g. the engine's device copy) and
     a host view of it in place of the host array: on a CPU backend the view is zero-copy, so the
@@ -224,30 +253,36 @@ class FederatedData:
     Memory: when the clients' rows are already consecutive and in order (``partition`` covers
     ``0..N-1`` in order) the arrays are used as they are, not copied (like the constructor, the
     population then shares them: do not modify them afterwards). Otherwise they are reordered
-    into one 64-byte aligned copy, which :func:`fedjax_sim.engine.to_device` hands to a CPU
-    device without copying again.
+    into one 64-byte aligned copy, which a CPU device then uses without copying again. Either
+    way, on a CPU the features exist once after :meth:`device_array` (which
+    :func:`fedjax_sim.engine.to_device` calls) unless the caller keeps its own arrays: an
+    unaligned array that only the population holds is moved into aligned memory, not copied.
     """
     lengths = {k: np.shape(v)[0] for k, v in arrays.items()}
     if len(set(lengths.values())) > 1:
       raise ValueError(f"features have different numbers of examples: {lengths}")
-    parts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in partition]
+    # No new array object per client where the index arrays are already flat int64 (a million
+    # clients' views would cost ~100 MB).
+    parts = [p if p.ndim == 1 else p.reshape(-1)
+             for p in (np.asarray(p, dtype=np.int64) for p in partition)]
     if not parts:
       raise ValueError("the partition has no clients")
-    order = np.concatenate(parts)
     n = next(iter(lengths.values()))
-    if order.size and (order.min() < 0 or order.max() >= n):
-      raise ValueError(f"partition indices must lie in [0, {n})")
-    # Clients that already own consecutive rows in order (every example, once) need no copy.
-    identity = order.size == n and _is_arange(order)
-    if not identity:
-      seen = np.zeros(n, bool)
-      seen[order] = True
-      if int(np.count_nonzero(seen)) != order.size:
-        raise ValueError("the partition assigns some example to more than one client")
     offsets = np.concatenate([[0], np.cumsum([p.size for p in parts])])
     ids = np.arange(len(parts)) if client_ids is None else np.asarray(client_ids)
-    return cls({k: np.asarray(v) if identity else _take_rows(np.asarray(v), order)
-                for k, v in arrays.items()}, offsets, ids, num_classes)
+    # Clients that already own consecutive rows in order (every example, once) need no copy;
+    # checked a block at a time, without the [N] concatenated order.
+    if offsets[-1] == n and _is_consecutive(parts):
+      return cls({k: np.asarray(v) for k, v in arrays.items()}, offsets, ids, num_classes)
+    order = np.concatenate(parts)
+    if order.size and (order.min() < 0 or order.max() >= n):
+      raise ValueError(f"partition indices must lie in [0, {n})")
+    seen = np.zeros(n, bool)
+    seen[order] = True
+    if int(np.count_nonzero(seen)) != order.size:
+      raise ValueError("the partition assigns some example to more than one client")
+    return cls({k: _take_rows(np.asarray(v), order) for k, v in arrays.items()}, offsets, ids,
+               num_classes)
 
   @classmethod
   def from_clients(cls, clients: Sequence[Mapping[str, np.ndarray]], client_ids=None,
@@ -282,7 +317,11 @@ class FederatedData:
         n = a.shape[0]
         per_client[k].append(a)
       sizes.append(n)
-    arrays = {k: np.concatenate(per_client[k]) for k in names}
+    arrays = {}
+    for k, parts in per_client.items():   # 64-byte aligned: a CPU device uses them in place
+      dtype = np.result_type(*{a.dtype for a in parts})
+      arrays[k] = np.concatenate(parts, out=aligned_empty((sum(sizes),) + parts[0].shape[1:],
+                                                          dtype))
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     return cls(arrays, offsets, ids, num_classes)
 
@@ -379,22 +418,72 @@ def aligned_empty(shape, dtype) -> np.ndarray:
   :func:`jax.device_put` then uses its memory as the device buffer (no copy), so a population
   built in it exists once, not on the host and again on the device."""
   dtype = np.dtype(dtype)
+  if dtype.hasobject:   # references cannot live in raw bytes (nor on a device); the feature
+    return np.empty(shape, dtype)   # check rejects them with a clear message afterwards
   n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   raw = np.empty(n + _ALIGN, np.uint8)
   start = (-raw.ctypes.data) % _ALIGN
   return raw[start:start + n].view(dtype).reshape(shape)
 
 
-def _is_arange(order: np.ndarray, block: int = 1 << 20) -> bool:
-  """Whether ``order`` is ``0, 1, ..., n-1`` (checked in blocks: no n-sized temporaries)."""
-  return all(np.array_equal(order[i:i + block], np.arange(i, min(i + block, order.size)))
-             for i in range(0, order.size, block))
+def _is_consecutive(parts: Sequence[np.ndarray], block: int = 1 << 20) -> bool:
+  """Whether the 1-D index arrays ``parts``, one after another, read ``0, 1, 2, ...`` (checked
+  about ``block`` indices at a time: no temporaries of the whole length)."""
+  start, group, size = 0, [], 0
+  for i, p in enumerate(parts):
+    group.append(p)
+    size += p.size
+    if size >= block or i == len(parts) - 1:
+      if not np.array_equal(np.concatenate(group), np.arange(start, start + size)):
+        return False
+      start, group, size = start + size, [], 0
+  return True
+
+
+def _aligned_copy(a: np.ndarray, dtype=None) -> np.ndarray:
+  """``a.astype(dtype)`` (default: ``a``'s dtype) in a new 64-byte aligned array."""
+  out = aligned_empty(a.shape, a.dtype if dtype is None else dtype)
+  out[...] = a
+  return out
+
+
+# Rows copied at a time by _move_to_aligned: the most it holds twice.
+_MOVE_BLOCK_BYTES = 1 << 26
+
+
+def _move_to_aligned(box: list) -> np.ndarray:
+  """The array in the one-element list ``box`` (which this empties), in 64-byte aligned memory.
+
+  The caller passes the array in a list and keeps no reference of its own, so that numpy's
+  ``resize(refcheck=True)`` can tell whether anything else still refers to it. If nothing does
+  (and the array owns its C-contiguous data), it is copied block by block from its last row
+  and shrunk after each block (a ``realloc`` that returns the tail to the system), so old and
+  new together never hold more than one block beyond the data's size. Otherwise numpy refuses
+  the first shrink, nothing has changed, and the rest is copied as a whole (one full copy: the
+  holder keeps the original).
+  """
+  a = box.pop()
+  out = aligned_empty(a.shape, a.dtype)
+  n = a.shape[0]
+  if a.flags.owndata and a.flags.c_contiguous and a.base is None and a.size:
+    rows = max(1, _MOVE_BLOCK_BYTES // (a.nbytes // n))
+    try:
+      while n > rows:
+        out[n - rows:n] = a[n - rows:n]
+        a.resize((n - rows,) + a.shape[1:], refcheck=True)
+        n -= rows
+    except ValueError:   # another reference: numpy left the array as it was
+      pass
+  out[:n] = a[:n]
+  return out
 
 
 def _take_rows(a: np.ndarray, order: np.ndarray) -> np.ndarray:
   """``a[order]`` into a new 64-byte aligned array (one copy, usable in place by the device)."""
   out = aligned_empty((order.size,) + a.shape[1:], a.dtype)
-  np.take(a, order, axis=0, out=out)
+  # mode="clip": with the default "raise" NumPy fills a temporary of the output's size and then
+  # copies it into `out` (2x the data at the peak). Callers pass indices already in range.
+  np.take(a, order, axis=0, out=out, mode="clip")
   return out
 
 
