@@ -102,23 +102,9 @@ def to_device(data: FederatedData, weights: np.ndarray | None = None,
   heterogeneity arrays."""
   w = data.sizes if weights is None else weights
   het_arrays = None if het is None else heterogeneity.to_device(het, data.sizes, work)
-  # Arrays already on the device are used as they are. jax.device_put of a host array makes
-  # one copy, or none on a CPU when the array is 64-byte aligned (from_partition's copies are;
-  # see fedjax_sim.data.federated.aligned_empty). On a CPU the population then keeps the device
-  # array and a zero-copy host view of it in place of its host array, so that no second copy
-  # outlives this call (the caller's own arrays are the caller's).
-  cpu = jax.local_devices()[0].platform == "cpu"
-
-  def put(name, dtype=None):
-    a = data.device_arrays.get(name)
-    if a is None:
-      host = data.arrays[name]
-      same = dtype is None or host.dtype == dtype
-      a = jax.device_put(host if same else host.astype(dtype))
-      if cpu and same:
-        data.adopt_device_array(name, a)
-    return a if dtype is None else a.astype(dtype)
-  return DeviceData(put("x"), put("y", np.int32),
+  # FederatedData.device_array: made once and kept; on a CPU backend the population's features
+  # then exist once (moved into aligned memory that the device uses in place).
+  return DeviceData(data.device_array("x"), data.device_array("y", np.int32),
                     jnp.asarray(data.offsets[:-1], jnp.int32), jnp.asarray(data.sizes, jnp.int32),
                     jnp.asarray(w, jnp.float32), het_arrays)
 
