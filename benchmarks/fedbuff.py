@@ -123,9 +123,9 @@ def main():
                      local_epochs=args.local_epochs, batch_size=args.batch_size,
                      duration=duration)
     t0 = time.perf_counter()
-    res = asynchronous.run_async(config, model, data, server_steps=args.max_server_steps,
+    res = asynchronous.run_async(config, model, data, rounds=args.max_server_steps,
                                  until_time=horizon, eval_data=test, eval_every=50,
-                                 seed=args.seed, progress=False, steps_per_call=50)
+                                 seed=args.seed, progress=False, rounds_per_call=50)
     wall = time.perf_counter() - t0
     assert bool(jnp.all(jax.random.key_data(res.state.speed_key) ==
                         jax.random.key_data(speed_key)))

@@ -42,11 +42,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim import engine, evaluation, loop, server, tree
+from fedjax_sim import engine, evaluation, validation
 from fedjax_sim._progress import tqdm
 from fedjax_sim.algorithms.base import Algorithm, no_state, pass_through
-from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices, local_steps
+from fedjax_sim.data.federated import FederatedData, LocalWork, local_steps
+from fedjax_sim.experiment import (CompiledBlocks, Experiment, add_evaluation, block_end,
+                                   block_records, communication_cost, scan_block, seed_keys,
+                                   show_progress, warn_divergence, with_communication)
 from fedjax_sim.history import History
+from fedjax_sim.server import ServerState
+from fedjax_sim.validation import positive_int
 from fedjax_sim.models.core import Model
 
 PyTree = Any
@@ -119,11 +124,6 @@ def staleness_weight(kind: str, staleness: jax.Array, exponent: float = 0.5) -> 
   raise ValueError(f"staleness must be one of {STALENESS}, got {kind!r}")
 
 
-def _positive_int(name, v):
-  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class AsyncConfig:
   """Static description of an asynchronous buffered algorithm (see
@@ -160,9 +160,9 @@ class AsyncConfig:
   def __post_init__(self):
     if not isinstance(self.algorithm, Algorithm):
       raise ValueError(f"algorithm must be an Algorithm, got {type(self.algorithm).__name__}")
-    _positive_int("buffer_size", self.buffer_size)
-    _positive_int("concurrency", self.concurrency)
-    _positive_int("max_staleness", self.max_staleness)
+    positive_int("buffer_size", self.buffer_size)
+    positive_int("concurrency", self.concurrency)
+    positive_int("max_staleness", self.max_staleness)
     if self.buffer_size > self.concurrency:
       raise ValueError(f"buffer_size K={self.buffer_size} is larger than concurrency "
                        f"M={self.concurrency}: the buffer could never fill")
@@ -198,7 +198,7 @@ class AsyncState:
     now: float32 simulated time of the last server update.
     speed_key: key of the per-client speed factors (:func:`client_speed`).
   """
-  server: server.ServerState
+  server: ServerState
   versions: PyTree
   client: jax.Array
   start_version: jax.Array
@@ -419,114 +419,141 @@ class AsyncRunResult:
   compile_seconds: float
 
 
-def validate(config: AsyncConfig, model: Model, train_data: FederatedData, *, server_steps: int,
-             eval_every: int, chunk_size: int | None):
+def validate(config: AsyncConfig, model: Model, train_data: FederatedData, *, rounds: int,
+             eval_every: int, chunk_size: int | None, seed: int = 0, init_params: Any = None,
+             client_weights: Sequence[float] | None = None):
   """All the checks :func:`run_async` makes before compiling anything."""
   if not isinstance(config, AsyncConfig):
     raise ValueError(f"config must be an AsyncConfig (e.g. fedjax_sim.algorithms.fedbuff()), got "
                      f"{type(config).__name__}")
-  _positive_int("server_steps", server_steps)
+  positive_int("server_steps (rounds)", rounds)
   if not isinstance(train_data, FederatedData):
     raise ValueError(f"train_data must be a FederatedData, got {type(train_data).__name__}")
   if config.concurrency > train_data.num_clients:
     raise ValueError(f"concurrency M={config.concurrency} is larger than the population of "
                      f"{train_data.num_clients} clients")
-  loop.validate(config.algorithm, model, train_data, rounds=server_steps,
-                cohort_size=config.concurrency, eval_every=eval_every, chunk_size=chunk_size)
+  validation.validate(config.algorithm, model, train_data, rounds=rounds,
+                      cohort_size=config.concurrency, eval_every=eval_every,
+                      chunk_size=chunk_size, seed=seed, init_params=init_params,
+                      client_weights=client_weights)
 
 
-def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *, server_steps: int,
-              eval_data: Any = None, eval_every: int = 10, seed: int = 0,
-              progress: bool = True, chunk_size: int | None = None, init_params: Any = None,
-              client_weights: Sequence[float] | None = None, steps_per_call: int = 1,
-              eval_batch_size: int = 1000, until_time: float | None = None,
-              callback: Callable[[int, AsyncState, StepOutput], Any] | None = None
+def build(config: AsyncConfig, model: Model, train_data: FederatedData, *,
+          chunk_size: int | None = None, client_weights: Sequence[float] | None = None,
+          init_params: Any = None) -> Experiment:
+  """The asynchronous :class:`~fedjax_sim.experiment.Experiment`: one step is one server update
+  (:func:`make_server_step`); ``init(key_init)`` draws the initial params (unless given) and the
+  initial fill of the M slots (:func:`run_keys`)."""
+  weights = validation.resolve_client_weights(train_data, config.algorithm.weighting,
+                                              client_weights, algorithm=config.algorithm)
+  data = engine.to_device(train_data, weights)
+  step = make_server_step(config, model, population=train_data.num_clients,
+                          max_client_size=train_data.max_client_size, chunk_size=chunk_size)
+
+  def init(key_init):
+    key_params, key_sim = jax.random.split(key_init)
+    params = init_params if init_params is not None else model.init(key_params)
+    return init_state(config, params, data, key_sim)
+
+  like = init_params if init_params is not None else jax.tree.map(
+      lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(model.init, jax.random.key(0)))
+  return Experiment(config.name, data, init, scan_block(step), lambda s: s.server.params,
+                    train_data.num_clients, communication_cost(config.algorithm, like))
+
+
+def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *,
+              rounds: int | None = None, eval_data: Any = None, eval_every: int = 10,
+              seed: int = 0, progress: bool = True, chunk_size: int | None = None,
+              init_params: Any = None, client_weights: Sequence[float] | None = None,
+              rounds_per_call: int = 1, eval_batch_size: int = 1000,
+              until_time: float | None = None,
+              callback: Callable[[int, AsyncState, StepOutput], Any] | None = None,
+              server_steps: int | None = None, steps_per_call: int | None = None
               ) -> AsyncRunResult:
-  """Runs an asynchronous buffered simulation for ``server_steps`` server updates.
+  """Runs an asynchronous buffered simulation for ``rounds`` server updates.
 
   Args:
-    config: e.g. ``fedjax_sim.algorithms.fedbuff(...)``.
+    config: e.g. ``fedjax_sim.algorithms.fedbuff(...)`` (:func:`fedjax_sim.run` accepts it too).
     model: the model.
     train_data: the client population (P >= concurrency).
-    server_steps: number of server updates T.
+    rounds: number of server updates T (a "round" of the history is one server update).
     eval_data: optional test set (dict with ``x``, ``y`` or FederatedData), evaluated every
       ``eval_every`` steps and after the last.
     seed: all randomness (init, client sampling, durations, shuffles) derives from it.
     chunk_size: arrivals per vmapped training chunk.
     init_params: start from these params instead of ``model.init``.
     client_weights: optional ``[P]`` weights p_i (default: the algorithm's weighting).
-    steps_per_call: run up to this many server steps as one compiled ``lax.scan``; blocks end at
-      evaluation steps; results equal ``steps_per_call=1`` exactly.
+    rounds_per_call: run up to this many server steps as one compiled ``lax.scan``; blocks end
+      at evaluation steps; results equal ``rounds_per_call=1`` exactly.
     eval_batch_size: evaluation batch size.
     until_time: stop (and evaluate) at the end of the first block of steps whose simulated time
-      reaches ``until_time``; ``server_steps`` is then an upper bound.
+      reaches ``until_time``; ``rounds`` is then an upper bound.
     callback: called after every step with ``(step, state, StepOutput)`` (the block's final
-      state when ``steps_per_call > 1``); a returned dict's numeric entries join the record.
+      state when ``rounds_per_call > 1``); a returned dict's numeric entries join the record.
+    server_steps, steps_per_call: the former names of ``rounds`` and ``rounds_per_call``.
 
   History keys (one row per server step): ``round`` (server step = model version),
   ``sim_time`` (simulated seconds at the update), ``train_loss`` / ``train_accuracy`` (of the
   arrivals that were not too stale), ``mean_staleness`` / ``max_staleness`` (over the K
   arrivals), ``num_stale_dropped``, ``num_nonfinite``, ``num_counted``, ``mean_weight`` (mean
   g(s) of counted arrivals), ``steps_done``, ``update_norm``, ``seconds`` (host wall-clock),
-  ``test_loss`` / ``test_accuracy`` (NaN on steps without evaluation).
+  ``test_loss`` / ``test_accuracy`` (NaN on steps without evaluation), communication per step.
   """
-  validate(config, model, train_data, server_steps=server_steps, eval_every=eval_every,
-           chunk_size=chunk_size)
+  if server_steps is not None:
+    if rounds is not None:
+      raise ValueError("give rounds or its former name server_steps, not both")
+    rounds = server_steps
+  if steps_per_call is not None:
+    rounds_per_call = steps_per_call
+  if rounds is None:
+    raise ValueError("run_async needs rounds (the number of server updates)")
+  validate(config, model, train_data, rounds=rounds, eval_every=eval_every,
+           chunk_size=chunk_size, seed=seed, init_params=init_params,
+           client_weights=client_weights)
   if callback is not None and callable(getattr(callback, "check_run", None)):
     # e.g. a privacy accountant: its sampling model must be this run's (it is not a cohort).
     callback.check_run(population=train_data.num_clients, cohort_size=config.concurrency,
                        cohort_sampling="asynchronous")
-  _positive_int("steps_per_call", steps_per_call)
-  loop.check_seed(seed)
+  positive_int("rounds_per_call", rounds_per_call)
   if until_time is not None and not (isinstance(until_time, (int, float)) and until_time > 0):
     raise ValueError(f"until_time must be a number > 0, got {until_time!r}")
   eval_arrays = None
   if eval_data is not None:
     eval_arrays = evaluation.as_arrays(eval_data)
-    loop.check_eval_data(model, eval_arrays)
-  weights = loop.resolve_client_weights(train_data, config.algorithm.weighting, client_weights,
-                                        algorithm=config.algorithm)
-  key_params, key_sim, key_steps = run_keys(seed)
-  params = init_params if init_params is not None else model.init(key_params)
-  data = engine.to_device(train_data, weights)
-  state = init_state(config, params, data, key_sim)
-  step_fn = make_server_step(config, model, population=train_data.num_clients,
-                             max_client_size=train_data.max_client_size, chunk_size=chunk_size)
-
-  def block_fn(state, data, key, ts):
-    return jax.lax.scan(lambda s, r: step_fn(s, data, jax.random.fold_in(key, r)), state, ts)
-
-  blocks = loop.CompiledBlocks(jax.jit(block_fn))
+    validation.check_eval_data(model, eval_arrays)
+  exp = build(config, model, train_data, chunk_size=chunk_size, client_weights=client_weights,
+              init_params=init_params)
+  key_init, key_steps = seed_keys(seed)
+  state, data = exp.init(key_init), exp.data
+  blocks = CompiledBlocks(jax.jit(exp.block))
   evaluate = None
   if eval_arrays is not None:
     evaluate = evaluation.make_evaluate(model, eval_batch_size)
     eval_xy = (jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32))
-  blocks(min(steps_per_call, server_steps), state, data, key_steps)
+  blocks(min(rounds_per_call, rounds), state, data, key_steps)
   records = []
-  bar = tqdm(total=server_steps, desc=config.name, disable=not progress, leave=True)
+  bar = tqdm(total=rounds, desc=config.name, disable=not progress, leave=True)
   try:
     r = 1
-    while r <= server_steps:
-      end = loop.block_end(r, server_steps, steps_per_call,
-                           lambda t: evaluate is not None and t % eval_every == 0)
+    while r <= rounds:
+      end = block_end(r, rounds, rounds_per_call,
+                      lambda t: evaluate is not None and t % eval_every == 0)
       state, outs, seconds = blocks.run(state, data, key_steps, r, end)
-      block = loop.block_records(jax.device_get(outs.metrics), r, seconds)
-      for i, rec in enumerate(block):
+      for i, rec in enumerate(block_records(jax.device_get(outs.metrics), r, seconds)):
+        rec.update(with_communication(exp.communication, rec))
         if callback is not None:
           extra = callback(rec["round"], state, jax.tree.map(lambda a: a[i], outs))
           if isinstance(extra, dict):
             rec.update({k: float(v) for k, v in extra.items()})
         records.append(rec)
       done = until_time is not None and records[-1]["sim_time"] >= until_time
-      if evaluate is not None and (end % eval_every == 0 or end == server_steps or done):
-        loop.add_evaluation(records[-1], evaluate, state.server.params, eval_xy)
-      loop.show_progress(bar, records[-1], end - r + 1,
-                         stale=f"{records[-1]['mean_staleness']:.1f}")
+      if evaluate is not None and (end % eval_every == 0 or end == rounds or done):
+        add_evaluation(records[-1], evaluate, exp.params(state), eval_xy)
+      show_progress(bar, records[-1], end - r + 1, stale=f"{records[-1]['mean_staleness']:.1f}")
       r = end + 1
       if done:
         break
   finally:
     bar.close()
-  loop.warn_divergence(records, "server step")
-  return AsyncRunResult(state.server.params, state, History.from_records(records),
-                        blocks.seconds)
+  warn_divergence(records, "server step")
+  return AsyncRunResult(exp.params(state), state, History.from_records(records), blocks.seconds)

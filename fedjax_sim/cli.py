@@ -464,7 +464,7 @@ def resolve(cfg: Config, explicit: dict[str, str]) -> tuple[Config, list[str]]:
     src_e, src_s = explicit["local.epochs"], explicit["local.steps"]
     where = src_e if src_e == src_s else f"{src_e}, {src_s}"
     raise ConfigError(f"{where}: local.epochs and local.steps are exclusive: give one")
-  from fedjax_sim.loop import check_seed
+  from fedjax_sim.validation import check_seed
   for s in cfg.seeds:
     try:
       check_seed(s)

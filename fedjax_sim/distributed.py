@@ -10,7 +10,7 @@ all-reduce (NCCL on GPUs, gloo over TCP on CPUs). Every process holds the whole 
 the (small) server state, replicated; results equal the single-process run up to float
 summation order.
 
-The steps, which :func:`run_rounds` performs and :func:`fedjax_sim.run` performs when
+The steps, which :func:`fedjax_sim.experiment.run_rounds` performs and :func:`fedjax_sim.run` performs when
 ``jax.process_count() > 1``::
 
   distributed.initialize()                         # before any other JAX call
@@ -26,7 +26,7 @@ See ``docs/multihost.md`` for launching on a cluster (one command per host, SLUR
 from __future__ import annotations
 
 import os
-import time
+
 from typing import Any, Sequence
 
 import jax
@@ -314,46 +314,3 @@ def sync(name: str) -> None:
   """A barrier: returns once every process has called ``sync(name)``."""
   if is_multiprocess():
     multihost_utils.sync_global_devices(name)
-
-
-def run_rounds(algorithm, model, train_data, *, rounds: int, cohort_size: int, seed: int = 0,
-               chunk_size: int | None = None, client_weights: Sequence[float] | None = None,
-               heterogeneity=None, mesh: Mesh | None = None) -> tuple[Any, dict[str, np.ndarray]]:
-  """The training loop of :func:`fedjax_sim.run` (same keys, same rounds) over ``mesh``.
-
-  A minimal multi-process driver (no evaluation, checkpoints or callbacks) that makes the same
-  calls ``run()`` makes in a multi-process run: the initial state, the population and the keys
-  are :func:`replicate` d, the round is compiled with replicated outputs, and results are
-  :func:`fetch` ed. Every process calls it with the same arguments.
-
-  Returns:
-    ``(params, metrics)``: the final global params and ``[rounds]`` per-round metrics, as host
-    numpy on every process.
-  """
-  from fedjax_sim import engine, loop   # noqa: PLC0415 - engine/loop import this module's users
-
-  mesh = global_mesh() if mesh is None else mesh
-  loop.validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
-                eval_every=1, chunk_size=chunk_size)
-  weights = loop.resolve_client_weights(train_data, algorithm.weighting, client_weights,
-                                        algorithm=algorithm)
-  key_init, key_rounds = jax.random.split(jax.random.key(seed))
-  state = engine.init_state(algorithm, model.init(key_init), train_data.num_clients)
-  data = engine.to_device(train_data, weights, heterogeneity, algorithm.work)
-  round_fn = engine.make_round(algorithm, model, population=train_data.num_clients,
-                               cohort_size=cohort_size, max_client_size=train_data.max_client_size,
-                               chunk_size=chunk_size, mesh=mesh if mesh.devices.size > 1 else None,
-                               heterogeneity=heterogeneity)
-
-  def block_fn(state, data, key, rs):
-    return jax.lax.scan(lambda s, r: round_fn(s, data, jax.random.fold_in(key, r)), state, rs)
-
-  state, data, key_rounds = replicate((state, data, key_rounds), mesh)
-  rs = replicate(jnp.arange(1, rounds + 1, dtype=jnp.int32), mesh)
-  step = jax.jit(block_fn, out_shardings=replicated(mesh)).lower(state, data, key_rounds,
-                                                                 rs).compile()
-  t0 = time.perf_counter()
-  state, outs = step(state, data, key_rounds, rs)
-  metrics = fetch(outs.metrics)
-  metrics["seconds"] = np.full(rounds, (time.perf_counter() - t0) / rounds)
-  return fetch(state.params), metrics

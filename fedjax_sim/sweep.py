@@ -7,8 +7,14 @@ leading experiment axis E and runs ``vmap`` over it, blocks of rounds as one ``l
 hyperparameter value is a new array, never a recompilation, and each experiment's numbers equal
 ``fedjax_sim.run`` with the same seed and ``hparams`` (tested).
 
->>> runs = sweep(algo, model, data, rounds=20, cohort_size=10,
+>>> import optax, fedjax_sim as fs
+>>> train, _ = fs.datasets.digits()
+>>> data = fs.FederatedData.from_partition(train, fs.partition.iid(train["y"], 10), num_classes=10)
+>>> algo, model = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16), fs.models.logistic_regression(64, 10)
+>>> runs = sweep(algo, model, data, rounds=2, cohort_size=5, progress=False,
 ...              **grid(seed=[0, 1], client_lr_scale=[0.5, 1.0, 2.0]))   # 6 experiments
+>>> len(runs), {leaf.shape[0] for leaf in jax.tree.leaves(runs.params)}
+(6, {6})
 """
 
 from __future__ import annotations
@@ -21,13 +27,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim import engine, evaluation, server
+from fedjax_sim import evaluation, server
 from fedjax_sim._progress import tqdm
 from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.experiment import build, seed_keys, with_communication
 from fedjax_sim.history import History
-from fedjax_sim.loop import (_communication, _positive_int, check_eval_data, communication_cost,
-                             resolve_client_weights, validate)
 from fedjax_sim.models.core import Model
+from fedjax_sim.validation import check_eval_data, check_seed, positive_int, validate
+
+
+class SweepResult(list):
+  """The histories of a sweep, one per experiment (a list), with the experiments' final global
+  models ``params`` (every leaf ``[E, ...]``) and ``state`` (the stacked server states)."""
+
+  def __init__(self, histories, params, state):
+    super().__init__(histories)
+    self.params, self.state = params, state
 
 
 def grid(**axes: Sequence[Any]) -> dict[str, list]:
@@ -48,7 +63,6 @@ def _experiments(seed, hparams: dict[str, Any]) -> tuple[list[int], list[dict[st
   e = lengths.pop() if lengths else 1
   if e == 0:
     raise ValueError("a sweep needs at least one experiment")
-  from fedjax_sim.loop import check_seed
   seeds = [check_seed(s.item() if isinstance(s, np.generic) else s)
            for s in (list(seed) if np.ndim(seed) == 1 else [seed] * e)]
   hps = [{k: float(v[i] if np.ndim(v) == 1 else v) for k, v in hparams.items()} for i in range(e)]
@@ -58,7 +72,7 @@ def _experiments(seed, hparams: dict[str, Any]) -> tuple[list[int], list[dict[st
 def sweep(algorithm: Algorithm, model: Model, train_data, *, rounds: int, cohort_size: int,
           seed: int | Sequence[int] = 0, eval_data: Any = None, eval_every: int = 10,
           chunk_size: int | None = None, rounds_per_call: int = 10, eval_batch_size: int = 1000,
-          progress: bool = True, **hparams) -> list[History]:
+          progress: bool = True, **hparams) -> SweepResult:
   """Runs E experiments vmapped as one program; returns one History per experiment.
 
   Args:
@@ -66,10 +80,12 @@ def sweep(algorithm: Algorithm, model: Model, train_data, *, rounds: int, cohort
       eval_batch_size, progress: as :func:`fedjax_sim.run` (shared by all experiments).
     seed: one seed, or one per experiment.
     rounds_per_call: rounds per compiled ``lax.scan`` block (blocks end at evaluation rounds).
-    **hparams: in-state hyperparameters (:data:`fedjax_sim.server.HPARAMS`), each a scalar
-      (shared) or a list with one value per experiment.
+    **hparams: in-state hyperparameters (:data:`fedjax_sim.server.HPARAMS` and those the
+      algorithm declares, e.g. FedProx's ``mu``), each a scalar (shared) or a list with one
+      value per experiment.
 
-  Each history has the keys of ``run``'s (per-round metrics, ``test_*`` at evaluation rounds,
+  Returns a :class:`SweepResult`: the list of histories, with ``.params`` (the E final models,
+  stacked) and ``.state``. Each history has the keys of ``run``'s (per-round metrics, ``test_*`` at evaluation rounds,
   communication) plus the experiment's ``seed`` and hyperparameters as constant columns;
   ``seconds`` is the sweep's time per round divided by E.
   """
@@ -77,39 +93,23 @@ def sweep(algorithm: Algorithm, model: Model, train_data, *, rounds: int, cohort
   e = len(seeds)
   validate(algorithm, model, train_data, rounds=rounds, cohort_size=cohort_size,
            eval_every=eval_every, chunk_size=chunk_size, num_devices=1)
-  _positive_int("rounds_per_call", rounds_per_call)
+  positive_int("rounds_per_call", rounds_per_call)
   for hp in hps:
     server.check_hparams(hp, algorithm.hparams)
   eval_arrays = None
   if eval_data is not None:
     eval_arrays = evaluation.as_arrays(eval_data)
     check_eval_data(model, eval_arrays)
-  from fedjax_sim.data.procedural import ProceduralPopulation
-  if isinstance(train_data, ProceduralPopulation):
-    data = train_data
-  else:
-    data = engine.to_device(train_data, resolve_client_weights(train_data, algorithm.weighting))
-
-  keys = [jax.random.split(jax.random.key(s)) for s in seeds]
-  states = [engine.init_state(algorithm, model.init(k[0]), train_data.num_clients, hp)
-            for k, hp in zip(keys, hps)]
-  state = jax.tree.map(lambda *a: jnp.stack(a), *states)
+  exp = build(algorithm, model, train_data, cohort_size=cohort_size, chunk_size=chunk_size)
+  keys = [seed_keys(s) for s in seeds]
+  state = jax.tree.map(lambda *a: jnp.stack(a),
+                       *[exp.init(k[0], hp) for k, hp in zip(keys, hps)])
   # One seed for all experiments (a hyperparameter sweep with common random numbers): the round
   # key is not batched, so cohort sampling, shuffles and the gather of the clients' examples
   # happen once per round for all E experiments instead of E times.
   shared_key = len(set(seeds)) == 1
   key_rounds = keys[0][1] if shared_key else jnp.stack([k[1] for k in keys])
-  comm = communication_cost(algorithm, states[0].params)
-  del states
-
-  round_fn = engine.make_round(algorithm, model, population=train_data.num_clients,
-                               cohort_size=cohort_size, max_client_size=train_data.max_client_size,
-                               chunk_size=chunk_size)
-
-  def block_fn(state, data, key, rs):
-    return jax.lax.scan(lambda s, r: round_fn(s, data, jax.random.fold_in(key, r)), state, rs)
-
-  block = jax.jit(jax.vmap(block_fn, in_axes=(0, None, None if shared_key else 0, None)))
+  block = jax.jit(jax.vmap(exp.block, in_axes=(0, None, None if shared_key else 0, None)))
   evaluate = None
   if eval_arrays is not None:
     ev1 = evaluation.make_evaluate(model, eval_batch_size)
@@ -126,17 +126,17 @@ def sweep(algorithm: Algorithm, model: Model, train_data, *, rounds: int, cohort
           eval_arrays is not None and end % eval_every == 0):
         end += 1
       t = time.perf_counter()
-      state, outs = block(state, data, key_rounds, jnp.arange(r, end + 1, dtype=jnp.int32))
+      state, outs = block(state, exp.data, key_rounds, jnp.arange(r, end + 1, dtype=jnp.int32))
       metrics = jax.device_get(outs.metrics)            # each [E, rounds in block]
       seconds = (time.perf_counter() - t) / (end - r + 1) / e
       ev = None
       if evaluate is not None and (end % eval_every == 0 or end == rounds):
-        ev = jax.device_get(evaluate(state.params, ex, ey))
+        ev = jax.device_get(evaluate(exp.params(state), ex, ey))
       for x in range(e):
         for i, rr in enumerate(range(r, end + 1)):
           rec = {"round": rr, **{k: float(v[x, i]) for k, v in metrics.items()},
                  "seconds": seconds, "seed": float(seeds[x]), **hps[x]}
-          rec.update(_communication(comm, rec))
+          rec.update(with_communication(exp.communication, rec))
           records[x].append(rec)
         if ev is not None:
           records[x][-1]["test_loss"] = float(ev["loss"][x])
@@ -145,4 +145,4 @@ def sweep(algorithm: Algorithm, model: Model, train_data, *, rounds: int, cohort
       r = end + 1
   finally:
     bar.close()
-  return [History.from_records(recs) for recs in records]
+  return SweepResult([History.from_records(recs) for recs in records], exp.params(state), state)

@@ -26,7 +26,7 @@ def _mlp():
 
 def _setup(config, data, seed=0):
   model = _mlp()
-  dev = engine.to_device(data, fs.loop.resolve_client_weights(data, config.algorithm.weighting))
+  dev = engine.to_device(data, fs.validation.resolve_client_weights(data, config.algorithm.weighting))
   state = asynchronous.init_state(config, model.init(jax.random.key(seed)), dev,
                                   jax.random.key(seed + 1))
   step = jax.jit(asynchronous.make_server_step(config, model, population=data.num_clients,
@@ -54,7 +54,7 @@ def _reference_update(config, model, data, key, arrivals, start_params, params, 
   work = config.algorithm.work
   opt = config.algorithm.client_optimizer
   batch_key = engine.round_keys(key).batch
-  w_all = fs.loop.resolve_client_weights(data, config.algorithm.weighting)
+  w_all = fs.validation.resolve_client_weights(data, config.algorithm.weighting)
   sgd_step = _sgd_step(model, opt)
   acc = jax.tree.map(lambda p: np.zeros(p.shape, np.float64), params)
   total_p = 0.0
@@ -249,8 +249,8 @@ def test_learns_digits_and_compiles_once(monkeypatch):
   config = fedbuff(optax.sgd(0.2), buffer_size=5, concurrency=12, max_staleness=20,
                    batch_size=32, duration=STRAGGLY)
   res = asynchronous.run_async(config, fs.models.logistic_regression(64, 10), data,
-                               server_steps=30, eval_data=test, eval_every=10, seed=0,
-                               progress=False, steps_per_call=10)
+                               rounds=30, eval_data=test, eval_every=10, seed=0,
+                               progress=False, rounds_per_call=10)
   h = res.history
   assert len(traces) == 1
   assert h.num_rounds == 30 and h["round"].tolist() == list(range(1, 31))
@@ -284,12 +284,12 @@ def test_bad_config(kwargs):
 def test_bad_run_input(ragged_data):
   config = fedbuff(buffer_size=2, concurrency=20)   # population is 12
   with pytest.raises(ValueError, match="concurrency"):
-    asynchronous.run_async(config, _mlp(), ragged_data, server_steps=2, progress=False)
+    asynchronous.run_async(config, _mlp(), ragged_data, rounds=2, progress=False)
   ok = fedbuff(buffer_size=2, concurrency=4)
   with pytest.raises(ValueError, match="server_steps"):
-    asynchronous.run_async(ok, _mlp(), ragged_data, server_steps=0, progress=False)
+    asynchronous.run_async(ok, _mlp(), ragged_data, rounds=0, progress=False)
   with pytest.raises(ValueError, match="config"):
-    asynchronous.run_async(fs.algorithms.fedavg(), _mlp(), ragged_data, server_steps=2,
+    asynchronous.run_async(fs.algorithms.fedavg(), _mlp(), ragged_data, rounds=2,
                            progress=False)
   with pytest.raises(ValueError, match="does not support"):
     asynchronous.AsyncConfig("x", fs.algorithms.scaffold(), buffer_size=2, concurrency=4,
@@ -302,7 +302,7 @@ def test_run_until_simulated_time(ragged_data):
   until_time=3 stops after the third step (and evaluates there)."""
   config = fedbuff(optax.sgd(0.1), buffer_size=2, concurrency=2, max_staleness=1,
                    local_steps=1, batch_size=4, duration=EQUAL_SPEED)
-  res = asynchronous.run_async(config, _mlp(), ragged_data, server_steps=100, until_time=3.0,
+  res = asynchronous.run_async(config, _mlp(), ragged_data, rounds=100, until_time=3.0,
                                eval_data=ragged_data, eval_every=10, seed=4, progress=False)
   h = res.history
   assert h["round"].tolist() == [1, 2, 3]
@@ -319,5 +319,5 @@ def test_run_async_refuses_a_cohort_privacy_accountant(ragged_data):
   cb = accounting.privacy_callback(1.0, 4 / 12, 1e-5, population=12)
   config = fedbuff(optax.sgd(0.1), buffer_size=2, concurrency=4, batch_size=16)
   with pytest.raises(ValueError, match="asynchronous"):
-    fs.run_async(config, fs.models.logistic_regression(8, 4), ragged_data, server_steps=2,
+    fs.run_async(config, fs.models.logistic_regression(8, 4), ragged_data, rounds=2,
                  callback=cb, progress=False)

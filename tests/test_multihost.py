@@ -46,7 +46,8 @@ WORKER = textwrap.dedent("""
     mode, out = sys.argv[1], sys.argv[2]
 """) + SETUP + textwrap.dedent("""
     if mode == "helpers":
-      params, metrics = distributed.run_rounds(algo, model, data, rounds=3, cohort_size=8,
+      from fedjax_sim import experiment
+      params, metrics = experiment.run_rounds(algo, model, data, rounds=3, cohort_size=8,
                                                chunk_size=3)
       loss, test_acc = metrics["train_loss"], None
     else:
@@ -132,7 +133,7 @@ def _check(results, ref):
 
 @pytest.mark.slow
 def test_two_processes_equal_single_process(tmp_path):
-  """distributed.run_rounds (the calls run() makes) over 2 processes x 2 CPU devices."""
+  """experiment.run_rounds (the calls run() makes) over 2 processes x 2 CPU devices."""
   procs = _start_workers("helpers", tmp_path)
   try:
     ref = _reference()   # overlaps with the workers' start-up and compilation

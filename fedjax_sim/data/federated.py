@@ -184,7 +184,7 @@ class FederatedData:
       raise ValueError(f"client_ids has shape {self.client_ids.shape}, expected ({sizes.size},)")
     empty = np.flatnonzero(sizes == 0)
     if empty.size:
-      raise ValueError(f"client {self._client_name(empty[0])!r} (index {empty[0]}) has no "
+      raise ValueError(f"client {self.client_name(empty[0])!r} (index {empty[0]}) has no "
                        f"examples; {empty.size} empty client(s) in all. Drop them or change the "
                        "partition.")
     n = int(offsets[-1])
@@ -192,7 +192,7 @@ class FederatedData:
       if a.ndim == 0 or a.shape[0] != n:
         raise ValueError(f"feature {name!r} has shape {a.shape}, expected a leading axis of {n} "
                          "(the total number of examples)")
-    _check_features(self.arrays, self.num_classes, self._client_of_row)
+    _check_features(self.arrays, self.num_classes, self.client_of_row)
 
   def device_array(self, name: str, dtype=None) -> jax.Array:
     """Feature ``name`` (``[N, ...]``) as a jax Array on the default device, cast to ``dtype``.
@@ -230,12 +230,12 @@ class FederatedData:
     self.device_arrays[name] = array
     self.arrays[name] = np.asarray(array)
 
-  def _client_name(self, p: int):
+  def client_name(self, p: int):
     """Client ``p``'s id as a plain Python value, so messages read ``'b'``, not ``np.str_('b')``."""
     return self.client_ids[p:p + 1].tolist()[0]
 
-  def _client_of_row(self, row: int):
-    return self._client_name(int(np.searchsorted(self.offsets, row, side="right")) - 1)
+  def client_of_row(self, row: int):
+    return self.client_name(int(np.searchsorted(self.offsets, row, side="right")) - 1)
 
   # --- construction ---------------------------------------------------------------------------
   @classmethod
