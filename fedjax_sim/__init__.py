@@ -15,8 +15,8 @@ True
 """
 
 from fedjax_sim import (aggregators, algorithms, asynchronous, attacks, checkpoint, distributed,
-                        engine, heterogeneity, models, personalize, secure_aggregation, server,
-                        sweep, testing, transforms, tree)
+                        engine, heterogeneity, models, optimizers, personalize, privacy,
+                        registry, secure_aggregation, server, sweep, testing, transforms, tree)
 from fedjax_sim.asynchronous import run_async
 from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
 from fedjax_sim.heterogeneity import Heterogeneity
@@ -28,6 +28,6 @@ __version__ = "0.1.0"
 __all__ = ["ClientBatches", "FederatedData", "Heterogeneity", "History", "LocalWork", "RunResult",
            "add_client_summaries", "aggregators", "algorithms", "asynchronous", "attacks",
            "checkpoint", "distributed", "datasets", "engine",
-           "heterogeneity", "models", "partition", "personalize", "plot_histories", "run", "run_async", "secure_aggregation", "server",
+           "heterogeneity", "models", "optimizers", "partition", "personalize", "privacy", "registry", "plot_histories", "run", "run_async", "secure_aggregation", "server",
            "sweep", "testing",
            "transforms", "tree"]

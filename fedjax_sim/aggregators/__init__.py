@@ -8,6 +8,15 @@ buffer it (``init`` gets the number of client slots to size the buffer).
 from fedjax_sim.aggregators.base import Aggregator, mean
 from fedjax_sim.aggregators.robust import (coordinate_median, krum, norm_bounded_mean,
                                            trimmed_mean)
+from fedjax_sim.registry import Registry
 
-__all__ = ["Aggregator", "coordinate_median", "krum", "mean", "norm_bounded_mean",
-           "trimmed_mean"]
+# Every aggregator by name (the command line's [aggregator] table reaches these).
+REGISTRY = Registry("aggregator")
+for _factory in (mean, coordinate_median, trimmed_mean, krum, norm_bounded_mean):
+  REGISTRY.register()(_factory)
+from fedjax_sim.secure_aggregation import secure_sum  # noqa: E402 -- it imports this package
+
+REGISTRY.register()(secure_sum)
+
+__all__ = ["REGISTRY", "Aggregator", "coordinate_median", "krum", "mean", "norm_bounded_mean",
+           "secure_sum", "trimmed_mean"]

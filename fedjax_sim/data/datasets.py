@@ -22,6 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.registry import Registry
+
+# Dataset loaders by name (fedjax_sim.data registers shakespeare here too).
+REGISTRY = Registry("dataset")
 
 FASHION_MNIST_ENV = "FEDJAX_SIM_FASHION_MNIST_DIR"
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -71,6 +75,7 @@ def _find(folder: Path, stem: str) -> Path | None:
   return None
 
 
+@REGISTRY.register()
 def fashion_mnist(data_dir: str | os.PathLike | None = None, flatten: bool = True):
   """Fashion-MNIST as ``(train, test)`` dicts of arrays ``{"x": float32 [N, 784] in [0, 1], "y": int32 [N]}``.
 
@@ -121,6 +126,7 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, flatten: bool = Tru
   return load("train"), load("test")
 
 
+@REGISTRY.register()
 def digits(test_fraction: float = 0.25, seed: int = 0, flatten: bool = True):
   """scikit-learn's bundled 8x8 digits as ``(train, test)`` dicts; ``x`` scaled to [0, 1].
 
@@ -141,6 +147,7 @@ def digits(test_fraction: float = 0.25, seed: int = 0, flatten: bool = True):
   return {"x": x[tr], "y": y[tr]}, {"x": x[te], "y": y[te]}
 
 
+@REGISTRY.register()
 def fortunes(topics: tuple[str, ...] = FORTUNES_TOPICS, max_per_topic: int | None = None,
              seed: int = 0, folder: str | os.PathLike | None = None):
   """Fortune cookies of a few topic files as ``(texts, labels)``: a text classification task.
@@ -183,6 +190,7 @@ def fortunes(topics: tuple[str, ...] = FORTUNES_TOPICS, max_per_topic: int | Non
   return texts, np.asarray(labels, np.int32)
 
 
+@REGISTRY.register()
 def synthetic(alpha: float = 1.0, beta: float = 1.0, iid: bool = False, num_clients: int = 30,
               seed: int = 0, test_fraction: float = 0.1):
   """FedProx's Synthetic(alpha, beta) federated data, as ``(train, test)`` FederatedData.

@@ -10,7 +10,15 @@ from fedjax_sim.transforms.base import (UpdateTransform, apply_transform, chain,
                                         gaussian_attack, is_attacker, scale_attack,
                                         sign_flip_attack)
 from fedjax_sim.transforms.compression import hadamard_quantize, stochastic_quantize, top_k
+from fedjax_sim.registry import Registry
 
-__all__ = ["UpdateTransform", "apply_transform", "chain", "clip_by_norm", "gaussian_attack",
+# Every per-client update transform by name (the command line's [[transforms]] tables); DP's
+# local noise is registered by fedjax_sim.privacy.
+REGISTRY = Registry("update transform")
+for _factory in (clip_by_norm, top_k, stochastic_quantize, hadamard_quantize, sign_flip_attack,
+                 scale_attack, gaussian_attack):
+  REGISTRY.register()(_factory)
+
+__all__ = ["REGISTRY", "UpdateTransform", "apply_transform", "chain", "clip_by_norm", "gaussian_attack",
            "hadamard_quantize", "is_attacker", "scale_attack", "sign_flip_attack",
            "stochastic_quantize", "top_k"]
