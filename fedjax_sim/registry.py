@@ -201,9 +201,11 @@ class Registry(collections.abc.Mapping):
     return self.get_entry(name).factory(**options)
 
   def describe(self, name: str) -> str:
-    """The first line of the factory's docstring ("" when it has none)."""
+    """The first sentence of the factory's docstring ("" when it has none)."""
     doc = inspect.getdoc(self.get_entry(name).factory) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    first = " ".join(doc.strip().split("\n\n")[0].split())
+    end = re.search(r"\.(\s+[A-Z]|$)", first)
+    return first[:end.start() + 1] if end else first
 
   def __repr__(self):
     return f"Registry({self.kind!r}: {', '.join(self._entries)})"
