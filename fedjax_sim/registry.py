@@ -107,6 +107,14 @@ def _hints(factory) -> dict[str, Any]:
     return {}
 
 
+class UnknownEntryError(KeyError, ValueError):
+  """A name that is not registered: a ValueError (bad input) and a KeyError (a missing key of the
+  registry mapping)."""
+
+  def __str__(self):
+    return str(self.args[0])
+
+
 class _Entry(NamedTuple):
   factory: Callable[..., Any]
   forwards_to: Callable[..., Any] | None
@@ -140,6 +148,9 @@ class Registry(collections.abc.Mapping):
   def __getitem__(self, name: str):
     return self.get_entry(name).factory
 
+  def __contains__(self, name) -> bool:
+    return name in self._entries
+
   def __iter__(self):
     return iter(self._entries)
 
@@ -151,11 +162,12 @@ class Registry(collections.abc.Mapping):
     return list(self._entries)
 
   def get_entry(self, name: str) -> _Entry:
-    """The entry of ``name``; ValueError naming the valid ones otherwise."""
+    """The entry of ``name``; :class:`UnknownEntryError` (a ValueError) naming the valid ones
+    otherwise."""
     if not isinstance(name, str) or name not in self._entries:
       close = difflib.get_close_matches(str(name), self._entries, n=1)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
-      raise ValueError(f"unknown {self.kind} {name!r}{hint}; choose from "
+      raise UnknownEntryError(f"unknown {self.kind} {name!r}{hint}; choose from "
                        f"{', '.join(self._entries)}")
     return self._entries[name]
 

@@ -75,7 +75,8 @@ from fedjax_sim.cli.build import (factory_options, load_data, make_algorithm, ma
                                   make_table, run_title, server_optimizer)
 from fedjax_sim.cli.config import apply_mapping, check_options, parse_table
 from fedjax_sim.cli.files import read_config_file
-from fedjax_sim.cli.main import QUIET_LOGGERS, build_parser, cmd_list, cmd_run, config_from_args, main
+from fedjax_sim.cli.main import (QUIET_LOGGERS, build_parser, cmd_list, cmd_run, config_from_args,
+                                 main)
 from fedjax_sim.cli.output import make_out_folder
 from fedjax_sim.cli.resolve import (NOT_IDENTITY, experiment_identity, resolve, to_dict,
                                     to_toml)

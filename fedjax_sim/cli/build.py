@@ -67,7 +67,7 @@ def factory_options(cfg: Config, client_optimizer, server_optimizer) -> dict[str
     table = cfg.tables.get("client_optimizer", {"name": "sgd", "learning_rate": a.client_lr,
                                                 "momentum": a.client_momentum or None})
     allowed = {"name", "learning_rate"} | ({"momentum"} if "momentum" in options else set())
-    if table["name"] != "sgd" or set(table) - allowed:
+    if table["name"] != "sgd" or {k for k, v in table.items() if v is not None} - allowed:
       raise ConfigError(f"{a.name} runs local SGD: its client optimizer takes learning_rate"
                         f"{' and momentum' if 'momentum' in options else ''} only, got {table}")
     kw["client_lr"] = table["learning_rate"]
