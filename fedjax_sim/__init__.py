@@ -15,8 +15,9 @@ True
 """
 
 from fedjax_sim import (aggregators, algorithms, asynchronous, checkpoint, client, distributed,
-                        engine, experiment, heterogeneity, models, personalize, server, sweep,
-                        testing, transfer, transforms, tree, validation)
+                        engine, experiment, heterogeneity, models, optimizers, personalize,
+                        privacy, registry, server, sweep, testing, transfer, transforms, tree,
+                        validation)
 from fedjax_sim.asynchronous import run_async
 from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
 from fedjax_sim.heterogeneity import Heterogeneity
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = ["ClientBatches", "FederatedData", "Heterogeneity", "History", "LocalWork", "RunResult",
            "add_client_summaries", "aggregators", "algorithms", "asynchronous",
            "checkpoint", "client", "distributed", "datasets", "engine", "experiment",
-           "heterogeneity", "models", "partition", "personalize", "plot_histories", "run", "run_async", "server",
+           "heterogeneity", "models", "optimizers", "partition", "personalize", "plot_histories",
+           "privacy", "registry", "run", "run_async", "server",
            "sweep", "testing",
            "transfer", "transforms", "tree", "validation"]

@@ -37,8 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.data.federated import LocalWork
+from fedjax_sim.registry import Registry
+
+# Descriptions of heterogeneous clients by name (the command line's [heterogeneity] table; its
+# options are the Heterogeneity fields, per-client arrays given as lists).
+REGISTRY = Registry("heterogeneity")
 
 
+@REGISTRY.register("default")
 @dataclasses.dataclass(frozen=True, eq=False)
 class Heterogeneity:
   """Static description of how clients differ in compute and availability.

@@ -11,6 +11,12 @@ from fedjax_sim.aggregators import robust, secure
 from fedjax_sim.aggregators.robust import (coordinate_median, krum, norm_bounded_mean,
                                            trimmed_mean)
 from fedjax_sim.aggregators.secure import secure_sum
+from fedjax_sim.registry import Registry
 
-__all__ = ["Aggregator", "coordinate_median", "krum", "mean", "norm_bounded_mean", "robust",
-           "secure", "secure_sum", "trimmed_mean"]
+# Every aggregator by name (the command line's [aggregator] table reaches these).
+REGISTRY = Registry("aggregator")
+for _factory in (mean, coordinate_median, trimmed_mean, krum, norm_bounded_mean, secure_sum):
+  REGISTRY.register()(_factory)
+
+__all__ = ["REGISTRY", "Aggregator", "coordinate_median", "krum", "mean", "norm_bounded_mean",
+           "robust", "secure", "secure_sum", "trimmed_mean"]

@@ -7,16 +7,14 @@ from fedjax_sim.algorithms.fedbuff import fedbuff   # asynchronous: run with fed
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox, proximal_term
 from fedjax_sim.algorithms.scaffold import scaffold
+from fedjax_sim.registry import Registry
 
-REGISTRY = {"fedavg": fedavg, "fedavgm": fedavgm, "fedprox": fedprox, "fedadam": fedadam,
-            "fedyogi": fedyogi, "fedadagrad": fedadagrad, "scaffold": scaffold, "fednova": fednova}
-
-
-def make(name: str, **kwargs) -> Algorithm:
-  """Algorithm by name (see ``REGISTRY``)."""
-  if name not in REGISTRY:
-    raise ValueError(f"unknown algorithm {name!r}; choose from {sorted(REGISTRY)}")
-  return REGISTRY[name](**kwargs)
+# Every algorithm by name: the command line and config files reach what is registered here.
+REGISTRY = Registry("algorithm")
+for _factory in (fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, scaffold, fednova):
+  REGISTRY.register(forwards_to=None if _factory is fedavg else fedavg)(_factory)
+REGISTRY.register()(fedbuff)
+make = REGISTRY.make   # make(name, **options): Algorithm by name, options checked
 
 
 __all__ = ["Algorithm", "REGISTRY", "adaptive_server_optimizer", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "fednova",

@@ -21,7 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fedjax_sim.data.federated import FederatedData, _aligned_copy, _take_rows, aligned_empty
+from fedjax_sim.data.federated import FederatedData, aligned_copy, take_rows, aligned_empty
+from fedjax_sim.registry import Registry
+
+# Dataset loaders by name (fedjax_sim.data registers shakespeare here too).
+REGISTRY = Registry("dataset")
 
 FASHION_MNIST_ENV = "FEDJAX_SIM_FASHION_MNIST_DIR"
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -71,6 +75,7 @@ def _find(folder: Path, stem: str) -> Path | None:
   return None
 
 
+@REGISTRY.register()
 def fashion_mnist(data_dir: str | os.PathLike | None = None, flatten: bool = True):
   """Fashion-MNIST as ``(train, test)`` dicts of arrays ``{"x": float32 [N, 784] in [0, 1], "y": int32 [N]}``.
 
@@ -113,7 +118,7 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, flatten: bool = Tru
     # 64-byte aligned, so that a CPU device uses them in place (see FederatedData.device_array).
     raw = read_idx(files[prefix + "_x"])
     x = np.divide(raw, np.float32(255.0), out=aligned_empty(raw.shape, np.float32))
-    y = _aligned_copy(read_idx(files[prefix + "_y"]), np.int32)
+    y = aligned_copy(read_idx(files[prefix + "_y"]), np.int32)
     if x.shape[0] != y.shape[0]:
       raise ValueError(f"{files[prefix + '_x']} and {files[prefix + '_y']} disagree on the "
                        f"number of examples ({x.shape[0]} vs {y.shape[0]})")
@@ -123,6 +128,7 @@ def fashion_mnist(data_dir: str | os.PathLike | None = None, flatten: bool = Tru
   return load("train"), load("test")
 
 
+@REGISTRY.register()
 def digits(test_fraction: float = 0.25, seed: int = 0, flatten: bool = True):
   """scikit-learn's bundled 8x8 digits as ``(train, test)`` dicts; ``x`` scaled to [0, 1].
 
@@ -140,10 +146,11 @@ def digits(test_fraction: float = 0.25, seed: int = 0, flatten: bool = True):
   perm = np.random.default_rng(seed).permutation(len(y))
   n_test = int(round(test_fraction * len(y)))
   te, tr = perm[:n_test], perm[n_test:]
-  return ({"x": _take_rows(x, tr), "y": _take_rows(y, tr)},
-          {"x": _take_rows(x, te), "y": _take_rows(y, te)})
+  return ({"x": take_rows(x, tr), "y": take_rows(y, tr)},
+          {"x": take_rows(x, te), "y": take_rows(y, te)})
 
 
+@REGISTRY.register()
 def fortunes(topics: tuple[str, ...] = FORTUNES_TOPICS, max_per_topic: int | None = None,
              seed: int = 0, folder: str | os.PathLike | None = None):
   """Fortune cookies of a few topic files as ``(texts, labels)``: a text classification task.
@@ -186,6 +193,7 @@ def fortunes(topics: tuple[str, ...] = FORTUNES_TOPICS, max_per_topic: int | Non
   return texts, np.asarray(labels, np.int32)
 
 
+@REGISTRY.register()
 def synthetic(alpha: float = 1.0, beta: float = 1.0, iid: bool = False, num_clients: int = 30,
               seed: int = 0, test_fraction: float = 0.1):
   """FedProx's Synthetic(alpha, beta) federated data, as ``(train, test)`` FederatedData.

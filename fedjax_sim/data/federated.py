@@ -213,7 +213,7 @@ class FederatedData:
     if a is None:
       cpu = jax.local_devices()[0].platform == "cpu"
       if dtype is not None and self.arrays[name].dtype != np.dtype(dtype):
-        return jax.device_put(_aligned_copy(self.arrays[name], dtype))
+        return jax.device_put(aligned_copy(self.arrays[name], dtype))
       if cpu and self.arrays[name].ctypes.data % _ALIGN:
         # Handed over in a list so that no variable here refers to the array: numpy can then
         # tell whether anything outside the population still does.
@@ -281,7 +281,7 @@ class FederatedData:
     seen[order] = True
     if int(np.count_nonzero(seen)) != order.size:
       raise ValueError("the partition assigns some example to more than one client")
-    return cls({k: _take_rows(np.asarray(v), order) for k, v in arrays.items()}, offsets, ids,
+    return cls({k: take_rows(np.asarray(v), order) for k, v in arrays.items()}, offsets, ids,
                num_classes)
 
   @classmethod
@@ -440,7 +440,7 @@ def _is_consecutive(parts: Sequence[np.ndarray], block: int = 1 << 20) -> bool:
   return True
 
 
-def _aligned_copy(a: np.ndarray, dtype=None) -> np.ndarray:
+def aligned_copy(a: np.ndarray, dtype=None) -> np.ndarray:
   """``a.astype(dtype)`` (default: ``a``'s dtype) in a new 64-byte aligned array."""
   out = aligned_empty(a.shape, a.dtype if dtype is None else dtype)
   out[...] = a
@@ -478,7 +478,7 @@ def _move_to_aligned(box: list) -> np.ndarray:
   return out
 
 
-def _take_rows(a: np.ndarray, order: np.ndarray) -> np.ndarray:
+def take_rows(a: np.ndarray, order: np.ndarray) -> np.ndarray:
   """``a[order]`` into a new 64-byte aligned array (one copy, usable in place by the device)."""
   out = aligned_empty((order.size,) + a.shape[1:], a.dtype)
   # mode="clip": with the default "raise" NumPy fills a temporary of the output's size and then

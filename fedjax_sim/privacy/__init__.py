@@ -13,7 +13,15 @@ from fedjax_sim.privacy.accounting import (EpsilonCurve, PrivacyCallback, epsilo
                                            noise_multiplier_for, privacy_callback)
 from fedjax_sim.privacy.dp import (clip_tree, current_clip_norm, dp_fedavg, local_gaussian_noise,
                                    update_noise_multiplier)
+from fedjax_sim.registry import Registry
+from fedjax_sim.transforms import REGISTRY as _TRANSFORMS
 
-__all__ = ["EpsilonCurve", "PrivacyCallback", "clip_tree", "current_clip_norm", "dp_fedavg",
+# Privacy mechanisms that wrap an algorithm (the command line's [privacy] table):
+# factory(base_algorithm, **options) -> Algorithm.
+REGISTRY = Registry("privacy mechanism")
+REGISTRY.register()(dp_fedavg)
+_TRANSFORMS.register()(local_gaussian_noise)
+
+__all__ = ["REGISTRY", "EpsilonCurve", "PrivacyCallback", "clip_tree", "current_clip_norm", "dp_fedavg",
            "epsilon", "local_gaussian_noise", "noise_multiplier_for", "privacy_callback",
            "update_noise_multiplier"]

@@ -13,7 +13,15 @@ from fedjax_sim.transforms.attacks import (gaussian_attack, is_attacker, scale_a
 from fedjax_sim.transforms.base import (IDENTITY, UpdateTransform, chain, clip_by_norm, identity,
                                         stateless)
 from fedjax_sim.transforms.compression import hadamard_quantize, stochastic_quantize, top_k
+from fedjax_sim.registry import Registry
 
-__all__ = ["IDENTITY", "UpdateTransform", "attacks", "chain", "clip_by_norm", "compression",
-           "gaussian_attack", "hadamard_quantize", "identity", "is_attacker", "scale_attack",
-           "sign_flip_attack", "stateless", "stochastic_quantize", "top_k"]
+# Every per-client update transform by name (the command line's [[transforms]] tables); DP's
+# local noise is registered by fedjax_sim.privacy.
+REGISTRY = Registry("update transform")
+for _factory in (clip_by_norm, top_k, stochastic_quantize, hadamard_quantize, sign_flip_attack,
+                 scale_attack, gaussian_attack):
+  REGISTRY.register()(_factory)
+
+__all__ = ["IDENTITY", "REGISTRY", "UpdateTransform", "attacks", "chain", "clip_by_norm",
+           "compression", "gaussian_attack", "hadamard_quantize", "identity", "is_attacker",
+           "scale_attack", "sign_flip_attack", "stateless", "stochastic_quantize", "top_k"]
