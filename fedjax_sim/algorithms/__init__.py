@@ -1,5 +1,7 @@
 """Federated algorithms, one short module each, and a registry by name."""
+from fedjax_sim.algorithms.apfl import apfl
 from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.algorithms.fedopt import (adaptive_server_optimizer, fedadagrad, fedadam, fedavgm,
                                           fedyogi)
@@ -10,6 +12,7 @@ from fedjax_sim.algorithms.scaffold import scaffold
 
 REGISTRY = {"fedavg": fedavg, "fedavgm": fedavgm, "fedprox": fedprox, "fedadam": fedadam,
             "fedyogi": fedyogi, "fedadagrad": fedadagrad, "scaffold": scaffold, "fednova": fednova}
+REGISTRY.update(ditto=ditto, apfl=apfl)   # personalized (issue 16)
 
 
 def make(name: str, **kwargs) -> Algorithm:
@@ -19,5 +22,5 @@ def make(name: str, **kwargs) -> Algorithm:
   return REGISTRY[name](**kwargs)
 
 
-__all__ = ["Algorithm", "REGISTRY", "adaptive_server_optimizer", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "fednova",
+__all__ = ["Algorithm", "REGISTRY", "apfl", "ditto", "adaptive_server_optimizer", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "fednova",
            "fedprox", "fedyogi", "make", "proximal_term", "scaffold"]
