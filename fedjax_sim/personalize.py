@@ -253,6 +253,22 @@ def evaluate_personal(model: Model, state: Any, data: FederatedData, batch_size:
 PERSONAL_PREFIX = "personal_"
 
 
+def training_metrics(clients: dict) -> dict[str, float]:
+  """The round's personal-model metrics during local training, from ``RoundOutput.clients``
+  (the ``[C]`` arrays ``personal_loss`` / ``personal_accuracy`` that Ditto's and APFL's programs
+  report): ``train_personal_loss`` and ``train_personal_accuracy``, example-weighted over the
+  clients with finite updates, as ``train_loss`` / ``train_accuracy``; ``{}`` if the round has
+  none."""
+  if "personal_accuracy" not in clients:
+    return {}
+  w = np.asarray(clients["count"], np.float64) * np.asarray(clients["finite"], bool)
+  if w.sum() <= 0:
+    return {}
+  return {f"train_personal_{m}": float(np.sum(w * np.asarray(clients[f"personal_{m}"],
+                                                             np.float64)) / w.sum())
+          for m in ("loss", "accuracy")}
+
+
 def personal_eval_callback(model: Model, data: FederatedData, every: int = 10, *,
                            rounds: int | None = None, include_global: bool = False,
                            batch_size: int = 256, chunk_size: int = 32):
@@ -260,7 +276,9 @@ def personal_eval_callback(model: Model, data: FederatedData, every: int = 10, *
   ``data`` every ``every`` rounds (and at round ``rounds``, the last, if given).
 
   Its history columns (``run`` adds a callback's returned scalars to the round's record, so they
-  are checkpointed with the history): ``personal_accuracy_weighted``, ``_mean``, ``_p10``,
+  are checkpointed with the history): every round, ``train_personal_loss`` and
+  ``train_personal_accuracy`` (:func:`training_metrics`); at evaluation rounds
+  ``personal_accuracy_weighted``, ``_mean``, ``_p10``,
   ``_p50``, ``_p90`` (percentiles over clients, as the client evaluation's; plot them with
   ``History.client_percentiles(prefix="personal_")``). With ``include_global``, also the global
   model on the same per-client data as ``client_accuracy_*``
@@ -281,13 +299,14 @@ def personal_eval_callback(model: Model, data: FederatedData, every: int = 10, *
     s = summarize(acc, np.asarray(out["count"], np.float64), client_ids)
     return {prefix + k: v for k, v in s.items() if isinstance(v, float)}
 
-  def callback(r, state, _):
+  def callback(r, state, out):
+    rec = training_metrics(out.clients)
     if r % every and r != rounds:
-      return None
+      return rec
     if not checked:
       _check_personal(state, data, model, "personal_eval_callback")
       checked.append(True)
-    rec = scalars(jax.device_get(f(state, *arrays)), PERSONAL_PREFIX)
+    rec.update(scalars(jax.device_get(f(state, *arrays)), PERSONAL_PREFIX))
     if g is not None:
       rec.update(scalars(jax.device_get(g(state.params, *arrays)), CLIENT_PREFIX))
     return rec

@@ -49,10 +49,10 @@ def _full_batch(algo_factory, **kw):
   return algo_factory(optax.sgd(LR), local_epochs=STEPS, batch_size=16, **kw)
 
 
-def _run(algo, tiny, rounds=3, callback=None):
+def _run(algo, tiny, rounds=3, callback=None, hparams=None):
   data, model, params, _ = tiny
   return fs.run(algo, model, data, rounds=rounds, cohort_size=3, seed=0, init_params=params,
-                progress=False, callback=callback)
+                progress=False, callback=callback, hparams=hparams)
 
 
 def test_ditto_equals_numpy_reference(tiny):
@@ -97,7 +97,9 @@ def test_ditto_equals_numpy_reference(tiny):
 @pytest.mark.parametrize("adaptive", [True, False])
 def test_apfl_equals_numpy_reference(tiny, adaptive):
   alpha0 = 0.5
-  res = _run(_full_batch(fs.algorithms.apfl, alpha=alpha0, adaptive_alpha=adaptive), tiny)
+  # alpha is an in-state hyperparameter: run(hparams=...) overrides the factory's default
+  res = _run(_full_batch(fs.algorithms.apfl, alpha=0.9, adaptive_alpha=adaptive), tiny,
+             hparams={"alpha": alpha0})
   _, _, params, clients = tiny
   w = _np_params(params)
   v = [w for _ in clients]
@@ -186,7 +188,10 @@ def test_evaluate_personal_is_each_clients_own_model_and_callback_records_it(tin
                              np.percentile(out["accuracy"], 10), atol=1e-6)
   glob = [_accuracy(res.params, c["x"], c["y"]) for c in clients]
   np.testing.assert_allclose(h["client_accuracy_mean"][2], np.mean(glob), atol=1e-6)
-  assert seen[0]["personal_accuracy"].shape == (3,)   # per-client training metric, every round
+  # every round: the personal models' training metrics, example-weighted over the clients
+  for r, clients in enumerate(seen):
+    want = np.sum(clients["personal_accuracy"] * clients["count"]) / np.sum(clients["count"])
+    np.testing.assert_allclose(h["train_personal_accuracy"][r], want, atol=1e-6)
 
 
 @pytest.mark.slow
