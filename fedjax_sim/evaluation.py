@@ -68,13 +68,18 @@ def batched_metrics(model: Model, params, x, y, mask):
 
 
 def make_client_evaluate(model: Model, max_client_size: int, batch_size: int = 256,
-                         chunk_size: int = 32):
+                         chunk_size: int = 32, params_of=None):
   """Builds jitted ``f(params, x [N,...], y [N], offsets [P], sizes [P]) -> dict of [P] arrays``
   (``loss``, ``accuracy``, ``count``): each client's examples in masked batches of
-  ``batch_size``, ``chunk_size`` clients at a time (vmap inside a scan, bounded memory)."""
+  ``batch_size``, ``chunk_size`` clients at a time (vmap inside a scan, bounded memory).
+
+  With ``params_of``, every client is evaluated on its own model: ``params_of(params, ids [K])``
+  returns the models of a chunk's clients stacked ``[K, ...]`` (``params`` is then whatever it
+  reads, e.g. a personalized algorithm's server state: :func:`fedjax_sim.personalize.
+  evaluate_personal`)."""
   work = LocalWork(batch_size, local_epochs=1)
   per_chunk = jax.vmap(lambda p, x, y, m: batched_metrics(model, p, x, y, m),
-                       in_axes=(None, 0, 0, 0))
+                       in_axes=(None if params_of is None else 0, 0, 0, 0))
 
   @jax.jit
   def evaluate(params, x, y, offsets, sizes):
@@ -91,7 +96,8 @@ def make_client_evaluate(model: Model, max_client_size: int, batch_size: int = 2
       # A fixed key: the order of examples inside a client does not change its metrics.
       rows, mask = batch_indices(jax.random.key(0), cids, o, n, work, max_client_size)
       rows = jnp.clip(rows, 0, y.shape[0] - 1)
-      return None, per_chunk(params, x[rows], y[rows], mask)
+      chunk_params = params if params_of is None else params_of(params, cids)
+      return None, per_chunk(chunk_params, x[rows], y[rows], mask)
 
     _, (l, c, n) = jax.lax.scan(chunk, None, (ids.reshape(n_chunks, k), offs, szs))
     l, c, n = (a.reshape(-1)[:p] for a in (l, c, n))

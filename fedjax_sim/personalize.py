@@ -185,3 +185,130 @@ def personalize(model: Model, params: Any, train: FederatedData, test: Federated
   if return_params:
     result["params"] = out["params"]
   return result
+
+
+# --------------------------------------------------- personalized algorithms' own models (Ditto, APFL)
+
+def has_personal_models(state: Any) -> bool:
+  """Whether ``state`` (a :class:`~fedjax_sim.server.ServerState`) holds per-client personal
+  models: its per-client algorithm state defines ``personal_params(global_params, hparams)``
+  (:class:`fedjax_sim.algorithms.ditto.DittoState`, :class:`fedjax_sim.algorithms.apfl.APFLState`)."""
+  stores = getattr(getattr(state, "clients", None), "algorithm", None)
+  return callable(getattr(stores, "personal_params", None))
+
+
+def personal_params(state: Any, ids: jax.Array) -> Any:
+  """The personal models of clients ``ids [K]`` (population positions), stacked ``[K, ...]``:
+  each client's ``personal_params(state.params, state.hparams)`` of its row of
+  ``state.clients.algorithm`` (Ditto: ``v_k``; APFL: ``alpha_i v_i + (1 - alpha_i) w``)."""
+  stores = state.clients.algorithm
+  population = jax.tree.leaves(stores)[0].shape[0]
+  rows = jax.tree.map(lambda a: a[jnp.clip(ids, 0, population - 1)], stores)
+  return jax.vmap(lambda row: row.personal_params(state.params, state.hparams))(rows)
+
+
+def _check_personal(state: Any, data: FederatedData, model: Model, where: str) -> None:
+  if not has_personal_models(state):
+    raise ValueError(f"{where}: the state's per-client algorithm state "
+                     f"({type(getattr(getattr(state, 'clients', None), 'algorithm', None)).__name__})"
+                     " holds no personal models; train with a personalized algorithm "
+                     "(fedjax_sim.algorithms.ditto, apfl)")
+  population = jax.tree.leaves(state.clients.algorithm)[0].shape[0]
+  if data.num_clients != population:
+    raise ValueError(f"{where}: the data holds {data.num_clients} clients but the state has "
+                     f"personal models for {population}: pass each client's held-out data, the "
+                     "training population's clients in the same order")
+  model.check_input(data.arrays["x"].shape[1:], f"{where} data")
+
+
+def make_personal_evaluate(model: Model, max_client_size: int, batch_size: int = 256,
+                           chunk_size: int = 32):
+  """Jitted ``f(state, x, y, offsets [P], sizes [P]) -> {loss, accuracy, count}`` (``[P]`` each):
+  every client's personal model (:func:`personal_params`) on its own examples
+  (:func:`fedjax_sim.evaluation.make_client_evaluate`, chunked and vmapped over clients)."""
+  return evaluation.make_client_evaluate(model, max_client_size, batch_size, chunk_size,
+                                         params_of=personal_params)
+
+
+def evaluate_personal(model: Model, state: Any, data: FederatedData, batch_size: int = 256,
+                      chunk_size: int = 32, worst: int = 5) -> dict[str, Any]:
+  """Each client's PERSONAL model (from ``state.clients.algorithm``, e.g. after
+  ``fs.run(fs.algorithms.ditto(...), ...)``: ``res.state``) on that client's data ``data`` (its
+  held-out examples: the training population's clients in the same order).
+
+  Returns what :func:`fedjax_sim.evaluation.evaluate_clients` returns: per-client ``loss``,
+  ``accuracy``, ``count`` (``[P]``), ``client_ids`` and the ``summary`` (weighted and mean
+  accuracy, 10/50/90th percentiles over clients, worst clients). Raises ValueError if the state
+  holds no personal models or the data has another number of clients.
+  """
+  _check_personal(state, data, model, "evaluate_personal")
+  f = make_personal_evaluate(model, data.max_client_size, batch_size, chunk_size)
+  out = jax.device_get(f(state, *_device_arrays(data)))
+  acc = np.asarray(out["accuracy"], np.float64)
+  cnt = np.asarray(out["count"], np.float64)
+  return {"loss": np.asarray(out["loss"]), "accuracy": acc, "count": cnt,
+          "client_ids": data.client_ids, "summary": summarize(acc, cnt, data.client_ids, worst)}
+
+
+PERSONAL_PREFIX = "personal_"
+
+
+def training_metrics(clients: dict) -> dict[str, float]:
+  """The round's personal-model metrics during local training, from ``RoundOutput.clients``
+  (the ``[C]`` arrays ``personal_loss`` / ``personal_accuracy`` that Ditto's and APFL's programs
+  report): ``train_personal_loss`` and ``train_personal_accuracy``, example-weighted over the
+  clients with finite updates, as ``train_loss`` / ``train_accuracy``; ``{}`` if the round has
+  none."""
+  if "personal_accuracy" not in clients:
+    return {}
+  w = np.asarray(clients["count"], np.float64) * np.asarray(clients["finite"], bool)
+  if w.sum() <= 0:
+    return {}
+  return {f"train_personal_{m}": float(np.sum(w * np.asarray(clients[f"personal_{m}"],
+                                                             np.float64)) / w.sum())
+          for m in ("loss", "accuracy")}
+
+
+def personal_eval_callback(model: Model, data: FederatedData, every: int = 10, *,
+                           rounds: int | None = None, include_global: bool = False,
+                           batch_size: int = 256, chunk_size: int = 32):
+  """A ``fs.run(callback=...)`` that evaluates every client's personal model on its held-out
+  ``data`` every ``every`` rounds (and at round ``rounds``, the last, if given).
+
+  Its history columns (``run`` adds a callback's returned scalars to the round's record, so they
+  are checkpointed with the history): every round, ``train_personal_loss`` and
+  ``train_personal_accuracy`` (:func:`training_metrics`); at evaluation rounds
+  ``personal_accuracy_weighted``, ``_mean``, ``_p10``,
+  ``_p50``, ``_p90`` (percentiles over clients, as the client evaluation's; plot them with
+  ``History.client_percentiles(prefix="personal_")``). With ``include_global``, also the global
+  model on the same per-client data as ``client_accuracy_*``
+  (:data:`fedjax_sim.history.CLIENT_PREFIX`), for the personalization gain.
+  """
+  from fedjax_sim.history import CLIENT_PREFIX
+  if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every <= 0:
+    raise ValueError(f"every must be a positive integer, got {every!r}")
+  f = make_personal_evaluate(model, data.max_client_size, batch_size, chunk_size)
+  g = (evaluation.make_client_evaluate(model, data.max_client_size, batch_size, chunk_size)
+       if include_global else None)
+  arrays = _device_arrays(data)
+  client_ids = data.client_ids
+  checked = []
+
+  def scalars(out, prefix):
+    acc = np.asarray(out["accuracy"], np.float64)
+    s = summarize(acc, np.asarray(out["count"], np.float64), client_ids)
+    return {prefix + k: v for k, v in s.items() if isinstance(v, float)}
+
+  def callback(r, state, out):
+    rec = training_metrics(out.clients)
+    if r % every and r != rounds:
+      return rec
+    if not checked:
+      _check_personal(state, data, model, "personal_eval_callback")
+      checked.append(True)
+    rec.update(scalars(jax.device_get(f(state, *arrays)), PERSONAL_PREFIX))
+    if g is not None:
+      rec.update(scalars(jax.device_get(g(state.params, *arrays)), CLIENT_PREFIX))
+    return rec
+
+  return callback
