@@ -7,9 +7,13 @@ from fedjax_sim.algorithms.fedbuff import fedbuff   # asynchronous: run with fed
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox, proximal_term
 from fedjax_sim.algorithms.scaffold import scaffold
+from fedjax_sim.algorithms.feddyn import feddyn
+from fedjax_sim.algorithms.mime import mime
+from fedjax_sim.algorithms.mimelite import mimelite
 
 REGISTRY = {"fedavg": fedavg, "fedavgm": fedavgm, "fedprox": fedprox, "fedadam": fedadam,
-            "fedyogi": fedyogi, "fedadagrad": fedadagrad, "scaffold": scaffold, "fednova": fednova}
+            "fedyogi": fedyogi, "fedadagrad": fedadagrad, "scaffold": scaffold, "fednova": fednova,
+            "feddyn": feddyn, "mimelite": mimelite, "mime": mime}
 
 
 def make(name: str, **kwargs) -> Algorithm:
@@ -21,3 +25,4 @@ def make(name: str, **kwargs) -> Algorithm:
 
 __all__ = ["Algorithm", "REGISTRY", "adaptive_server_optimizer", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "fednova",
            "fedprox", "fedyogi", "make", "proximal_term", "scaffold"]
+__all__ += ["feddyn", "mime", "mimelite"]
