@@ -44,7 +44,8 @@ def _run(algo, data, rounds, cohort_size):
   """fs.run with a callback recording each round's cohort; returns (result, cohorts, x0)."""
   cohorts = []
   res = fs.run(algo, _linear_model(), data, rounds=rounds, cohort_size=cohort_size, seed=4,
-               progress=False, callback=lambda r, s, out: cohorts.append(np.asarray(out.clients["id"])))
+               progress=False,
+               callback=lambda r, s, out: cohorts.append(np.asarray(out.clients["id"])))
   key_init, _ = jax.random.split(jax.random.key(4))
   p0 = _linear_model().init(key_init)
   x0 = [np.asarray(p0["w"], np.float64), np.asarray(p0["b"], np.float64)]
@@ -84,9 +85,13 @@ def test_feddyn_matches_numpy_reference():
   testing.assert_trees_close(res.params, {"w": x[0], "b": x[1]}, atol=1e-5)
   testing.assert_trees_close(res.state.aux, {"w": h[0], "b": h[1]}, atol=1e-5)
   testing.assert_trees_close(res.state.clients.algorithm,
-                             {"w": np.stack([gk[0] for gk in g]), "b": np.stack([gk[1] for gk in g])},
-                             atol=1e-5)
+                             {"w": np.stack([gk[0] for gk in g]),
+                              "b": np.stack([gk[1] for gk in g])}, atol=1e-5)
   assert np.abs(h[0]).max() > 1e-3   # the reference exercises the correction
+  # alpha lives in the state: the same run with another default and run(hparams=) agrees
+  other = fs.run(algorithms.feddyn(optax.sgd(LR), alpha=1.0, **FULL_BATCH), _linear_model(), data,
+                 rounds=rounds, cohort_size=3, seed=4, progress=False, hparams={"alpha": alpha})
+  testing.assert_trees_close(other.params, res.params, atol=1e-6)
 
 
 @pytest.mark.parametrize("name,weighting", [("mime", "examples"), ("mime", "uniform"),
@@ -127,6 +132,7 @@ def _mlp():
   return fs.models.mlp(input_dim=8, hidden=(8,), num_classes=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs", [
     ("feddyn", {"alpha": 0.05}), ("mime", {"beta": 0.5}), ("mimelite", {"beta": 0.5})])
 def test_equals_sequential_reference_across_chunk_sizes(name, kwargs):

@@ -29,9 +29,10 @@ clients use the ``c`` of the PREVIOUS round (``mean_i grad f_i(x)`` uploaded the
 quantity that updates ``m``), kept in the server state. A client's own full-batch gradient at x
 (computable inside the program in a first pass) is no substitute: ``g`` would then be local SVRG,
 with none of the cross-client correction that makes Mime what it is. In round 1 ``c = m = 0``,
-so ``g = 0`` at ``y = x`` and clients do not move: round 1 is Mime's first communication (it
-computes ``c`` at ``x_0``), and round 2 uses the exact ``c``; from round 3 on ``c`` is one server
-step stale. An exact version needs an engine pre-pass (see the issue report).
+so the direction is ``(1 - beta)(grad f_i(y; zeta) - grad f_i(x; zeta)) = 0`` at ``y = x`` and
+clients do not move: round 1 is Mime's first communication (it computes ``c`` at ``x_0``), and
+round 2 uses the exact ``c``; from round 3 on ``c`` is one server step stale. The exact algorithm
+needs a pass over the cohort before local training, which a round here does not have.
 
 FedJAX's momentum is optax's trace ``m <- g + beta m`` and direction ``g + beta m``: the paper's
 ``(1 - beta)`` form here with the learning rates divided by ``(1 - beta)``.

@@ -16,8 +16,9 @@ training, as in FedJAX's ``mime_lite``). The program computes ``grad f_i(x)`` on
 trains on (one extra gradient per step, no extra pass over the data): the mean over the examples
 it visits, the full-batch gradient when the local work is whole epochs (FedJAX makes a separate
 full pass). See :mod:`fedjax_sim.algorithms.mime` for the client optimizer, ``beta``, the
-weighting and FedJAX's momentum convention. The server state (:class:`~fedjax_sim.algorithms.mime.MimeState`) also keeps the
-last ``mean_i grad f_i(x)``, which MimeLite does not read.
+weighting and FedJAX's momentum convention. The server state
+(:class:`~fedjax_sim.algorithms.mime.MimeState`) also keeps the last ``mean_i grad f_i(x)``,
+which MimeLite does not read.
 """
 
 from __future__ import annotations
