@@ -1,4 +1,5 @@
 """Federated algorithms, one short module each, and a registry by name."""
+from fedjax_sim.algorithms.agnostic_fedavg import agnostic_fedavg
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.algorithms.fedopt import (adaptive_server_optimizer, fedadagrad, fedadam, fedavgm,
@@ -6,10 +7,11 @@ from fedjax_sim.algorithms.fedopt import (adaptive_server_optimizer, fedadagrad,
 from fedjax_sim.algorithms.fedbuff import fedbuff   # asynchronous: run with fedjax_sim.run_async
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox, proximal_term
+from fedjax_sim.algorithms.hypcluster import hypcluster, hypcluster_evaluate, hypcluster_model
 from fedjax_sim.algorithms.scaffold import scaffold
 
 REGISTRY = {"fedavg": fedavg, "fedavgm": fedavgm, "fedprox": fedprox, "fedadam": fedadam,
-            "fedyogi": fedyogi, "fedadagrad": fedadagrad, "scaffold": scaffold, "fednova": fednova}
+            "fedyogi": fedyogi, "fedadagrad": fedadagrad, "scaffold": scaffold, "fednova": fednova, "agnostic_fedavg": agnostic_fedavg, "hypcluster": hypcluster}
 
 
 def make(name: str, **kwargs) -> Algorithm:
@@ -20,4 +22,4 @@ def make(name: str, **kwargs) -> Algorithm:
 
 
 __all__ = ["Algorithm", "REGISTRY", "adaptive_server_optimizer", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "fednova",
-           "fedprox", "fedyogi", "make", "proximal_term", "scaffold"]
+           "fedprox", "fedyogi", "make", "proximal_term", "scaffold", "agnostic_fedavg", "hypcluster", "hypcluster_evaluate", "hypcluster_model"]
