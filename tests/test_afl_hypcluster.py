@@ -128,6 +128,7 @@ def _stacked_ragged():
   return algorithms.hypcluster_model(fs.models.mlp(input_dim=8, hidden=(8,), num_classes=4), 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [1, 3])
 def test_equal_to_sequential_reference(ragged_data, chunk_size):
   kw = dict(batch_size=16, local_epochs=2)
@@ -146,6 +147,7 @@ def test_equal_to_sequential_reference(ragged_data, chunk_size):
     testing.assert_trees_close(res.state.aux, ref.aux, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_domain_and_one_cluster_are_fedavg(ragged_data):
   kw = dict(batch_size=16, local_epochs=1)
   m = fs.models.mlp(input_dim=8, hidden=(8,), num_classes=4)
@@ -167,6 +169,7 @@ def _split(clients, frac=0.5):
           fs.FederatedData.from_clients(test, num_classes=CLASSES))
 
 
+@pytest.mark.slow
 def test_hypcluster_separates_permuted_groups_and_beats_fedavg():
   group_b = tuple(range(1, 12, 2))
   train, test = _split(_clients([60] * 12, seed=5, permute=group_b))
@@ -189,6 +192,7 @@ def test_hypcluster_separates_permuted_groups_and_beats_fedavg():
   assert set(ev["summary"]) >= {"accuracy_p10", "accuracy_p50", "accuracy_p90", "worst_clients"}
 
 
+@pytest.mark.slow
 def test_afl_raises_the_worst_domain():
   # domain 1: two small clients whose labels follow another rule; FedAvg mostly fits domain 0
   rng = np.random.default_rng(7)
@@ -256,3 +260,30 @@ def test_hypcluster_bad_input():
            rounds=1, cohort_size=2, progress=False)
   with pytest.raises(ValueError, match="hypcluster_model"):
     algorithms.hypcluster_evaluate(base, base.init(jax.random.key(0)), data, data)
+
+
+def test_domain_learning_rate_is_an_in_state_hyperparameter():
+  data = fs.FederatedData.from_clients(_clients([4, 6, 5], seed=0), num_classes=CLASSES)
+  algo = algorithms.agnostic_fedavg(optax.sgd(LR), domains=np.array([0, 1, 1]),
+                                    client_weights=data.sizes, init_domain_weights=[0.6, 0.4],
+                                    **FULL)
+  assert algo.hparams == {"domain_learning_rate": 0.1}
+  res = fs.run(algo, fs.models.logistic_regression(DIM, CLASSES), data, rounds=2, cohort_size=3,
+               hparams={"domain_learning_rate": 0.0}, progress=False)
+  np.testing.assert_allclose(res.state.aux.domain_weights, [0.6, 0.4], atol=1e-6)
+  assert np.all(np.asarray(res.state.aux.domain_loss) > 0)
+
+
+@pytest.mark.slow
+def test_blocks_of_rounds_in_one_scan_equal_single_rounds(ragged_data):
+  kw = dict(batch_size=16, local_epochs=1)
+  cases = [(algorithms.agnostic_fedavg(domains=np.arange(12) % 2, client_weights=ragged_data.sizes,
+                                       domain_learning_rate=1.0, **kw),
+            fs.models.mlp(input_dim=8, hidden=(8,), num_classes=4)),
+           (algorithms.hypcluster(**kw), _stacked_ragged())]
+  for algo, model in cases:
+    one = fs.run(algo, model, ragged_data, rounds=3, cohort_size=6, progress=False)
+    block = fs.run(algo, model, ragged_data, rounds=3, cohort_size=6, rounds_per_call=3,
+                   progress=False)
+    testing.assert_trees_close(block.params, one.params, atol=1e-6)
+    testing.assert_trees_close(block.state.aux, one.state.aux, atol=1e-6)
