@@ -287,3 +287,18 @@ def test_blocks_of_rounds_in_one_scan_equal_single_rounds(ragged_data):
                    progress=False)
     testing.assert_trees_close(block.params, one.params, atol=1e-6)
     testing.assert_trees_close(block.state.aux, one.state.aux, atol=1e-6)
+
+
+def test_hypcluster_init_picks_one_center_per_group():
+  group_b = (1, 3, 4)
+  train, test = _split(_clients([40] * 6, seed=8, permute=group_b))
+  model = algorithms.hypcluster_model(fs.models.logistic_regression(DIM, CLASSES), 2)
+  params = algorithms.hypcluster_init(model, train, np.arange(6), client_optimizer=optax.sgd(0.5),
+                                      local_epochs=3, batch_size=10, seed=1)
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, model.init(jax.random.key(0)))
+  ev = algorithms.hypcluster_evaluate(model, params, train, test)
+  groups = np.isin(np.arange(6), group_b)
+  assert len(set(ev["cluster"][groups])) == 1 and len(set(ev["cluster"][~groups])) == 1
+  assert ev["cluster"][groups][0] != ev["cluster"][~groups][0]
+  with pytest.raises(ValueError, match="client_ids"):
+    algorithms.hypcluster_init(model, train, np.array([0, 6]))

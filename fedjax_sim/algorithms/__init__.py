@@ -7,7 +7,7 @@ from fedjax_sim.algorithms.fedopt import (adaptive_server_optimizer, fedadagrad,
 from fedjax_sim.algorithms.fedbuff import fedbuff   # asynchronous: run with fedjax_sim.run_async
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox, proximal_term
-from fedjax_sim.algorithms.hypcluster import hypcluster, hypcluster_evaluate, hypcluster_model
+from fedjax_sim.algorithms.hypcluster import hypcluster, hypcluster_evaluate, hypcluster_init, hypcluster_model
 from fedjax_sim.algorithms.scaffold import scaffold
 
 REGISTRY = {"fedavg": fedavg, "fedavgm": fedavgm, "fedprox": fedprox, "fedadam": fedadam,
@@ -22,4 +22,4 @@ def make(name: str, **kwargs) -> Algorithm:
 
 
 __all__ = ["Algorithm", "REGISTRY", "adaptive_server_optimizer", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "fednova",
-           "fedprox", "fedyogi", "make", "proximal_term", "scaffold", "agnostic_fedavg", "hypcluster", "hypcluster_evaluate", "hypcluster_model"]
+           "fedprox", "fedyogi", "make", "proximal_term", "scaffold", "agnostic_fedavg", "hypcluster", "hypcluster_evaluate", "hypcluster_init", "hypcluster_model"]

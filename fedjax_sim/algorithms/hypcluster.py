@@ -31,8 +31,10 @@ Deviations, stated:
 - One server optimizer over the stacked models: with ``sgd`` (any learning rate) it is FedJAX's
   per-cluster step exactly; with a stateful one (momentum, Adam) a cluster that no client chose
   gets a zero update but its optimizer state still advances (FedJAX skips that cluster's step).
-- The initial models are k independent ``model.init`` draws (FedJAX's default); its optional
-  k-means++-like initialisation from trained clients is not implemented.
+- The initial models are k independent ``model.init`` draws (FedJAX's default) unless the run
+  gets ``init_params=hypcluster_init(...)``: FedJAX's optional k-means++-like initialisation
+  (train a set of clients from one init; the first center is a random one of their models, each
+  next one the model of the client whose best loss under the centers so far is the largest).
 - With a non-stacked model (a plain :class:`~fedjax_sim.models.Model`) and ``num_clusters=1``
   it is FedAvg (its ``RoundOutput.clients["cluster"]`` is then all zeros).
 """
@@ -50,8 +52,8 @@ import optax
 from fedjax_sim import evaluation
 from fedjax_sim.algorithms.base import Algorithm, ServerContext
 from fedjax_sim.algorithms.fedavg import fedavg
-from fedjax_sim.client import ClientProgram, ClientResult, local_training
-from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.client import ClientProgram, ClientResult, local_training, make_client_train
+from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
 from fedjax_sim.models.core import Model
 from fedjax_sim.personalize import summarize
 
@@ -224,3 +226,50 @@ def hypcluster_evaluate(model: HypClusterModel, params, train: FederatedData,
   return {"cluster": cluster, "accuracy": acc, "loss": loss, "count": cnt,
           "client_ids": test.client_ids,
           "summary": summarize(acc, cnt, test.client_ids, worst)}
+
+
+def hypcluster_init(model: HypClusterModel, data: FederatedData, client_ids, *,
+                    client_optimizer: optax.GradientTransformation | None = None,
+                    local_epochs: int = 1, batch_size: int = 32, seed: int = 0):
+  """k-means++-like initial models for HypCluster (FedJAX's ``init_cluster_client_ids``).
+
+  Every client of ``client_ids`` (``[n]`` population positions) trains ``local_epochs`` of the
+  ``client_optimizer`` (default ``optax.sgd(0.05)``) from one ``base.init`` draw; the first
+  center is the model of a client drawn at random, each next one the model of the client whose
+  lowest mean training loss under the centers so far is the largest. Returns the k models
+  stacked ``[k, ...]``, for ``fs.run(..., init_params=...)``. ``seed`` drives the init, the
+  shuffles and the first draw.
+  """
+  if not isinstance(model, HypClusterModel):
+    raise ValueError("hypcluster_init: model must come from hypcluster_model(model, k)")
+  ids = np.asarray(client_ids)
+  if (ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer)
+      or ids.min() < 0 or ids.max() >= data.num_clients):
+    raise ValueError(f"hypcluster_init: client_ids must be a non-empty 1-D array of ints in "
+                     f"[0, {data.num_clients}), got {client_ids!r}")
+  base, k = model.base, model.num_clusters
+  base.check_input(data.arrays["x"].shape[1:], "hypcluster_init data")
+  key_init, key_batch, key_first = jax.random.split(jax.random.key(seed), 3)
+  start = base.init(key_init)
+  rows, mask = batch_indices(key_batch, jnp.asarray(ids, jnp.int32),
+                             jnp.asarray(data.offsets[ids], jnp.int32),
+                             jnp.asarray(data.sizes[ids], jnp.int32),
+                             LocalWork(batch_size, local_epochs), data.max_client_size)
+  rows = np.clip(np.asarray(rows), 0, data.num_examples - 1)
+  x, y = jnp.asarray(data.arrays["x"][rows]), jnp.asarray(data.arrays["y"][rows], jnp.int32)
+  train = make_client_train(base, client_optimizer or optax.sgd(0.05))
+  deltas = jax.jit(jax.vmap(lambda a, b, m: train(start, a, b, m).delta))(x, y, mask)
+  trained = jax.tree.map(lambda p, d: p[None] - d, start, deltas)              # [n, ...]
+  evaluate = evaluation.make_client_evaluate(base, data.max_client_size)
+  arrays = (jnp.asarray(data.arrays["x"]), jnp.asarray(data.arrays["y"], jnp.int32),
+            jnp.asarray(data.offsets[:-1], jnp.int32), jnp.asarray(data.sizes, jnp.int32))
+
+  def losses(a):   # mean loss of client a's model on every client of ids
+    return np.asarray(evaluate(_select_row(trained, a), *arrays)["loss"], np.float64)[ids]
+
+  centers = [int(jax.random.randint(key_first, (), 0, ids.size))]
+  best = losses(centers[0])
+  for _ in range(1, k):
+    centers.append(int(np.argmax(best)))
+    best = np.minimum(best, losses(centers[-1]))
+  return jax.tree.map(lambda t: t[np.asarray(centers)], trained)
