@@ -85,9 +85,9 @@ def _domain_mass(domains: np.ndarray, num_domains: int, weights: np.ndarray) -> 
   return (mass / max(mass.sum(), 1e-30)).astype(np.float32)
 
 
-def afl_client(domains: jax.Array, mass: jax.Array):
-  """The AFL client program (module docstring) for ``domains [P]`` and domain shares
-  ``mass [K]``."""
+def afl_client(domains: jax.Array | None, mass: jax.Array):
+  """The AFL client program (module docstring) for ``domains [P]`` (``None``: one domain) and
+  domain shares ``mass [K]``."""
   num_domains = mass.shape[0]
 
   def factory(model, optimizer) -> ClientProgram:
@@ -105,7 +105,7 @@ def afl_client(domains: jax.Array, mass: jax.Array):
 
     def final(carry, ctx):
       res = inner.final(carry.local, ctx)
-      d = domains[ctx.client_id]
+      d = jnp.zeros((), jnp.int32) if domains is None else domains[ctx.client_id]
       scale = ctx.server.domain_weights[d] / jnp.maximum(mass[d], 1e-30)
       delta = jax.tree.map(lambda x: x * scale.astype(x.dtype), res.delta)
       present = jax.nn.one_hot(d, num_domains, dtype=jnp.float32) * (carry.count > 0)
@@ -162,8 +162,7 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation | None = None
                        f"positive sum, got {np.asarray(init_domain_weights)!r}")
     lam0 = lam0 / lam0.sum()
   if dom is None:
-    dom, mass = np.zeros(1, np.int32), np.ones(1, np.float32)
-    population = None
+    mass, population = np.ones(1, np.float32), None
   else:
     population = dom.shape[0]
     if client_weights is None:
@@ -177,7 +176,8 @@ def agnostic_fedavg(client_optimizer: optax.GradientTransformation | None = None
         raise ValueError(f"agnostic_fedavg: client_weights must be [{population}] finite and "
                          f">= 0 (one per client, as domains), got shape {w.shape}")
     mass = _domain_mass(dom, k, w)
-  domains_dev, mass_dev = jnp.asarray(dom, jnp.int32), jnp.asarray(mass)
+  domains_dev = None if dom is None else jnp.asarray(dom, jnp.int32)
+  mass_dev = jnp.asarray(mass)
 
   def server_state_init(params):
     del params
