@@ -129,7 +129,7 @@ def _stacked_ragged():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("chunk_size", [1, 3])
+@pytest.mark.parametrize("chunk_size", [1])   # multi-domain AFL, k = 2: not in the contract suite
 def test_equal_to_sequential_reference(ragged_data, chunk_size):
   kw = dict(batch_size=16, local_epochs=2)
   domains = np.array([0, 1, 2] * 4)

@@ -1,4 +1,4 @@
-"""Registry contract: every algorithm equals the sequential reference and compiles once."""
+"""Algorithm-specific behaviour and bad input (the registry contract is test_registry_contract.py)."""
 
 import jax
 import numpy as np
@@ -17,41 +17,8 @@ def _model():
   return fs.models.mlp(input_dim=8, hidden=(16,), num_classes=4)
 
 
-@pytest.mark.parametrize("name", SYNCHRONOUS)
-@pytest.mark.slow
-def test_algorithm_equals_sequential_reference(ragged_data, name):
-  extra = {"fedprox": {"mu": 0.5}, "scaffold": {"client_optimizer": optax.sgd(0.05)},
-           "fednova": {"client_optimizer": optax.sgd(0.05, momentum=0.5)}}.get(
-               name, {"client_optimizer": optax.sgd(0.05, momentum=0.5)})
-  algo = algorithms.make(name, **KW, **extra)
-  assert algo.name == name
-  res = fs.run(algo, _model(), ragged_data, rounds=3, cohort_size=8, chunk_size=3, seed=2,
-               progress=False)
-  ref, _ = testing.sequential_run(algo, _model(), ragged_data, rounds=3, cohort_size=8, seed=2)
-  testing.assert_trees_close(res.params, ref.params, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", SYNCHRONOUS)
-@pytest.mark.slow
-def test_algorithm_traces_once_and_runs_in_scan(ragged_data, name):
-  algo = algorithms.make(name, **KW)
-  model = _model()
-  rf = engine.make_round(algo, model, population=12, cohort_size=4, max_client_size=200)
-  traces = []
-  f = jax.jit(lambda *a: (traces.append(1), rf(*a))[1])
-  state = engine.init_state(algo, model.init(jax.random.key(0)), 12)
-  data = engine.to_device(ragged_data)
-  for r in range(3):
-    state, _ = f(state, data, jax.random.key(r))
-  assert len(traces) == 1
-  # rounds as a lax.scan: same result as the Python loop
-  state0 = engine.init_state(algo, model.init(jax.random.key(0)), 12)
-  scanned, _ = jax.jit(lambda s: jax.lax.scan(
-      lambda s, k: rf(s, data, k), s, jax.random.split(jax.random.key(9), 3)))(state0)
-  looped = state0
-  for k in jax.random.split(jax.random.key(9), 3):
-    looped, _ = f(looped, data, k)
-  testing.assert_trees_close(scanned.params, looped.params, atol=1e-6)
+# Every registered algorithm's equality to the sequential reference, single trace and lax.scan
+# invariance are checked by tests/test_registry_contract.py (one suite over every entry).
 
 
 @pytest.mark.slow

@@ -140,7 +140,7 @@ def test_equals_sequential_reference_across_chunk_sizes(name, kwargs):
   algo = algorithms.make(name, client_optimizer=optax.sgd(0.1), batch_size=8, local_epochs=2,
                          **kwargs)
   ref, _ = testing.sequential_run(algo, _mlp(), data, rounds=3, cohort_size=4, seed=1)
-  for chunk in (1, 3):
+  for chunk in (3,):   # chunk-size invariance in general: test_registry_contract.py
     res = fs.run(algo, _mlp(), data, rounds=3, cohort_size=4, chunk_size=chunk, seed=1,
                  progress=False)
     testing.assert_trees_close(res.params, ref.params, atol=1e-5)

@@ -145,7 +145,7 @@ def test_equals_sequential_reference(name, kw):
   model = fs.models.logistic_regression(8, 4)
   algo = fs.algorithms.make(name, client_optimizer=optax.sgd(0.1), batch_size=16, **kw)
   ref, _ = fs.testing.sequential_run(algo, model, data, rounds=3, cohort_size=5, seed=3)
-  for chunk in (1, 4):
+  for chunk in (4,):   # chunk-size invariance in general: test_registry_contract.py
     res = fs.run(algo, model, data, rounds=3, cohort_size=5, seed=3, chunk_size=chunk,
                  progress=False)
     fs.testing.assert_trees_close(res.params, ref.params, atol=1e-5)
