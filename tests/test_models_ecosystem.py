@@ -104,3 +104,120 @@ def test_nnx_batchnorm_is_rejected():
 
   with pytest.raises(ValueError, match="GroupNorm"):
     fs.models.from_nnx(Net, (8,), 4)
+
+
+# --- regression -----------------------------------------------------------------------------
+
+
+def _engine_keeps_float_targets() -> bool:
+  """Whether the engine feeds regression targets as floats (the lead's engine/loop change)."""
+  import inspect
+  from fedjax_sim import engine
+  return "regression" in inspect.getsource(engine.to_device)
+
+
+needs_engine = pytest.mark.xfail(
+    not _engine_keeps_float_targets(), strict=True,
+    reason="issue 21: engine.to_device/loop.run must keep float32 regression targets "
+           "(the change described in the issue-21 report); remove this marker then")
+
+
+def diabetes_population(num_clients=8):
+  train, test = fs.datasets.diabetes()
+  parts = fs.partition.iid(train["y"], num_clients, seed=0)
+  return fs.FederatedData.from_partition(train, parts, task="regression"), test
+
+
+def test_regression_losses_and_batch_loss():
+  pred = jnp.array([[1.0], [2.0], [4.0]])
+  y = jnp.array([1.0, 0.0, 0.0])
+  np.testing.assert_allclose(fs.models.mse(pred, y), [0.0, 4.0, 16.0])
+  np.testing.assert_allclose(fs.models.mae(pred, y), [0.0, 2.0, 4.0])
+  np.testing.assert_allclose(fs.models.huber(pred, y), [0.0, 1.5, 3.5])
+  model = fs.models.regression_mlp(3)
+  assert model.is_regression and model.num_classes == 1
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (5, 3))
+  yy = jnp.arange(5.0)
+  mask = jnp.array([True, True, True, False, False])
+  loss, (loss_sum, sse, count) = model.batch_loss(params, x, yy, mask)
+  ref = np.mean((np.asarray(model.apply(params, x))[:3, 0] - np.arange(3.0)) ** 2)
+  np.testing.assert_allclose(loss, ref, rtol=1e-5)
+  np.testing.assert_allclose(sse / count, ref, rtol=1e-5)
+
+
+def test_regression_evaluate_mse_and_r2():
+  model = fs.models.regression_mlp(3)
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (23, 3))
+  y = jax.random.normal(jax.random.key(2), (23,))
+  ev = fs.evaluation.make_evaluate(model, batch_size=5)(params, x, y)
+  p = np.asarray(model.apply(params, x))[:, 0]
+  mse = np.mean((p - np.asarray(y)) ** 2)
+  np.testing.assert_allclose(ev["mse"], mse, rtol=1e-5)
+  np.testing.assert_allclose(ev["loss"], mse, rtol=1e-5)
+  np.testing.assert_allclose(ev["r2"], 1 - mse / np.var(np.asarray(y)), rtol=1e-4)
+  assert np.isnan(ev["accuracy"])
+
+
+def test_float_targets_need_a_regression_task():
+  x = np.zeros((4, 3), np.float32)
+  with pytest.raises(ValueError, match="task='regression'"):
+    fs.FederatedData.from_clients([{"x": x, "y": np.ones(4, np.float32)}])
+  with pytest.raises(ValueError, match="non-finite"):
+    fs.FederatedData.from_clients([{"x": x, "y": np.array([0, np.nan, 0, 0], np.float32)}],
+                                  task="regression")
+  data = fs.FederatedData.from_clients([{"x": x, "y": np.ones(4, np.float32)}] * 2,
+                                       task="regression")
+  algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=2)
+  with pytest.raises(ValueError, match="is a classifier"):
+    fs.run(algo, fs.models.logistic_regression(3, 2), data, rounds=1, cohort_size=1,
+           progress=False)
+  with pytest.raises(ValueError, match="non-finite"):
+    fs.validation.check_eval_data(fs.models.regression_mlp(3),
+                                  {"x": x, "y": np.array([0, np.inf, 0, 0], np.float32)})
+
+
+@pytest.mark.slow
+@needs_engine
+def test_federated_regression_learns_and_equals_reference():
+  data, test = diabetes_population()
+  model = fs.models.regression_mlp(10)
+  algo = fs.algorithms.fedavg(optax.sgd(0.05), batch_size=16, local_epochs=1)
+  res = fs.run(algo, model, data, rounds=30, cohort_size=4, eval_data=test, eval_every=10,
+               seed=0, progress=False)
+  h = res.history
+  # held-out targets are standardised with the training statistics: MSE ~ fraction of variance
+  assert h.last("test_r2") > 0.3, h.last("test_r2")
+  assert h.last("test_mse") < 0.7 * float(np.var(test["y"]))
+  assert h["train_loss"][-1] < 0.8 * h["train_loss"][0]
+  ref, hist = testing.sequential_run(algo, model, data, rounds=30, cohort_size=4, seed=0)
+  testing.assert_trees_close(res.params, ref.params, atol=1e-4)
+  np.testing.assert_allclose(h["train_loss"], [m["train_loss"] for m in hist], rtol=1e-4)
+  res.history.plot()   # the plot takes a regression history (accuracy all NaN)
+
+
+def test_cli_regression_config_checks(capsys):
+  from fedjax_sim import cli
+  assert cli.main(["run", "--dataset", "diabetes", "--model", "mlp_2nn", "--partition", "iid",
+                   "--out", "/nonexistent/x", "--no-progress"]) != 0
+  assert "regression task: model must be one of regression_mlp" in capsys.readouterr().err
+  assert cli.main(["run", "--dataset", "diabetes", "--model", "regression_mlp", "--partition",
+                   "dirichlet", "--out", "/nonexistent/x", "--no-progress"]) != 0
+  assert "partition.name must be one of iid, quantity_skew" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_engine
+def test_cli_regression_run(tmp_path, capsys):
+  import json
+  from fedjax_sim import cli
+  out = tmp_path / "run"
+  rc = cli.main(["run", "--dataset", "diabetes", "--model", "regression_mlp", "--partition",
+                 "iid", "--num-clients", "8", "--cohort-size", "4", "--rounds", "20",
+                 "--eval-every", "10", "--client-lr", "0.05", "--batch-size", "16",
+                 "--out", str(out), "--no-progress"])
+  assert rc == 0
+  h = json.loads((out / "history.json").read_text())
+  assert h["test_r2"][-1] > 0.3
+  assert "final test MSE" in capsys.readouterr().out

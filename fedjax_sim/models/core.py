@@ -119,6 +119,12 @@ class Model:
                        f"{self.name!r} expects {tuple(self.input_shape)}")
 
 
+def label_dtype(model: Model):
+  """The dtype labels are fed to ``model`` in: int32 class labels, or float32 regression
+  targets."""
+  return jnp.float32 if model.is_regression else jnp.int32
+
+
 # Keyword arguments of a module's __call__ that switch training mode, with their (train, eval)
 # values: the conventions of the Flax examples (`train`), of nn.Dropout (`deterministic`) and of
 # Haiku/Keras users (`is_training`, `training`).
