@@ -221,3 +221,21 @@ def test_cli_regression_run(tmp_path, capsys):
   h = json.loads((out / "history.json").read_text())
   assert h["test_r2"][-1] > 0.3
   assert "final test MSE" in capsys.readouterr().out
+
+
+def test_bfloat16_keeps_the_stochastic_pass():
+  model = fs.models.precision.bfloat16_compute(dropout_model())
+  params = model.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (16, 8))
+  a = model.apply_train(params, x, jax.random.key(2))
+  assert a.dtype == jnp.float32
+  assert not np.allclose(a, model.apply_train(params, x, jax.random.key(3)))
+
+
+def test_regression_history_plots_r2():
+  h = fs.History.from_records([{"round": 1, "train_loss": 2.0, "test_loss": 1.5, "test_r2": 0.1},
+                               {"round": 2, "train_loss": 1.0, "test_loss": 0.9, "test_r2": 0.4}])
+  fig = h.plot()
+  ax = fig.axes[1]
+  assert ax.get_ylabel() == "r2"
+  np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.1, 0.4])

@@ -371,6 +371,8 @@ class FederatedData:
 
   def label_histogram(self) -> np.ndarray:
     """``[P, num_classes]`` label counts per client (for non-IID heat maps)."""
+    if self.task == "regression":
+      raise ValueError("label_histogram: regression data has no classes (task='regression')")
     k = self.num_classes or int(self.arrays["y"].max()) + 1
     client_of_row = np.repeat(np.arange(self.num_clients), self.sizes)
     h = np.zeros((self.num_clients, k), np.int64)
