@@ -52,7 +52,7 @@ from fedjax_sim.experiment import (CompiledBlocks, Experiment, add_evaluation, b
 from fedjax_sim.history import History
 from fedjax_sim.server import ServerState
 from fedjax_sim.validation import positive_int
-from fedjax_sim.models.core import Model
+from fedjax_sim.models.core import Model, label_dtype
 
 PyTree = Any
 
@@ -529,7 +529,8 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *,
   evaluate = None
   if eval_arrays is not None:
     evaluate = evaluation.make_evaluate(model, eval_batch_size)
-    eval_xy = (jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32))
+    eval_xy = (jnp.asarray(eval_arrays["x"]),
+               jnp.asarray(eval_arrays["y"], label_dtype(model)))
   blocks(min(rounds_per_call, rounds), state, data, key_steps)
   records = []
   bar = tqdm(total=rounds, desc=config.name, disable=not progress, leave=True)

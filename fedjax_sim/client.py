@@ -120,11 +120,12 @@ def scale_updates(updates: PyTree, lr_scale) -> PyTree:
 
 
 def objective_grad(model: Model, regularizer: Regularizer | None = None):
-  """``(params, batch, ctx) -> ((objective, (loss_sum, correct, count)), grads)``: the masked
-  mean batch loss plus ``regularizer(params, ctx)``, and its gradient."""
+  """``(params, batch, ctx, key=None) -> ((objective, (loss_sum, correct, count)), grads)``: the
+  masked mean batch loss plus ``regularizer(params, ctx)``, and its gradient. ``key`` (the step's
+  key) drives a stochastic model's training pass (Dropout); None is deterministic."""
 
-  def objective(params, batch, ctx):
-    loss, aux = model.batch_loss(params, batch.x, batch.y, batch.mask)
+  def objective(params, batch, ctx, key=None):
+    loss, aux = model.batch_loss(params, batch.x, batch.y, batch.mask, key)
     if regularizer is not None:
       loss = loss + regularizer(params, ctx)
     return loss, aux
@@ -142,7 +143,8 @@ class LocalCarry(NamedTuple):
 def local_training(regularizer: Regularizer | None = None) -> ClientFactory:
   """The default client program: local training with the client optimizer (fresh state every
   round) on the masked mean batch loss plus ``regularizer(params, ctx)``; the delta is
-  ``global_params - local_params``, no state, no upload."""
+  ``global_params - local_params``, no state, no upload. A stochastic model (Dropout) trains
+  with each step's key."""
 
   def factory(model: Model, optimizer: optax.GradientTransformation) -> ClientProgram:
     grad_fn = objective_grad(model, regularizer)
@@ -151,8 +153,7 @@ def local_training(regularizer: Regularizer | None = None) -> ClientFactory:
       return LocalCarry(ctx.global_params, optimizer.init(ctx.global_params), zero_sums())
 
     def step(carry, batch, ctx, key):
-      del key
-      (_, (loss_sum, correct, count)), grads = grad_fn(carry.params, batch, ctx)
+      (_, (loss_sum, correct, count)), grads = grad_fn(carry.params, batch, ctx, key)
       updates, opt_state = optimizer.update(grads, carry.opt_state, carry.params)
       params = optax.apply_updates(carry.params, scale_updates(updates, ctx.lr_scale))
       return LocalCarry(params, opt_state, add_sums(carry.sums, loss_sum, correct, count))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.data.federated import FederatedData, LocalWork, batch_indices
-from fedjax_sim.models.core import Model
+from fedjax_sim.models.core import Model, label_dtype
 
 
 def pad_batches(x: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
@@ -29,7 +29,14 @@ def pad_batches(x: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
 
 def make_evaluate(model: Model, batch_size: int = 1000):
   """Builds jitted ``evaluate(params, x [N,...], y [N]) -> {"loss", "accuracy"}`` over all N
-  examples, in batches of ``batch_size`` (``lax.map``) so memory stays bounded."""
+  examples, in batches of ``batch_size`` (``lax.map``) so memory stays bounded.
+
+  For a regression model (``model.task == "regression"``; float targets ``y``) it returns
+  ``{"loss", "accuracy", "mse", "r2"}``: ``accuracy`` is NaN (there are no classes), ``mse`` the
+  mean squared error and ``r2`` the coefficient of determination ``1 - SSE / SST`` (``SST``
+  around the mean of ``y``: predicting the mean scores 0)."""
+  if model.is_regression:
+    return make_regression_evaluate(model, batch_size)
 
   @jax.jit
   def evaluate(params, x, y):
@@ -43,6 +50,28 @@ def make_evaluate(model: Model, batch_size: int = 1000):
     loss_sum, correct = jax.lax.map(one, (xp, yp, mp))
     n = y.shape[0]
     return {"loss": jnp.sum(loss_sum) / n, "accuracy": jnp.sum(correct) / n}
+
+  return evaluate
+
+
+def make_regression_evaluate(model: Model, batch_size: int = 1000):
+  """:func:`make_evaluate` of a regression model: ``{"loss", "accuracy" (NaN), "mse", "r2"}``."""
+
+  @jax.jit
+  def evaluate(params, x, y):
+    y = y.astype(jnp.float32)
+    xp, mp = pad_batches(x, batch_size)
+    yp, _ = pad_batches(y, batch_size)
+
+    def one(batch):
+      _, (loss_sum, sse, _) = model.batch_loss(params, *batch)
+      return loss_sum, sse
+
+    loss_sum, sse = jax.lax.map(one, (xp, yp, mp))
+    n = y.shape[0]
+    sst = jnp.sum(jnp.square(y - jnp.mean(y)))
+    return {"loss": jnp.sum(loss_sum) / n, "accuracy": jnp.float32(jnp.nan),
+            "mse": jnp.sum(sse) / n, "r2": 1.0 - jnp.sum(sse) / jnp.maximum(sst, 1e-30)}
 
   return evaluate
 
@@ -70,7 +99,7 @@ def batched_metrics(model: Model, params, x, y, mask):
 def make_client_evaluate(model: Model, max_client_size: int, batch_size: int = 256,
                          chunk_size: int = 32, params_of=None):
   """Builds jitted ``f(params, x [N,...], y [N], offsets [P], sizes [P]) -> dict of [P] arrays``
-  (``loss``, ``accuracy``, ``count``): each client's examples in masked batches of
+  (``loss``, ``accuracy``, ``count``; for a regression model ``accuracy`` is the MSE): each client's examples in masked batches of
   ``batch_size``, ``chunk_size`` clients at a time (vmap inside a scan, bounded memory).
 
   With ``params_of``, every client is evaluated on its own model: ``params_of(params, ids [K])``
@@ -117,7 +146,7 @@ def evaluate_clients(model: Model, params: Any, data: FederatedData, batch_size:
   model.check_input(data.arrays["x"].shape[1:], "evaluate_clients data")
   f = make_client_evaluate(model, data.max_client_size, batch_size, chunk_size)
   out = jax.device_get(f(params, jnp.asarray(data.arrays["x"]),
-                         jnp.asarray(data.arrays["y"], jnp.int32),
+                         jnp.asarray(data.arrays["y"], label_dtype(model)),
                          jnp.asarray(data.offsets[:-1], jnp.int32),
                          jnp.asarray(data.sizes, jnp.int32)))
   acc = np.asarray(out["accuracy"], np.float64)

@@ -142,7 +142,8 @@ def _untracked_figure(**kwargs):
 
 def plot_histories(histories: Mapping[str, History], path: str | Path | None = None, axes=None,
                    client_band: bool = True, title: str | None = None):
-  """Compares several runs on one figure: loss (left) and accuracy (right) by round.
+  """Compares several runs on one figure: loss (left) and accuracy (right; R^2 for regression
+  runs, whose histories have ``test_r2``) by round.
 
   Per run: accuracy/loss during local training on the sampled clients (thin) and of the global
   model on the test data (markers); see :meth:`History.plot`. Runs with per-client accuracy
@@ -162,10 +163,12 @@ def plot_histories(histories: Mapping[str, History], path: str | Path | None = N
     axes = fig.subplots(1, 2)
   else:
     fig = axes[0].figure
+  # regression runs (test_r2 in the history, no classes) show R^2 where accuracy would be
+  metrics = ("loss", "r2" if any("test_r2" in h for h in histories.values()) else "accuracy")
   for i, (name, h) in enumerate(histories.items()):
     color = f"C{i}"
     r = h["round"]
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, metrics):
       if f"train_{metric}" in h:
         ax.plot(r, h[f"train_{metric}"], color=color, alpha=0.35, lw=1,
                 label=f"{name} during local training (sampled clients)")
@@ -183,7 +186,7 @@ def plot_histories(histories: Mapping[str, History], path: str | Path | None = N
         ok50 = ~np.isnan(pct[50.0])
         axes[1].plot(r[ok50], pct[50.0][ok50], color=color, ls="--", lw=1.2,
                      label=f"{name} clients median")
-  for ax, metric in zip(axes, ("loss", "accuracy")):
+  for ax, metric in zip(axes, metrics):
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)

@@ -32,7 +32,7 @@ from fedjax_sim._progress import tqdm
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.experiment import build, seed_keys, with_communication
 from fedjax_sim.history import History
-from fedjax_sim.models.core import Model
+from fedjax_sim.models.core import Model, label_dtype
 from fedjax_sim.validation import check_eval_data, check_seed, positive_int, validate
 
 
@@ -114,7 +114,7 @@ def sweep(algorithm: Algorithm, model: Model, train_data, *, rounds: int, cohort
   if eval_arrays is not None:
     ev1 = evaluation.make_evaluate(model, eval_batch_size)
     evaluate = jax.jit(jax.vmap(ev1, in_axes=(0, None, None)))
-    ex, ey = jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)
+    ex, ey = jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], label_dtype(model))
 
   records: list[list[dict]] = [[] for _ in range(e)]
   bar = tqdm(total=rounds, desc=f"sweep[{e}] {algorithm.name}", disable=not progress)

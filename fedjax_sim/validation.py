@@ -93,7 +93,8 @@ def resolve_client_weights(data: FederatedData, weighting: str,
 
 
 def check_eval_data(model: Model, arrays: dict[str, np.ndarray], where: str = "eval_data"):
-  """Checks a test set ``{"x": [N, *input_shape] real numbers, "y": [N] int labels}``."""
+  """Checks a test set ``{"x": [N, *input_shape] real numbers, "y": [N] int labels}`` (for a
+  regression model, ``y [N]`` finite real targets)."""
   x, y = arrays["x"], arrays["y"]
   if x.ndim == 0 or y.ndim == 0:
     raise ValueError(f"{where}: x has shape {x.shape} and y {y.shape}; need arrays [N, ...] "
@@ -107,9 +108,24 @@ def check_eval_data(model: Model, arrays: dict[str, np.ndarray], where: str = "e
   model.check_input(x.shape[1:], where)
   if is_inexact(x.dtype) and not np.all(np.isfinite(x)):
     raise ValueError(f"{where}: x has non-finite values (NaN/inf)")
+  if model.is_regression:
+    check_numeric("y", y.dtype, where)
+    if is_inexact(y.dtype) and not np.all(np.isfinite(y)):
+      raise ValueError(f"{where}: regression targets y have non-finite values (NaN/inf)")
+    return
   if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= model.num_classes:
     raise ValueError(f"{where}: labels must be integers in [0, {model.num_classes}), found "
                      f"range [{y.min()}, {y.max()}] ({y.dtype})")
+
+
+def check_task(model: Model, data: FederatedData) -> None:
+  """A classifier needs classification data (integer labels); a regression model takes real or
+  integer targets."""
+  task = getattr(data, "task", "classification")
+  if task == "regression" and not model.is_regression:
+    raise ValueError(f"train_data holds regression targets (task='regression') but model "
+                     f"{model.name!r} is a classifier: build it with task='regression' (e.g. "
+                     "fedjax_sim.models.from_flax(module, input_shape, 1, task='regression'))")
 
 
 def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, rounds: int,
@@ -158,6 +174,9 @@ def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, r
       raise ValueError("per-client heterogeneity arrays need a stored population; a "
                        "ProceduralPopulation supports straggler_fraction and dropout_fraction")
     model.check_input(train_data.input_shape, "train_data")
+    if model.is_regression:
+      raise ValueError(f"model {model.name!r} is a regression model, but a ProceduralPopulation "
+                       "generates class labels")
     if train_data.num_classes > model.num_classes:
       raise ValueError(f"the population has {train_data.num_classes} classes but model "
                        f"{model.name!r} only {model.num_classes}")
@@ -166,13 +185,14 @@ def validate(algorithm: Algorithm, model: Model, train_data: FederatedData, *, r
     if name not in train_data.arrays:
       raise ValueError(f"train_data has no feature {name!r} (has {sorted(train_data.arrays)})")
   model.check_input(train_data.arrays["x"].shape[1:], "train_data")
+  check_task(model, train_data)
   out = jax.eval_shape(lambda p, x: model.apply(p, x), jax.eval_shape(model.init, jax.random.key(0)),
                        jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32))
   if out.shape != (1, model.num_classes):
     raise ValueError(f"model {model.name!r} returns logits of shape {out.shape[1:]} per example, "
                      f"expected ({model.num_classes},)")
   y = train_data.arrays["y"]
-  if y.max() >= model.num_classes:
+  if not model.is_regression and y.max() >= model.num_classes:
     r = int(np.argmax(y >= model.num_classes))
     raise ValueError(f"train_data label {int(y[r])} (client {train_data.client_of_row(r)!r}) is "
                      f"outside the model's {model.num_classes} classes")

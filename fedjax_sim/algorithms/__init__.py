@@ -21,6 +21,7 @@ from fedjax_sim.algorithms.hypcluster import (hypcluster, hypcluster_evaluate, h
 from fedjax_sim.algorithms.mime import mime
 from fedjax_sim.algorithms.mimelite import mimelite
 from fedjax_sim.algorithms.scaffold import scaffold
+from fedjax_sim.algorithms.schedule import with_client_lr_schedule
 from fedjax_sim.registry import Registry
 
 # Every algorithm by name: the command line and config files reach what is registered here.
@@ -36,4 +37,5 @@ make = REGISTRY.make   # make(name, **options): Algorithm by name, options check
 __all__ = ["Algorithm", "REGISTRY", "adaptive_server_optimizer", "agnostic_fedavg", "apfl",
            "ditto", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "feddyn", "fednova",
            "fedprox", "fedyogi", "hypcluster", "hypcluster_evaluate", "hypcluster_init",
-           "hypcluster_model", "make", "mime", "mimelite", "proximal_term", "scaffold"]
+           "hypcluster_model", "make", "mime", "mimelite", "proximal_term", "scaffold",
+           "with_client_lr_schedule"]

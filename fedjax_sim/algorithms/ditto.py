@@ -84,7 +84,8 @@ def ditto_client(personal_optimizer: optax.GradientTransformation | None = None)
       return DittoCarry(inner.init(ctx), v, popt.init(v), zero, zero)
 
     def step(carry, batch, ctx, key):
-      (_, (loss_sum, correct, _)), g = personal_grad(carry.personal, batch, ctx)
+      (_, (loss_sum, correct, _)), g = personal_grad(carry.personal, batch, ctx,
+                                                               jax.random.fold_in(key, 1))
       updates, opt_state = popt.update(g, carry.personal_opt_state, carry.personal)
       v = optax.apply_updates(carry.personal, scale_updates(updates, ctx.lr_scale))
       return DittoCarry(inner.step(carry.local, batch, ctx, key), v, opt_state,

@@ -85,9 +85,9 @@ def mime_program(corrected: bool):
       return MimeCarry(p, optimizer.init(p), tree.zeros_like(p), zero_sums())
 
     def step(carry, batch, ctx, key):
-      del key
-      (_, (loss_sum, correct, count)), g = grad_fn(carry.params, batch, ctx)
-      _, gx = grad_fn(ctx.global_params, batch, ctx)
+      # the same key for both: the full-batch correction compares one stochastic forward pass
+      (_, (loss_sum, correct, count)), g = grad_fn(carry.params, batch, ctx, key)
+      _, gx = grad_fn(ctx.global_params, batch, ctx, key)
       if corrected:
         g = jax.tree.map(lambda gy, g0, c: gy - g0 + c.astype(gy.dtype), g, gx, ctx.server.grad)
       beta = ctx.hparams["beta"]

@@ -52,8 +52,7 @@ def scaffold_client(model, optimizer) -> ClientProgram:
     return ScaffoldCarry(p, optimizer.init(p), tree.zeros_like(p), zero_sums())
 
   def step(carry, batch, ctx, key):
-    del key
-    (_, (loss_sum, correct, count)), g = grad_fn(carry.params, batch, ctx)
+    (_, (loss_sum, correct, count)), g = grad_fn(carry.params, batch, ctx, key)
     corrected = jax.tree.map(lambda gi, c, ci: gi + (c - ci).astype(gi.dtype), g, ctx.server,
                              ctx.state)
     updates, opt_state = optimizer.update(corrected, carry.opt_state, carry.params)

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from fedjax_sim.cli.resolve import algorithm_options, server_kind
-from fedjax_sim.cli.schema import (ADAPTIVE_SERVERS, IMPLIED_SERVER_OPTIMIZER, TABLES, Config,
-                                   ConfigError)
+from fedjax_sim.cli.schema import (ADAPTIVE_SERVERS, IMPLIED_SERVER_OPTIMIZER,
+                                   REGRESSION_DATASETS, TABLES, Config, ConfigError)
 
 
 def server_optimizer(name: str, lr: float, momentum: float = 0.9, tau: float = 1e-3,
@@ -119,15 +119,19 @@ def load_data(cfg: Config, seed: int):
     train, test = datasets.synthetic(p.alpha, p.beta, num_clients=cfg.num_clients, seed=seed,
                                      **options)
     return train, test, train.arrays["x"].shape[1:]
-  flatten = cfg.model != "cnn"
+  regression = cfg.dataset in REGRESSION_DATASETS
   if cfg.dataset == "fashion_mnist":
     options["data_dir"] = cfg.data_dir
-  train, test = datasets.REGISTRY.make(cfg.dataset, flatten=flatten, **options)
+  if not regression:
+    options["flatten"] = cfg.model != "cnn"
+  train, test = datasets.REGISTRY.make(cfg.dataset, **options)
   params = {"dirichlet": {"alpha": p.alpha}, "shards": {"shards_per_client": p.shards_per_client},
             "quantity_skew": {"exponent": p.exponent}}
   parts = partition.make(p.name, train["y"], cfg.num_clients, seed=seed,
                          **params.get(p.name, {}))
-  return FederatedData.from_partition(train, parts, num_classes=10), test, train["x"].shape[1:]
+  data = (FederatedData.from_partition(train, parts, task="regression") if regression else
+          FederatedData.from_partition(train, parts, num_classes=10))
+  return data, test, train["x"].shape[1:]
 
 
 def run_title(cfg: Config, train) -> str:

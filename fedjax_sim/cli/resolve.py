@@ -13,7 +13,8 @@ from typing import Any
 
 from fedjax_sim.cli.config import check_algorithm_options, check_options, set_value
 from fedjax_sim.cli.schema import (ADAPTIVE_SERVERS, ALGORITHM_TABLE, DATASET_TABLE,
-                                   DEFAULT_SERVER_LR, IMPLIED_SERVER_OPTIMIZER, LEAF, LEAVES,
+                                   DEFAULT_SERVER_LR, IMPLIED_SERVER_OPTIMIZER, LABEL_FREE_PARTITIONS,
+                                   LEAF, LEAVES, MODELS, REGRESSION_DATASETS, REGRESSION_MODELS,
                                    TABLES, Config, ConfigError)
 
 
@@ -148,6 +149,17 @@ def _check_cross(cfg: Config, explicit: dict[str, str]):
     if table in cfg.tables and both:
       raise ConfigError(f"{explicit[table]}, {explicit[both[0]]}: [{table}] and {both[0]} "
                         "both give the optimizer: give one")
+  regression = cfg.dataset in REGRESSION_DATASETS
+  if regression != (cfg.model in REGRESSION_MODELS):
+    want = ", ".join(REGRESSION_MODELS if regression else
+                     [m for m in MODELS if m not in REGRESSION_MODELS])
+    raise ConfigError(f"{explicit.get('model', 'default')}: dataset {cfg.dataset!r} is a "
+                      f"{'regression' if regression else 'classification'} task: model must be "
+                      f"one of {want}, got {cfg.model!r}")
+  if regression and cfg.partition.name not in LABEL_FREE_PARTITIONS:
+    raise ConfigError(f"{explicit.get('partition.name', 'default')}: the regression dataset "
+                      f"{cfg.dataset!r} has no classes to split by: partition.name must be one "
+                      f"of {', '.join(LABEL_FREE_PARTITIONS)}, got {cfg.partition.name!r}")
   if a.name == "fedbuff":   # asynchronous: fedjax_sim.run_async
     for key in ("heterogeneity", "privacy"):
       if key in cfg.tables:

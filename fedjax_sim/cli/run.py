@@ -27,9 +27,10 @@ def _client_eval_callback(cfg: Config, model, train):
   import numpy as np
 
   from fedjax_sim import evaluation
+  from fedjax_sim.models.core import label_dtype
   from fedjax_sim.history import CLIENT_PREFIX
   f = evaluation.make_client_evaluate(model, train.max_client_size)
-  arrays = (jnp.asarray(train.arrays["x"]), jnp.asarray(train.arrays["y"], jnp.int32),
+  arrays = (jnp.asarray(train.arrays["x"]), jnp.asarray(train.arrays["y"], label_dtype(model)),
             jnp.asarray(train.offsets[:-1], jnp.int32), jnp.asarray(train.sizes, jnp.int32))
 
   def callback(r, state, _):
@@ -84,6 +85,9 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
     diverged = True
     print(f"warning: seed {seed}: the final test loss is {loss} (diverged)", file=sys.stderr)
   secs = float(h["seconds"][1:].mean() if cfg.rounds > 1 else h["seconds"][0])
+  if model.is_regression and "test_r2" in h:   # no accuracy: the MSE and R^2 instead
+    print(f"final test MSE {_final(h, 'test_mse'):.4f}, R^2 {_final(h, 'test_r2'):.4f} after "
+          f"{cfg.rounds} rounds")
   print(f"final test accuracy {acc:.4f} (test loss {loss:.4f}) after "
         f"{cfg.rounds} rounds; {secs:.3f} s/round, compile {res.compile_seconds:.1f} s"
         f"{' -- DIVERGED' if diverged else ''}")

@@ -20,9 +20,13 @@ from fedjax_sim import aggregators, algorithms, heterogeneity, optimizers, priva
 from fedjax_sim.data import datasets
 from fedjax_sim.registry import Option, Registry
 
-DATASETS = ("fashion_mnist", "digits", "synthetic")   # the loaders the command line can split
+DATASETS = ("fashion_mnist", "digits", "synthetic", "diabetes")   # loaders the CLI can split
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew")
-MODELS = ("mlp_2nn", "cnn", "logistic_regression")
+MODELS = ("mlp_2nn", "cnn", "logistic_regression", "regression_mlp")
+# regression data sets (float targets), their models, and the partitions that ignore labels
+REGRESSION_DATASETS = ("diabetes",)
+REGRESSION_MODELS = ("regression_mlp",)
+LABEL_FREE_PARTITIONS = ("iid", "quantity_skew")
 ALGORITHMS = tuple(algorithms.REGISTRY)
 # adam / yogi / adagrad are Reddi et al. (2021), Algorithm 2 (fedjax_sim.algorithms.fedopt);
 # optax_* are optax's own optimizers of those names (bias correction etc.: other algorithms).

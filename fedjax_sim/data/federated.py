@@ -157,11 +157,15 @@ class FederatedData:
     offsets: ``[P + 1]`` int64; client ``p`` owns rows ``offsets[p]:offsets[p+1]``.
     client_ids: ``[P]`` the clients' names (ints or strings), for reports.
     num_classes: number of label classes (labels are checked to lie in ``[0, num_classes)``).
+    task: ``"classification"`` (integer labels ``y``) or ``"regression"`` (real targets ``y
+      [N]``, checked finite; ``num_classes`` must then be None). Only a regression model
+      (:class:`fedjax_sim.models.Model` with ``task="regression"``) trains on regression data.
   """
   arrays: Mapping[str, np.ndarray]
   offsets: np.ndarray
   client_ids: np.ndarray
   num_classes: int | None = None
+  task: str = "classification"
   # Features given as jax Arrays (already in device memory) are kept here and handed to the round
   # as they are; ``arrays`` then holds zero-copy host views of them on a CPU backend. A million
   # clients of 4.8 GB thus exist once, not once on the host and once on the device.
@@ -192,7 +196,11 @@ class FederatedData:
       if a.ndim == 0 or a.shape[0] != n:
         raise ValueError(f"feature {name!r} has shape {a.shape}, expected a leading axis of {n} "
                          "(the total number of examples)")
-    _check_features(self.arrays, self.num_classes, self.client_of_row)
+    if self.task not in ("classification", "regression"):
+      raise ValueError(f"task must be 'classification' or 'regression', got {self.task!r}")
+    if self.task == "regression" and self.num_classes is not None:
+      raise ValueError("regression data has no classes: leave num_classes=None")
+    _check_features(self.arrays, self.num_classes, self.client_of_row, self.task)
 
   def device_array(self, name: str, dtype=None) -> jax.Array:
     """Feature ``name`` (``[N, ...]``) as a jax Array on the default device, cast to ``dtype``.
@@ -240,7 +248,8 @@ class FederatedData:
   # --- construction ---------------------------------------------------------------------------
   @classmethod
   def from_partition(cls, arrays: Mapping[str, np.ndarray], partition: Sequence[np.ndarray],
-                     client_ids: Sequence | None = None, num_classes: int | None = None):
+                     client_ids: Sequence | None = None, num_classes: int | None = None,
+                     task: str = "classification"):
     """Builds the population from flat arrays and one index array per client.
 
     Args:
@@ -249,6 +258,7 @@ class FederatedData:
         may appear in at most one client.
       client_ids: optional names, default ``0..P-1``.
       num_classes: if given, labels ``arrays["y"]`` are checked against it.
+      task: ``"classification"`` or ``"regression"`` (real targets ``y``; see the class).
 
     Memory: when the clients' rows are already consecutive and in order (``partition`` covers
     ``0..N-1`` in order) the arrays are used as they are, not copied (like the constructor, the
@@ -273,7 +283,7 @@ class FederatedData:
     # Clients that already own consecutive rows in order (every example, once) need no copy;
     # checked a block at a time, without the [N] concatenated order.
     if offsets[-1] == n and _is_consecutive(parts):
-      return cls({k: np.asarray(v) for k, v in arrays.items()}, offsets, ids, num_classes)
+      return cls({k: np.asarray(v) for k, v in arrays.items()}, offsets, ids, num_classes, task)
     order = np.concatenate(parts)
     if order.size and (order.min() < 0 or order.max() >= n):
       raise ValueError(f"partition indices must lie in [0, {n})")
@@ -282,12 +292,12 @@ class FederatedData:
     if int(np.count_nonzero(seen)) != order.size:
       raise ValueError("the partition assigns some example to more than one client")
     return cls({k: take_rows(np.asarray(v), order) for k, v in arrays.items()}, offsets, ids,
-               num_classes)
+               num_classes, task)
 
   @classmethod
   def from_clients(cls, clients: Sequence[Mapping[str, np.ndarray]], client_ids=None,
-                   num_classes: int | None = None):
-    """Builds the population from one dict of arrays per client."""
+                   num_classes: int | None = None, task: str = "classification"):
+    """Builds the population from one dict of arrays per client (``task``: see the class)."""
     if not clients:
       raise ValueError("no clients given")
     names = sorted(clients[0])
@@ -323,7 +333,7 @@ class FederatedData:
       arrays[k] = np.concatenate(parts, out=aligned_empty((sum(sizes),) + parts[0].shape[1:],
                                                           dtype))
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    return cls(arrays, offsets, ids, num_classes)
+    return cls(arrays, offsets, ids, num_classes, task)
 
   # --- views ----------------------------------------------------------------------------------
   @property
@@ -353,7 +363,7 @@ class FederatedData:
     positions = np.asarray(positions, dtype=np.int64)
     parts = [np.arange(self.offsets[p], self.offsets[p + 1]) for p in positions]
     return FederatedData.from_partition(self.arrays, parts, self.client_ids[positions],
-                                        self.num_classes)
+                                        self.num_classes, self.task)
 
   def centralized(self) -> dict[str, np.ndarray]:
     """All examples as flat arrays (e.g. for central evaluation)."""
@@ -361,6 +371,8 @@ class FederatedData:
 
   def label_histogram(self) -> np.ndarray:
     """``[P, num_classes]`` label counts per client (for non-IID heat maps)."""
+    if self.task == "regression":
+      raise ValueError("label_histogram: regression data has no classes (task='regression')")
     k = self.num_classes or int(self.arrays["y"].max()) + 1
     client_of_row = np.repeat(np.arange(self.num_clients), self.sizes)
     h = np.zeros((self.num_clients, k), np.int64)
@@ -487,7 +499,7 @@ def take_rows(a: np.ndarray, order: np.ndarray) -> np.ndarray:
   return out
 
 
-def _check_features(arrays, num_classes, client_of_row):
+def _check_features(arrays, num_classes, client_of_row, task="classification"):
   """Raises a ValueError naming the feature, row and client of the first bad value."""
   for name, a in arrays.items():
     check_numeric(name, a.dtype)
@@ -502,10 +514,14 @@ def _check_features(arrays, num_classes, client_of_row):
         r = int(np.flatnonzero(bad)[0])
         raise ValueError(f"feature {name!r} has non-finite values (NaN/inf) in {int(bad.sum())} "
                          f"example(s), first at row {r} (client {client_of_row(r)!r})")
-  if "y" in arrays:
+  if "y" in arrays and task == "regression":
+    if arrays["y"].ndim != 1:
+      raise ValueError(f"regression targets 'y' must have shape [N], got {arrays['y'].shape}")
+  elif "y" in arrays:
     y = arrays["y"]
     if not np.issubdtype(y.dtype, np.integer):
-      raise ValueError(f"labels 'y' must be integers, got dtype {y.dtype}")
+      raise ValueError(f"labels 'y' must be integers, got dtype {y.dtype} (real-valued targets: "
+                       "pass task='regression' and train a regression model)")
     if y.ndim != 1:
       raise ValueError(f"labels 'y' must have shape [N], got {y.shape}")
     hi = num_classes if num_classes is not None else np.iinfo(np.int32).max

@@ -34,4 +34,13 @@ def bfloat16_compute(model: Model) -> Model:
     return inner(_cast_floats(params, jnp.bfloat16), _cast_floats(x, jnp.bfloat16)).astype(
         jnp.float32)
 
-  return dataclasses.replace(model, apply=apply, name=f"{model.name}_bf16")
+  apply_train = None
+  if model.apply_train is not None:   # a stochastic model (Dropout) computes in bfloat16 too
+    inner_train = model.apply_train
+
+    def apply_train(params, x, key):
+      return inner_train(_cast_floats(params, jnp.bfloat16), _cast_floats(x, jnp.bfloat16),
+                         key).astype(jnp.float32)
+
+  return dataclasses.replace(model, apply=apply, apply_train=apply_train,
+                             name=f"{model.name}_bf16")

@@ -7,7 +7,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fedjax_sim.models.core import Model, from_flax
+from fedjax_sim.models.core import Model, from_flax, huber, mae, mse
 
 
 class LogisticRegressionModule(nn.Module):
@@ -108,12 +108,25 @@ def char_lstm(vocab_size: int = 81, seq_len: int = 80, embed: int = 8, hidden: i
                    (int(seq_len),), int(vocab_size), name="char_lstm")
 
 
+def regression_mlp(input_dim: int = 10, hidden: tuple[int, ...] = (10,),
+                   loss: str = "mse") -> Model:
+  """A regression MLP ``input_dim -> hidden (ReLU) -> 1``; the default Dense(10, relu) ->
+  Dense(1) with mean squared error is the FL illustration of the product's brief. ``loss``:
+  ``"mse"``, ``"mae"`` or ``"huber"``. Targets ``y [B]`` are floats (``task="regression"``)."""
+  losses = {"mse": mse, "mae": mae, "huber": huber}
+  if loss not in losses:
+    raise ValueError(f"regression_mlp loss must be one of {sorted(losses)}, got {loss!r}")
+  return from_flax(MLPModule(tuple(hidden), 1), (input_dim,), 1, loss=losses[loss],
+                   task="regression", name="regression_mlp_" + "_".join(map(str, hidden)))
+
+
 MODELS = {"logistic_regression": logistic_regression, "mlp_2nn": mlp_2nn, "cnn": cnn,
-          "char_lstm": char_lstm}
+          "char_lstm": char_lstm, "regression_mlp": regression_mlp}
 
 
 def make(name: str, input_shape: tuple[int, ...], num_classes: int) -> Model:
-  """Model by name for the CLI: ``logistic_regression``, ``mlp_2nn``, ``cnn`` or ``char_lstm``
+  """Model by name for the CLI: ``logistic_regression``, ``mlp_2nn``, ``cnn``, ``char_lstm`` or
+  ``regression_mlp`` (one output; ``num_classes`` is ignored)
   (``input_shape = (seq_len,)`` of character indices, ``num_classes`` = vocabulary size)."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
@@ -124,6 +137,11 @@ def make(name: str, input_shape: tuple[int, ...], num_classes: int) -> Model:
       raise ValueError(f"char_lstm takes sequences of character indices [seq_len], got examples "
                        f"of shape {tuple(input_shape)}")
     return char_lstm(vocab_size=num_classes, seq_len=input_shape[0])
+  if name == "regression_mlp":   # one output per example, whatever num_classes says
+    if len(input_shape) != 1:
+      raise ValueError(f"regression_mlp takes flat feature vectors, got examples of shape "
+                       f"{tuple(input_shape)}")
+    return regression_mlp(input_shape[0])
   if len(input_shape) != 1:
     raise ValueError(f"model {name!r} takes flat feature vectors, got examples of shape "
                      f"{tuple(input_shape)}; flatten them or use 'cnn'")
