@@ -104,7 +104,9 @@ def to_device(data: FederatedData, weights: np.ndarray | None = None,
   het_arrays = None if het is None else heterogeneity.to_device(het, data.sizes, work)
   # FederatedData.device_array: made once and kept; on a CPU backend the population's features
   # then exist once (moved into aligned memory that the device uses in place).
-  return DeviceData(data.device_array("x"), data.device_array("y", np.int32),
+  # float32 regression targets (FederatedData.task == "regression"), else int32 class labels
+  y_dtype = np.float32 if getattr(data, "task", "classification") == "regression" else np.int32
+  return DeviceData(data.device_array("x"), data.device_array("y", y_dtype),
                     jnp.asarray(data.offsets[:-1], jnp.int32), jnp.asarray(data.sizes, jnp.int32),
                     jnp.asarray(w, jnp.float32), het_arrays)
 

@@ -170,8 +170,8 @@ def block_records(metrics: dict[str, np.ndarray], first: int, seconds: float) ->
 def add_evaluation(record: dict, evaluate, params, eval_xy) -> None:
   """Adds ``test_loss`` / ``test_accuracy`` of ``params`` on ``eval_xy = (x, y)`` to ``record``."""
   ev = jax.device_get(evaluate(params, *eval_xy))
-  record["test_loss"] = float(ev["loss"])
-  record["test_accuracy"] = float(ev["accuracy"])
+  for k, v in ev.items():   # loss, accuracy, and a regression model's mse, r2
+    record[f"test_{k}"] = float(v)
 
 
 def warn_divergence(records: Sequence[Mapping[str, float]], unit: str = "round") -> str | None:

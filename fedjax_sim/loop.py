@@ -22,7 +22,7 @@ from fedjax_sim.experiment import (CompiledBlocks, add_evaluation, block_end, bl
                                    warn_divergence, with_communication)
 from fedjax_sim.heterogeneity import Heterogeneity
 from fedjax_sim.history import History
-from fedjax_sim.models.core import Model
+from fedjax_sim.models.core import Model, label_dtype
 from fedjax_sim.validation import check_eval_data, positive_int, validate
 
 
@@ -248,7 +248,8 @@ def run(algorithm: Algorithm | AsyncConfig, model: Model, train_data: FederatedD
   evaluate = None
   if eval_arrays is not None:
     evaluate = evaluation.make_evaluate(model, eval_batch_size)
-    eval_xy = put((jnp.asarray(eval_arrays["x"]), jnp.asarray(eval_arrays["y"], jnp.int32)))
+    eval_xy = put((jnp.asarray(eval_arrays["x"]),
+                   jnp.asarray(eval_arrays["y"], label_dtype(model))))
 
   # --- blocks of rounds; the host works between them (evaluation, callbacks, checkpoints) -------
   def host_work(r):

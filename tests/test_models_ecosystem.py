@@ -109,18 +109,6 @@ def test_nnx_batchnorm_is_rejected():
 # --- regression -----------------------------------------------------------------------------
 
 
-def _engine_keeps_float_targets() -> bool:
-  """Whether the engine feeds regression targets as floats (the lead's engine/loop change)."""
-  import inspect
-  from fedjax_sim import engine
-  return "regression" in inspect.getsource(engine.to_device)
-
-
-needs_engine = pytest.mark.xfail(
-    not _engine_keeps_float_targets(), strict=True,
-    reason="issue 21: engine.to_device/loop.run must keep float32 regression targets "
-           "(the change described in the issue-21 report); remove this marker then")
-
 
 def diabetes_population(num_clients=8):
   train, test = fs.datasets.diabetes()
@@ -179,7 +167,6 @@ def test_float_targets_need_a_regression_task():
 
 
 @pytest.mark.slow
-@needs_engine
 def test_federated_regression_learns_and_equals_reference():
   data, test = diabetes_population()
   model = fs.models.regression_mlp(10)
@@ -208,7 +195,6 @@ def test_cli_regression_config_checks(capsys):
 
 
 @pytest.mark.slow
-@needs_engine
 def test_cli_regression_run(tmp_path, capsys):
   import json
   from fedjax_sim import cli
