@@ -21,9 +21,8 @@ lets the server *recompute* the same PRG outputs (no threshold/collusion model i
 
 **Mask secrets come from OS entropy** (:func:`secret_key`): inside :func:`secure_sum` the root
 ``k_pair`` of every round is a PRNG key whose every bit (64 for the default threefry) comes
-from ``os.urandom``, drawn on the host (a
-``jax.experimental.io_callback``), never derived from the run's seed, the round or the config, so
-the server's view (the masked vectors, see ``on_view``) cannot be unmasked by someone who knows
+from ``os.urandom``, drawn on the host (a ``jax.experimental.io_callback``), never derived from
+the run's seed, the round or the config, so the server's view (the masked vectors, see ``on_view``) cannot be unmasked by someone who knows
 the configuration and the seed: a single masked vector is uniform over the ring and independent of
 the update. The trained model stays bit-for-bit reproducible: the masks cancel exactly in the
 ring, so the revealed sum (hence everything downstream) does not depend on them. Only the masked
