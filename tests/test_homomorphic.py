@@ -67,7 +67,8 @@ def test_everyone_dropped_gives_zero_and_nothing_is_encrypted(keys):
   ups = {"v": np.ones((4, 10), np.float32)}
   got, total = jax.jit(agg.finalize)(_feed(agg, ups, np.zeros(4, np.float32)))
   assert float(total) == 0 and np.all(np.asarray(got["v"]) == 0)
-  assert he.session_of(agg).costs == []
+  cost, = he.session_of(agg).costs          # nothing encrypted, but one record per round
+  assert cost.num_clients == 0 and cost.bytes_up_per_client == 0 and cost.encrypt_seconds == 0
 
 
 def test_clip_matches_the_norm_bounded_mean(keys):
@@ -127,17 +128,26 @@ def test_run_with_dp_noise_before_encryption_matches_the_plain_run(ragged_data):
   base = dataclasses.replace(fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16),
                              update_transform=dp)
   agg = he.ckks_mean()
-  seen = []
-  run = lambda algo: fs.run(algo, model, ragged_data, rounds=2, cohort_size=6, chunk_size=4,
-                            heterogeneity=fs.Heterogeneity(dropout_fraction=0.3), progress=False,
-                            callback=lambda r, s, o: seen.append(len(he.session_of(agg).costs)))
+  run = lambda algo, **kw: fs.run(algo, model, ragged_data, rounds=2, cohort_size=6,
+                                  chunk_size=4, progress=False,
+                                  heterogeneity=fs.Heterogeneity(dropout_fraction=0.3), **kw)
   plain = run(base)
-  enc = run(dataclasses.replace(base, aggregator=agg))
+  enc = run(dataclasses.replace(base, aggregator=agg), callback=he.cost_callback(agg))
   testing.assert_trees_close(enc.params, plain.params, atol=1e-5)
   assert fs.tree.max_abs_diff(enc.params, plain.params) > 0
   costs = he.session_of(agg).costs
-  assert len(costs) == 2 and seen[-2:] == [1, 2]       # readable from the callback, per round
-  assert [c.num_clients for c in costs] == list(np.asarray(enc.history["num_counted"]))
+  h = enc.history
+  assert len(costs) == 2                               # one record per round, in the history
+  np.testing.assert_array_equal(h["he_num_clients"], [c.num_clients for c in costs])
+  np.testing.assert_array_equal(h["he_num_clients"], h["num_counted"])
+  np.testing.assert_array_equal(h["he_bytes_up_per_client"],
+                                [c.bytes_up_per_client for c in costs])
+  assert np.all(h["he_encrypt_seconds"] > 0) and np.all(h["he_poly_modulus_degree"] == 8192)
+  # Blocks of rounds (lax.scan): the same model, one record per round still.
+  scanned = run(dataclasses.replace(base, aggregator=agg), callback=he.cost_callback(agg),
+                rounds_per_call=2)
+  testing.assert_trees_close(scanned.params, enc.params, atol=1e-6)
+  np.testing.assert_array_equal(scanned.history["he_num_clients"], h["num_counted"])
   no_noise = fs.run(dataclasses.replace(base, update_transform=None), model, ragged_data,
                     rounds=2, cohort_size=6, progress=False)
   assert fs.tree.max_abs_diff(no_noise.params, enc.params) > 1e-3   # the noise is in there

@@ -43,7 +43,7 @@ demand. Every encrypted coordinate must stay below ``2**(first modulus bits - sc
 below that unless an update explodes, which raises ``ValueError`` (clip the updates).
 
 **Costs** (see :class:`RoundCost`, recorded every round on the aggregator's :class:`Session`,
-readable from a ``run`` callback with :func:`session_of`): a ciphertext of N = 8192 packs 4096
+:func:`session_of`; :func:`cost_callback` puts them into the run's history): a ciphertext of N = 8192 packs 4096
 values in ~330 KB (~80 bytes per value against 4 for float32: ~20x the plain upload).
 """
 
@@ -243,11 +243,12 @@ class Session:
   def aggregate(self, weighted: np.ndarray, uploaded: np.ndarray) -> np.ndarray:
     """Encrypts rows ``uploaded`` of ``weighted [cap, n]`` one client at a time, adds the
     ciphertexts, decrypts the sum; ``float32 [n]`` (zeros when nobody uploaded). Records a
-    :class:`RoundCost`."""
+    :class:`RoundCost` (all zeros but the sizes when nobody uploaded: one record per call)."""
     weighted = np.asarray(weighted, np.float64)
     rows = np.flatnonzero(np.asarray(uploaded))
     n = weighted.shape[1]
     if rows.size == 0:
+      self.costs.append(RoundCost(0, int(n), 0, 0, 4 * int(n), 0.0, 0.0, 0.0, 0.0))
       return np.zeros(n, np.float32)
     t0 = time.perf_counter()
     uploads = [self.public_key.encrypt(weighted[i]) for i in rows]
@@ -271,6 +272,32 @@ def session_of(aggregator: Aggregator) -> Session:
   return session
 
 
+def cost_callback(aggregator: Aggregator):
+  """A ``run`` callback that puts each round's :class:`RoundCost` into the history (keys
+  ``he_num_clients``, ``he_ciphertexts_per_client``, ``he_bytes_up_per_client``,
+  ``he_plain_bytes_per_client``, ``he_encrypt_seconds``, ``he_sum_seconds``,
+  ``he_decrypt_seconds``, ``he_max_abs_value`` and the CKKS parameters
+  ``he_poly_modulus_degree``, ``he_scale_bits``). One record per round, in order (also with
+  ``rounds_per_call > 1``: the block's records are read one per callback call)."""
+  session = session_of(aggregator)
+  start = len(session.costs)
+  seen = [0]
+
+  def callback(r, state, out):
+    del r, state, out
+    i = start + seen[0]
+    if i >= len(session.costs):
+      raise ValueError("homomorphic cost_callback: no cost record for this round (is the "
+                       "callback's aggregator the one the run uses?)")
+    seen[0] += 1
+    rec = {f"he_{k}": float(v) for k, v in session.costs[i]._asdict().items()}
+    rec.update(he_poly_modulus_degree=float(session.params.poly_modulus_degree),
+               he_scale_bits=float(session.params.scale_bits))
+    return rec
+
+  return callback
+
+
 def ckks_mean(clip: float | None = None, poly_modulus_degree: int = 8192,
               coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60), scale_bits: int = 40,
               key_holder: KeyHolder | None = None) -> Aggregator:
@@ -282,7 +309,8 @@ def ckks_mean(clip: float | None = None, poly_modulus_degree: int = 8192,
   total weight); the server adds the ciphertexts, the key holder decrypts the sum, which is
   the weighted mean up to CKKS error (~1e-8 sqrt(C) per coordinate). Slots of weight 0 (padding,
   drop-outs, non-finite updates) upload nothing. Encryption, addition and decryption run on the
-  host (``io_callback``) in ``finalize``; costs are appended to ``session_of(agg).costs``.
+  host (``io_callback``) in ``finalize``; costs are appended to ``session_of(agg).costs`` (into
+  the history with ``fs.run(..., callback=homomorphic.cost_callback(agg))``).
 
   Args:
     clip: optional L2 bound of each client's update, applied before weighting and encryption.
