@@ -6,8 +6,8 @@ FMNIST  := /usr/share/datasets/fashion-mnist
 FORTUNES := /usr/share/games/fortunes
 RUN_ARGS ?=
 # pip extras of `make run`'s environment (README: "pip extras"): enough for every README snippet,
-# --dataset digits, YAML configs and History.to_pandas. `make test` installs dev (all of them).
-RUN_EXTRAS := datasets,privacy,yaml,pandas
+# --dataset digits, YAML configs, History.to_pandas and CKKS aggregation (he). `make test` installs dev (all of them).
+RUN_EXTRAS := datasets,privacy,yaml,pandas,he
 PYTEST  := $(VPY) -m pytest -q -n auto --maxprocesses 4
 
 .PHONY: run test test-fast notebooks install install-dev fashion-mnist fortunes data bench \

@@ -45,3 +45,22 @@ def test_uneven_clients_smoke(tmp_path):
   assert rec["real_client_steps"] <= rec["executed_client_steps"] <= rec["padded_client_steps"]
   assert rec["sec_per_round"] > 0 and rec["equal_sec_per_round"] > 0
   assert (tmp_path / "uneven.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_secure_aggregation_smoke(tmp_path):
+  pytest.importorskip("tenseal", reason="the CKKS variant needs the 'he' extra (TenSEAL)")
+  out = tmp_path / "sa.jsonl"
+  res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "secure_aggregation.py"),
+                        "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, env=_env(), timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  recs = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
+  assert set(recs) == {"plain", "secagg", "ckks"}
+  n = recs["plain"]["num_params"]
+  assert n == 199_210 and recs["plain"]["bytes_up_per_client"] == 4 * n
+  assert recs["secagg"]["bytes_up_per_client"] == -(-recs["secagg"]["ring_bits"] * n // 8)
+  assert recs["ckks"]["ciphertexts_per_client"] == 49          # 199,210 values / 4096 slots
+  assert recs["ckks"]["bytes_up_per_client"] > 10 * recs["plain"]["bytes_up_per_client"]
+  assert all(r["sec_per_round"] > 0 for r in recs.values())
+  assert (tmp_path / "sa.png").stat().st_size > 0

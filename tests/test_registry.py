@@ -73,7 +73,7 @@ def test_arg_docs_reads_attributes_sections():
 def test_package_registries():
   assert {"fedavg", "fedprox", "scaffold", "fednova", "fedbuff"} <= set(fs.algorithms.REGISTRY)
   assert set(fs.aggregators.REGISTRY) == {"mean", "coordinate_median", "trimmed_mean", "krum",
-                                          "norm_bounded_mean", "secure_sum"}
+                                          "norm_bounded_mean", "secure_sum", "ckks_mean"}
   assert {"clip_by_norm", "top_k", "stochastic_quantize", "hadamard_quantize",
           "sign_flip_attack", "scale_attack", "gaussian_attack",
           "local_gaussian_noise"} <= set(fs.transforms.REGISTRY)

@@ -296,3 +296,82 @@ def test_keyed_aggregators_get_a_fresh_key_and_the_cohort_ids(ragged_data):
     assert real.size == 5 and np.all(real >= 0)    # the 5 sampled clients ...
     assert np.all(w[ids >= P] == 0)                # ... and weightless padding (6 slots: 3 x 2)
   assert len({tuple(sorted(ids[ids < P].tolist())) for _, ids, _ in seen}) > 1
+
+
+def _probe(key, ids, view, ring_bits=32, self_mask=True):
+  """The attack: the server's view minus the masks recomputed from ``key`` (row by row)."""
+  n = view.shape[1]
+  masks = sa.pairwise_masks(key, ids, jnp.ones(ids.shape[0], bool), n, ring_bits)
+  if self_mask:
+    masks = masks + sa.self_masks(key, ids, n, ring_bits)
+  return np.asarray(sa.to_signed(jnp.asarray(view) - masks, ring_bits), np.int64)
+
+
+def _in_value_range(q, bits=BITS):
+  return np.abs(q) <= 2 ** (bits - 1) - 1
+
+
+def test_masks_cannot_be_recomputed_from_the_config_and_seed(ragged_data):
+  """The probe of issue 19: knowing the config and the seed, derive every key the run derives
+  (the round keys, the aggregation key, folded with every small seed) and subtract the masks
+  they give from a client's masked vector. With derived masks that recovers the update exactly
+  (checked on a view masked the old way); with secret masks the result is noise over the ring.
+  The trained model is nonetheless bit-identical from run to run."""
+  views = []
+  agg = sa.secure_sum(CLIP, BITS, on_view=lambda m, i, a: views.append((m, i, a)))
+  algo = dataclasses.replace(fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16), aggregator=agg,
+                             update_transform=transforms.clip_by_norm(CLIP))
+  model = fs.models.mlp(8, (16,), 4)
+  seed, rounds = 0, 2
+  run = lambda: fs.run(algo, model, ragged_data, rounds=rounds, cohort_size=5, chunk_size=3,
+                       seed=seed, progress=False)
+  first = run()
+  assert len(views) == rounds
+  _, key_rounds = fs.experiment.seed_keys(seed)
+  for r, (view, ids, alive) in enumerate(views):
+    a = int(np.flatnonzero(alive)[0])            # a client whose update the server received
+    candidates = [fs.engine.round_keys(jax.random.fold_in(key_rounds, r)).aggregate]
+    candidates += [jax.random.fold_in(candidates[0], s) for s in range(4)]
+    candidates += [jax.random.fold_in(key_rounds, r), jax.random.key(seed)]
+    for key in candidates:
+      # The attack is sound: on a view masked with this key it recovers the update exactly.
+      enc = sa.encode(jnp.asarray(view, jnp.float32) * 0 + 0.25, CLIP, BITS)   # a known update
+      old_view = sa.mask_updates(key, jnp.asarray(ids), enc, jnp.asarray(alive))
+      np.testing.assert_array_equal(_probe(key, jnp.asarray(ids), old_view)[a],
+                                    np.asarray(sa.to_signed(enc[a]), np.int64))
+      # On the real view it yields uniform ring elements, not a quantized update (each of the
+      # |q| <= 2^15 - 1 levels has probability ~2^-16 per coordinate).
+      got = _probe(key, jnp.asarray(ids), view)[a]
+      assert np.mean(_in_value_range(got)) < 0.05, f"round {r}: update recovered"
+  # Fresh masks each run, the same model (masks cancel exactly).
+  second = run()
+  assert not np.array_equal(views[0][0], views[rounds][0])
+  testing.assert_trees_close(second.params, first.params, atol=0)
+
+
+def test_secret_masks_keep_the_sum_exact_and_differ_every_call():
+  rng = np.random.default_rng(6)
+  ups = {"v": rng.normal(scale=0.3, size=(6, 40)).astype(np.float32)}
+  w = np.array([3.0, 0.0, 1.0, 7.0, 2.0, 0.0], np.float32)   # two drop-outs
+  views = []
+  agg = sa.secure_sum(CLIP, BITS, ring_bits=24, on_view=lambda m, i, a: views.append(m))
+  finalize = jax.jit(agg.finalize)
+  state = _feed(agg, ups, w, k=3)
+  ids = jnp.asarray([5, 9, 2, 40, 7, 11], jnp.int32)
+  key = jax.random.key(0)
+  one, _ = finalize(state, key, ids)
+  two, _ = finalize(state, key, ids)              # same key, same ids: new masks anyway
+  jax.effects_barrier()
+  assert len(views) == 2 and not np.array_equal(views[0], views[1])
+  testing.assert_trees_close(one, two, atol=0)
+  # Exactly the plain quantized sum (what the unmasked aggregation reveals).
+  w_ref = w.max()
+  q = sa.encode(jnp.asarray(ups["v"]) * jnp.asarray(w / w_ref)[:, None], CLIP, BITS, 24)
+  total = jnp.sum(jnp.where(jnp.asarray(w > 0)[:, None], q, jnp.uint32(0)), 0, dtype=jnp.uint32)
+  back = np.asarray(one["v"], np.float64) * float(w.sum()) / float(w_ref) * sa.scale_for(CLIP, BITS)
+  np.testing.assert_array_equal(np.round(back).astype(np.int64),
+                                np.asarray(sa.to_signed(total, 24), np.int64))
+  # The drop-outs' rows are never received; the others are masked beyond the value range.
+  assert np.all(views[0][[1, 5]] == 0)
+  signed = np.asarray(sa.to_signed(jnp.asarray(views[0][[0, 2, 3, 4]]), 24))
+  assert np.mean(_in_value_range(signed)) < 0.05

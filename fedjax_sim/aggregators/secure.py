@@ -14,12 +14,20 @@ The protocol, as simulated here, for a cohort of C clients with distinct ids::
   decode     interpret the sum as a signed m-bit integer, divide by scale
 
 The pairwise seeds ``seed(a, b) = fold_in(fold_in(k_pair, min id), max id)`` stand for the
-Diffie–Hellman agreed secrets (both ends derive the same seed; here from the round key and the
-two ids so the simulation is reproducible), and the self seeds for the double-masking secrets
-``b_a``. In the real protocol the server learns a dropped client's pairwise secrets, and an
-alive client's ``b_a``, from Shamir shares held by the survivors; the simulation lets the server
-*recompute* the same PRG outputs, which gives bit-identical results (no threshold/collusion
-model is simulated).
+Diffie–Hellman agreed secrets (both ends derive the same seed), and the self seeds for the
+double-masking secrets ``b_a``. In the real protocol the server learns a dropped client's pairwise
+secrets, and an alive client's ``b_a``, from Shamir shares held by the survivors; the simulation
+lets the server *recompute* the same PRG outputs (no threshold/collusion model is simulated).
+
+**Mask secrets come from OS entropy** (:func:`secret_key`): inside :func:`secure_sum` the root
+``k_pair`` of every round is a PRNG key whose every bit (64 for the default threefry) comes
+from ``os.urandom``, drawn on the host (a ``jax.experimental.io_callback``), never derived from
+the run's seed, the round or the config, so the server's view (the masked vectors, see ``on_view``) cannot be unmasked by someone who knows
+the configuration and the seed: a single masked vector is uniform over the ring and independent of
+the update. The trained model stays bit-for-bit reproducible: the masks cancel exactly in the
+ring, so the revealed sum (hence everything downstream) does not depend on them. Only the masked
+view itself differs from run to run. (Earlier versions derived the masks from the round key: a
+probe recovered any client's exact update from its masked vector; ``tests`` replays that probe.)
 
 Modular arithmetic is done in ``uint32`` (XLA wraps on overflow) and reduced mod ``2**ring_bits``
 by masking the low bits (``2**ring_bits`` divides ``2**32``, so reduction commutes with ``+``
@@ -44,11 +52,13 @@ cohorts up to ~100 and small models.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+import os
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from fedjax_sim.aggregators.base import Aggregator
 from fedjax_sim.aggregators.robust import buffered
@@ -189,7 +199,7 @@ def mask_updates(key: jax.Array, client_ids: jax.Array, encoded: jax.Array, aliv
   ``encoded[a]`` is (as soon as the cohort has 2 clients, or ``self_mask``).
 
   Args:
-    key: the round's key (seeds derive from it and the ids: reproducible).
+    key: the masks' root secret (seeds derive from it and the ids; :func:`secret_key`).
     client_ids: ``[C]`` int32 distinct client ids.
     encoded: ``uint32 [C, n]`` ring elements (:func:`encode`).
     alive: ``[C]`` bool; rows of dropped clients (never received) are 0.
@@ -245,17 +255,27 @@ def cost(num_params: int, cohort_size: int, bits: int, clip: float,
               4 * int(num_params), float(clip) / (2.0 * (2 ** (bits - 1) - 1)))
 
 
-def cohort_key(seed: int, weights: jax.Array) -> jax.Array:
-  """A mask key for :func:`secure_sum`'s ``finalize`` called without a round key (outside the
-  engine, e.g. on a hand-fed state): ``seed`` folded with a hash of the cohort's weights."""
-  w = jax.lax.bitcast_convert_type(weights.astype(jnp.float32), jnp.uint32)
-  mult = jnp.arange(1, w.shape[0] + 1, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1)
-  h = jnp.sum(w * mult, dtype=jnp.uint32) ^ jnp.uint32(w.shape[0])
-  return jax.random.fold_in(jax.random.key(seed), h)
+def secret_key() -> jax.Array:
+  """A PRNG key drawn from fresh OS entropy (``os.urandom``) on the host, every call (also
+  inside ``jit`` / ``lax.scan``: a side-effecting ``io_callback``, never cached or folded as a
+  constant). Nothing the program knows (seed, round, config) determines it.
+
+  Returns a typed key of the default PRNG implementation (all its key bits random).
+  """
+  shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+
+  def draw():
+    nbytes = int(np.prod(shape.shape)) * np.dtype(shape.dtype).itemsize
+    return np.frombuffer(os.urandom(nbytes), shape.dtype).reshape(shape.shape)
+
+  data = io_callback(draw, jax.ShapeDtypeStruct(shape.shape, shape.dtype), ordered=False)
+  return jax.random.wrap_key_data(data)
 
 
 def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: float | None = None,
-               self_mask: bool = True, seed: int = 0) -> Aggregator:
+               self_mask: bool = True,
+               on_view: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None
+               ) -> Aggregator:
   """Weighted mean computed through simulated secure aggregation (buffering aggregator).
 
   In ``finalize`` every client slot of the round's buffer is one cohort member (padding and
@@ -273,11 +293,12 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
 
   equal, in integer space, to the plain sum of the quantized updates (masks cancel exactly).
 
-  Inside :func:`fedjax_sim.run` the masks' seeds derive from the round's fresh aggregation key
-  (folded with ``seed``) and the clients' population ids, as the pairwise key agreement of the
-  protocol would give: new masks every round, the same for a pair of clients at both ends.
-  Called by hand without a key, ``finalize(state)`` uses :func:`cohort_key` and the slot
-  positions as ids. The revealed sum does not depend on the seeds.
+  The masks' root secret is drawn afresh every round from OS entropy (:func:`secret_key`), and
+  the pairwise seeds derive from it and the clients' population ids (as the pairwise key
+  agreement of the protocol would give: new masks every round, the same for a pair of clients at
+  both ends). The engine's round key is not used: the masked vectors must not be recomputable
+  from the config and the seed. The revealed sum does not depend on the masks, so runs stay
+  bit-for-bit reproducible. Called by hand, ``finalize(state)`` uses the slot positions as ids.
 
   Args:
     clip: coordinate bound of the (weighted) updates; clip the updates' L2 norm first
@@ -288,7 +309,9 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
     weight_bound: public reference weight (default: the cohort's largest); a round whose
       largest weight exceeds it uses that weight instead (exact, never clipped).
     self_mask: double masking (self masks, removed for the survivors in the recovery).
-    seed: seed of the masks.
+    on_view: optional host function called every round with the server's view,
+      ``(masked uint32 [cap, n], slot ids int32 [cap], alive bool [cap])`` as numpy arrays (rows
+      of drop-outs are 0): for inspecting or dumping what the server receives.
 
   Memory ``O(C n)`` (the buffer), work ``O(C^2 n)`` (the masks).
   """
@@ -314,11 +337,14 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
                                                                  jnp.max(w))
     w_ref = jnp.where(w_ref > 0, w_ref, 1.0)
     enc = encode(flat * (w / w_ref)[:, None], clip, bits, ring_bits)
-    if key is None:
-      key, ids = cohort_key(seed, w), jnp.arange(cap, dtype=jnp.int32)
-    else:
-      key, ids = jax.random.fold_in(key, seed), client_ids.astype(jnp.int32)
+    del key   # the round key derives from the run's seed; the masks must not
+    ids = (jnp.arange(cap, dtype=jnp.int32) if client_ids is None
+           else client_ids.astype(jnp.int32))
+    key = secret_key()
     masked = mask_updates(key, ids, enc, valid, ring_bits, self_mask)
+    if on_view is not None:
+      jax.debug.callback(lambda *view: on_view(*(np.asarray(v) for v in view)), masked, ids,
+                         valid)
     total = unmask_sum(key, ids, masked, valid, ring_bits, self_mask)
     total_w = jnp.sum(w)
     mean = decode(total, clip, bits, ring_bits) * (w_ref / jnp.maximum(total_w, 1e-30))
