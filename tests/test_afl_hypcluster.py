@@ -176,9 +176,14 @@ def test_hypcluster_separates_permuted_groups_and_beats_fedavg():
   base = fs.models.logistic_regression(DIM, CLASSES)
   model = algorithms.hypcluster_model(base, 2)
   kw = dict(batch_size=10, local_epochs=1)
+  cb = algorithms.hypcluster_callback(model, train, test, every=5, rounds=15)
   res = fs.run(algorithms.hypcluster(optax.sgd(0.3), **kw), model, train, rounds=15,
-               cohort_size=6, seed=0, progress=False)
+               cohort_size=6, seed=0, progress=False, callback=cb)
   ev = algorithms.hypcluster_evaluate(model, res.params, train, test)
+  # the personalized accuracy is in the history at the evaluation rounds (5, 10, 15)
+  assert res.history["personal_accuracy_p10"][-1] == pytest.approx(ev["summary"]["accuracy_p10"])
+  assert res.history["num_clusters_used"][-1] == 2.0
+  assert np.isnan(res.history["personal_accuracy_p10"][0])
   groups = np.isin(np.arange(12), group_b)
   # each group in one cluster, the two groups in different clusters
   assert len(set(ev["cluster"][groups])) == 1 and len(set(ev["cluster"][~groups])) == 1

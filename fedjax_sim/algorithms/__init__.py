@@ -16,7 +16,8 @@ from fedjax_sim.algorithms.fedopt import (adaptive_server_optimizer, fedadagrad,
 from fedjax_sim.algorithms.fedbuff import fedbuff   # asynchronous (fedjax_sim.run accepts it)
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox, proximal_term
-from fedjax_sim.algorithms.hypcluster import (hypcluster, hypcluster_evaluate, hypcluster_init,
+from fedjax_sim.algorithms.hypcluster import (hypcluster, hypcluster_callback,
+                                              hypcluster_evaluate, hypcluster_init,
                                               hypcluster_model)
 from fedjax_sim.algorithms.mime import mime
 from fedjax_sim.algorithms.mimelite import mimelite
@@ -36,6 +37,6 @@ make = REGISTRY.make   # make(name, **options): Algorithm by name, options check
 
 __all__ = ["Algorithm", "REGISTRY", "adaptive_server_optimizer", "agnostic_fedavg", "apfl",
            "ditto", "fedadagrad", "fedadam", "fedavg", "fedavgm", "fedbuff", "feddyn", "fednova",
-           "fedprox", "fedyogi", "hypcluster", "hypcluster_evaluate", "hypcluster_init",
+           "fedprox", "fedyogi", "hypcluster", "hypcluster_callback", "hypcluster_evaluate", "hypcluster_init",
            "hypcluster_model", "make", "mime", "mimelite", "proximal_term", "scaffold",
            "with_client_lr_schedule"]

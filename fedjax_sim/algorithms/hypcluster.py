@@ -228,6 +228,33 @@ def hypcluster_evaluate(model: HypClusterModel, params, train: FederatedData,
           "summary": summarize(acc, cnt, test.client_ids, worst)}
 
 
+def hypcluster_callback(model: HypClusterModel, train: FederatedData, test: FederatedData,
+                        every: int = 10, *, rounds: int | None = None, batch_size: int = 256,
+                        chunk_size: int = 32):
+  """A ``fs.run(callback=...)`` that puts HypCluster's personalized accuracy in the history:
+  every ``every`` rounds (and at round ``rounds``, the last, if given) each client picks its
+  cluster on ``train`` and is scored on ``test`` (:func:`hypcluster_evaluate`); the record gets
+  ``personal_accuracy_weighted``, ``_mean``, ``_p10``, ``_p50``, ``_p90`` (the same columns as
+  :func:`fedjax_sim.personalize.personal_eval_callback`, so
+  ``History.client_percentiles(prefix="personal_")`` plots them) and ``num_clusters_used``."""
+  if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every <= 0:
+    raise ValueError(f"every must be a positive integer, got {every!r}")
+  if not isinstance(model, HypClusterModel):
+    raise ValueError("hypcluster_callback: model must come from hypcluster_model(model, k)")
+
+  def callback(r, state, out):
+    del out
+    if r % every and r != rounds:
+      return None
+    ev = hypcluster_evaluate(model, state.params, train, test, batch_size=batch_size,
+                             chunk_size=chunk_size)
+    rec = {"personal_" + k: v for k, v in ev["summary"].items() if isinstance(v, float)}
+    rec["num_clusters_used"] = float(len(np.unique(ev["cluster"])))
+    return rec
+
+  return callback
+
+
 def hypcluster_init(model: HypClusterModel, data: FederatedData, client_ids, *,
                     client_optimizer: optax.GradientTransformation | None = None,
                     local_epochs: int = 1, batch_size: int = 32, seed: int = 0):
