@@ -152,8 +152,8 @@ def test_diverged_seed_does_not_stop_the_others(tmp_path, capsys):
 def test_final_value_of_a_never_finite_metric():
   h = fs.History.from_records([{"round": 1, "test_loss": float("nan"), "test_accuracy": 0.1},
                                {"round": 2}])
-  assert np.isnan(cli._final(h, "test_loss")) and cli._final(h, "test_accuracy") == 0.1
-  assert np.isnan(cli._final(fs.History.from_records([{"round": 1}]), "test_loss"))
+  assert np.isnan(cli.final_value(h, "test_loss")) and cli.final_value(h, "test_accuracy") == 0.1
+  assert np.isnan(cli.final_value(fs.History.from_records([{"round": 1}]), "test_loss"))
 
 
 def _write_idx(path, array):

@@ -80,7 +80,7 @@ from fedjax_sim.cli.main import (QUIET_LOGGERS, build_parser, cmd_list, cmd_run,
 from fedjax_sim.cli.output import make_out_folder
 from fedjax_sim.cli.resolve import (NOT_IDENTITY, experiment_identity, resolve, to_dict,
                                     to_toml)
-from fedjax_sim.cli.run import _final, run_one, run_seeds, train_algorithm
+from fedjax_sim.cli.run import final_value, run_one, run_seeds, train_algorithm
 from fedjax_sim.cli.schema import (ALGORITHMS, DATASETS, LEAF, LEAVES, MODELS, PARTITIONS,
                                    SECTIONS, SERVER_OPTIMIZERS, TABLES, AlgorithmConfig,
                                    CheckpointConfig, Config, ConfigError, LocalConfig,

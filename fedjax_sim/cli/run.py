@@ -79,14 +79,14 @@ def run_one(cfg: Config, seed: int, out: Path, header: str,
        **({"resume_overrides": overrides} if overrides else {})}, indent=2))
   h.to_json(out / "history.json")
   h.plot(out / "history.png", label=f"{algo.name} seed {seed}", title=run_title(cfg, train))
-  acc, loss = _final(h, "test_accuracy"), _final(h, "test_loss")
+  acc, loss = final_value(h, "test_accuracy"), final_value(h, "test_loss")
   if not math.isfinite(loss) and not diverged:
     # not evaluated at all, say (no eval data): the result is unusable all the same
     diverged = True
     print(f"warning: seed {seed}: the final test loss is {loss} (diverged)", file=sys.stderr)
   secs = float(h["seconds"][1:].mean() if cfg.rounds > 1 else h["seconds"][0])
   if model.is_regression and "test_r2" in h:   # no accuracy: the MSE and R^2 instead
-    print(f"final test MSE {_final(h, 'test_mse'):.4f}, R^2 {_final(h, 'test_r2'):.4f} after "
+    print(f"final test MSE {final_value(h, 'test_mse'):.4f}, R^2 {final_value(h, 'test_r2'):.4f} after "
           f"{cfg.rounds} rounds")
   print(f"final test accuracy {acc:.4f} (test loss {loss:.4f}) after "
         f"{cfg.rounds} rounds; {secs:.3f} s/round, compile {res.compile_seconds:.1f} s"
@@ -114,7 +114,7 @@ def train_algorithm(cfg: Config, algo, model, train, test, seed: int, callback,
                 experiment=experiment_identity(resolved), heterogeneity=make_heterogeneity(cfg))
 
 
-def _final(h, key: str) -> float:
+def final_value(h, key: str) -> float:
   """The value of ``key`` at the last evaluation: NaN/inf included (a diverged run's test loss
   is NaN from some round on, and that is its result), NaN if never evaluated."""
   import numpy as np
