@@ -16,7 +16,7 @@ True
 
 from fedjax_sim import (aggregators, algorithms, asynchronous, checkpoint, client, distributed,
                         engine, experiment, heterogeneity, models, optimizers, personalize,
-                        privacy, registry, server, sweep, testing, transfer, transforms, tree,
+                        privacy, registry, remedies, server, sweep, testing, transfer, transforms, tree,
                         validation)
 from fedjax_sim.asynchronous import run_async
 from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
@@ -30,6 +30,6 @@ __all__ = ["ClientBatches", "FederatedData", "Heterogeneity", "History", "LocalW
            "add_client_summaries", "aggregators", "algorithms", "asynchronous",
            "checkpoint", "client", "distributed", "datasets", "engine", "experiment",
            "heterogeneity", "models", "optimizers", "partition", "personalize", "plot_histories",
-           "privacy", "registry", "run", "run_async", "server",
+           "privacy", "registry", "remedies", "run", "run_async", "server",
            "sweep", "testing",
            "transfer", "transforms", "tree", "validation"]
