@@ -142,25 +142,30 @@ def _check_offsets(offsets: Any, model: Model) -> jax.Array:
 
 
 def remedied(base: ClientFactory, *, logit_offsets: Any = None,
-             augment: Augment | None = None) -> ClientFactory:
+             augment: Augment | None = None, mixup: float | None = None) -> ClientFactory:
   """``base`` (any client factory, e.g. ``algorithm.client``) with label-skew remedies.
 
   Args:
     base: the client program factory to wrap; its carry, state, upload and metrics are kept.
     logit_offsets: ``[K]`` (one for all clients) or ``[P, K]`` (row ``ctx.client_id`` for each
-      client) added to the logits inside the training loss (:func:`logit_adjustment`,
-      :func:`fedlc_calibration`): the step trains on ``model.loss(logits + offsets, y)``, so
-      the correction applies to whatever loss the model declares. Computed on the host before
-      the run and closed over (a constant of the compiled round). The training metrics
-      (``train_loss``) are those of the adjusted loss; ``correct`` counts raw-logit
-      predictions.
-    augment: ``(batch, key) -> batch`` applied to each local batch before the step, with a key
-      derived from the step's key (distinct per client and step); see :mod:`fedjax_sim.augment`.
+      client; P must be the population of the training data) added to the logits inside the
+      training loss (:func:`logit_adjustment`, :func:`fedlc_calibration`): the step trains on
+      ``model.loss(logits + offsets, y)``, so the correction applies to whatever loss the model
+      declares. Computed on the host before the run and closed over (a constant of the
+      compiled round). The training metrics (``train_loss``) are those of the adjusted loss;
+      ``correct`` counts raw-logit predictions.
+    augment: ``(batch, key) -> batch`` applied to each local batch before the step (the mask is
+      kept), with a key derived from the step's key (distinct per client and step); see
+      :mod:`fedjax_sim.augment`.
+    mixup: ``alpha > 0`` enables mixup (Zhang et al., ICLR 2018) after ``augment``: example i
+      becomes ``lam_i x_i + (1 - lam_i) x_j`` (``j`` a random valid row of the batch,
+      ``lam_i ~ Beta(alpha, alpha)`` per example) and its loss ``lam_i L(y_i) + (1 - lam_i)
+      L(y_j)`` (the paper's loss on soft labels, exactly, for a cross-entropy ``L``).
 
-  The wrapped step builds, at trace time, the model with this client's adjusted loss and runs
-  the base program's step with it: no engine change, and any algorithm's program (FedProx's,
-  SCAFFOLD's, Ditto's) gets the remedy. The base program must take its loss from the model it
-  is built with (every program of :mod:`fedjax_sim.algorithms` does).
+  The wrapped step builds, at trace time, the model with this client's loss and runs the base
+  program's step with it: no engine change, and any algorithm's program (FedProx's, SCAFFOLD's,
+  Ditto's) gets the remedy. The base program must take its loss from the model it is built with
+  (every program of :mod:`fedjax_sim.algorithms` does).
   """
   if not callable(base):
     raise ValueError(f"remedied: base must be a client factory (model, optimizer) -> "
@@ -168,25 +173,51 @@ def remedied(base: ClientFactory, *, logit_offsets: Any = None,
   if augment is not None and not callable(augment):
     raise ValueError(f"remedied: augment must be a function (batch, key) -> batch, got "
                      f"{type(augment).__name__}")
+  if mixup is not None and (isinstance(mixup, bool) or not isinstance(mixup, (int, float))
+                            or not (np.isfinite(mixup) and mixup > 0)):
+    raise ValueError(f"remedied: mixup must be None or a Beta parameter alpha > 0, got "
+                     f"{mixup!r}")
 
   def factory(model: Model, optimizer: optax.GradientTransformation) -> ClientProgram:
     outer = base(model, optimizer)
     offsets = None if logit_offsets is None else _check_offsets(logit_offsets, model)
 
-    def client_model(ctx):
+    def client_loss(ctx):
       if offsets is None:
-        return model
+        return model.loss
       row = offsets if offsets.ndim == 1 else offsets[ctx.client_id]
-      return dataclasses.replace(model, loss=lambda logits, y: model.loss(add_offsets(logits, row), y))
+      return lambda logits, y: model.loss(add_offsets(logits, row), y)
 
     def step(carry, batch, ctx, key):
+      loss = client_loss(ctx)
       if augment is not None:
-        # fold_in with a constant so the base step's own key stays independent of the augment's
+        # fold_in with constants so the base step's own key stays independent of ours
         aug = augment(batch, jax.random.fold_in(key, 0x5A5A))
         batch = Batch(aug.x, aug.y, batch.mask)
-      inner = outer if offsets is None else base(client_model(ctx), optimizer)
-      return inner.step(carry, batch, ctx, key)
+      if mixup is not None:
+        batch, loss = _mixup(batch, loss, float(mixup), jax.random.fold_in(key, 0xA5A5))
+      if loss is model.loss:
+        return outer.step(carry, batch, ctx, key)
+      return base(dataclasses.replace(model, loss=loss), optimizer).step(carry, batch, ctx, key)
 
     return ClientProgram(outer.init, step, outer.final)
 
   return factory
+
+
+def _mixup(batch: Batch, loss, alpha: float, key):
+  """The mixed batch and its loss ``lam L(logits, y) + (1 - lam) L(logits, y[j])``."""
+  b = batch.y.shape[0]
+  k1, k2 = jax.random.split(key)
+  valid = jnp.where(batch.mask, 0.0, -jnp.inf)
+  valid = jnp.where(jnp.any(batch.mask), valid, 0.0)
+  j = jax.random.categorical(k1, jnp.broadcast_to(valid, (b, b)), axis=1)
+  lam = jax.random.beta(k2, alpha, alpha, (b,)).astype(batch.x.dtype)
+  lam_x = lam.reshape((b,) + (1,) * (batch.x.ndim - 1))
+  x = lam_x * batch.x + (1 - lam_x) * batch.x[j]
+  y_b = batch.y[j]
+
+  def mixed_loss(logits, y):
+    return lam * loss(logits, y) + (1 - lam) * loss(logits, y_b)
+
+  return Batch(x, batch.y, batch.mask), mixed_loss

@@ -200,3 +200,138 @@ def test_bad_input_raises():
     evaluation.make_evaluate(model, 8, {"accuracy": evaluation.balanced_accuracy(4)})
   with pytest.raises(ValueError, match="num_classes must be"):
     evaluation.class_metrics(0)
+
+
+# --- augmentation and minority generation (fedjax_sim.augment) ------------------------------------
+
+from fedjax_sim import augment  # noqa: E402
+from fedjax_sim.client import Batch  # noqa: E402
+
+
+def _batch(seed=0, b=12, shape=(4, 5, 1), k=3, valid=10):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(b,) + (int(np.prod(shape)),)).astype(np.float32)
+  y = rng.integers(0, k, b).astype(np.int32)
+  return Batch(jnp.asarray(x), jnp.asarray(y), jnp.arange(b) < valid)
+
+
+def test_smote_points_lie_on_same_class_segments():
+  b = _batch()
+  out = jax.jit(augment.smote())(b, jax.random.key(3))
+  x, y, m = np.asarray(b.x), np.asarray(b.y), np.asarray(b.mask)
+  xo = np.asarray(out.x)
+  np.testing.assert_array_equal(np.asarray(out.y), y)
+  moved = 0
+  for i in np.flatnonzero(m):
+    ok = False
+    for j in np.flatnonzero(m & (y == y[i])):
+      d = x[j] - x[i]
+      u = float(d @ (xo[i] - x[i]) / max(d @ d, 1e-12)) if d @ d > 0 else 0.0
+      if -1e-6 <= u <= 1 + 1e-6 and np.allclose(x[i] + u * d, xo[i], atol=1e-5):
+        ok = True
+        moved += u > 1e-3
+    assert ok, f"row {i} is not on a segment to a same-class example"
+  assert moved >= 3
+
+
+def test_balanced_resample_equalises_classes():
+  y = np.array([0] * 12 + [1] * 3 + [2] * 1 + [0, 0], np.int32)
+  mask = np.arange(18) < 16
+  x = np.arange(18, dtype=np.float32)[:, None] + 100 * y[:, None]
+  b = Batch(jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask))
+  f = jax.jit(jax.vmap(augment.balanced_resample(), in_axes=(None, 0)))
+  out = f(b, jax.random.split(jax.random.key(0), 2000))
+  ys, xs = np.asarray(out.y)[:, :16], np.asarray(out.x)[:, :16, 0]
+  freq = np.bincount(ys.reshape(-1), minlength=3) / ys.size
+  np.testing.assert_allclose(freq, [1 / 3] * 3, atol=0.02)
+  # rows are real valid examples with their own labels; padded rows untouched
+  assert set(xs.reshape(-1).tolist()) <= set(x[:16, 0].tolist())
+  np.testing.assert_array_equal(xs - 100 * ys, xs % 100)
+  np.testing.assert_array_equal(np.asarray(out.x)[:, 16:, 0], np.broadcast_to(x[16:, 0], (2000, 2)))
+
+
+def test_image_augmentations_compute_what_they_say():
+  shape = (4, 5, 1)
+  b = _batch(shape=shape)
+  img = np.asarray(b.x).reshape((-1,) + shape)
+  key = jax.random.key(7)
+  # flip with prob 1 mirrors every image
+  fl = np.asarray(augment.random_flip(shape, 1.0)(b, key).x).reshape(img.shape)
+  np.testing.assert_array_equal(fl, img[:, :, ::-1])
+  # shift: each output is the input translated by one (dy, dx), zeros elsewhere
+  sh = np.asarray(jax.jit(augment.random_shift(shape, 1))(b, key).x).reshape(img.shape)
+  for i in range(img.shape[0]):
+    pad = np.pad(img[i], ((1, 1), (1, 1), (0, 0)))
+    assert any(np.array_equal(sh[i], pad[dy:dy + 4, dx:dx + 5])
+               for dy in range(3) for dx in range(3))
+  # erasing with prob 1: exactly one 2x3 zero box per image, the rest unchanged
+  er = np.asarray(augment.random_erasing(shape, (2, 3), 1.0)(b, key).x).reshape(img.shape)
+  changed = er != img
+  assert np.all(er[changed] == 0)
+  assert np.all((er == 0).reshape(img.shape[0], -1).sum(1) >= 6)
+  # masking: about the asked rate of features zeroed
+  big = Batch(jnp.ones((64, 100)), jnp.zeros(64, jnp.int32), jnp.ones(64, bool))
+  mk = np.asarray(augment.random_masking(0.3)(big, key).x)
+  assert abs(np.mean(mk == 0) - 0.3) < 0.03
+  nz = np.asarray(augment.gaussian_noise(0.5)(big, key).x) - 1.0
+  assert abs(nz.std() - 0.5) < 0.03 and abs(nz.mean()) < 0.03
+  # compose is keyed: same key, same output; another key, another output
+  c = augment.compose(augment.random_shift(shape, 1), augment.gaussian_noise(0.1))
+  np.testing.assert_array_equal(np.asarray(c(b, key).x), np.asarray(c(b, key).x))
+  assert not np.array_equal(np.asarray(c(b, key).x), np.asarray(c(b, jax.random.key(8)).x))
+
+
+def test_augmented_and_mixup_programs_equal_the_sequential_reference_and_learn():
+  data = skewed_clients()
+  model = fs.models.logistic_regression(6, 4)
+  aug = augment.compose(augment.balanced_resample(), augment.smote(0.5),
+                        augment.gaussian_noise(0.05))
+  algo = fs.algorithms.fedavg(optax.sgd(0.3), batch_size=8)
+  algo = algo.replace(client=remedies.remedied(
+      algo.client, logit_offsets=remedies.logit_adjustment(data), augment=aug, mixup=0.4))
+  res = fs.run(algo, model, data, rounds=4, cohort_size=4, seed=2, progress=False)
+  state, hist = fs.testing.sequential_run(algo, model, data, rounds=4, cohort_size=4, seed=2)
+  fs.testing.assert_trees_close(res.params, state.params, atol=2e-5)
+  test = data.centralized()
+  acc = np.mean(np.argmax(np.asarray(model.apply(res.params, test["x"])), 1) == test["y"])
+  assert acc > 0.6
+
+
+def test_mixup_loss_is_the_soft_label_loss():
+  model = fs.models.logistic_regression(6, 4)
+  params = model.init(jax.random.key(0))
+  b = _batch(b=8, shape=(6, 1, 1), k=4, valid=8)
+  mixed, loss = remedies._mixup(b, model.loss, 0.5, jax.random.key(4))
+  logits = model.apply(params, mixed.x)
+  got = np.asarray(loss(logits, mixed.y))
+  # recover lam and j from the mixed inputs, then compare with CE on the soft label
+  x = np.asarray(b.x)
+  xm = np.asarray(mixed.x)
+  lp = np.asarray(jax.nn.log_softmax(logits))
+  for i in range(8):
+    for j in range(8):
+      d = x[i] - x[j]
+      lam = float((xm[i] - x[j]) @ d / (d @ d)) if d @ d > 0 else 1.0
+      if np.allclose(lam * x[i] + (1 - lam) * x[j], xm[i], atol=1e-5):
+        soft = -(lam * lp[i, b.y[i]] + (1 - lam) * lp[i, b.y[j]])
+        np.testing.assert_allclose(got[i], soft, rtol=1e-4)
+        break
+    else:
+      raise AssertionError(f"row {i} is not a mix of two rows")
+
+
+def test_augment_bad_input_raises():
+  with pytest.raises(ValueError, match="image_shape"):
+    augment.random_flip((28, 28))
+  with pytest.raises(ValueError, match="must fit"):
+    augment.random_erasing((4, 4, 1), (5, 2))
+  with pytest.raises(ValueError, match="probability"):
+    augment.smote(1.5)
+  with pytest.raises(ValueError, match="max_shift"):
+    augment.random_shift((4, 4, 1), -1)
+  with pytest.raises(ValueError, match="do not hold"):
+    augment.random_flip((4, 4, 1))(_batch(shape=(4, 5, 1)), jax.random.key(0))
+  with pytest.raises(ValueError, match="not a function"):
+    augment.compose(augment.smote(), 3)
+  with pytest.raises(ValueError, match="mixup must be"):
+    remedies.remedied(fs.client.local_training(), mixup=0.0)
