@@ -6,14 +6,19 @@ Settings (100 clients, 100 rounds, 10 clients a round, 2NN 784-200-200-10, SGD 0
 * ``dirichlet``: the whole training set split by Dirichlet(0.1) label skew (Hsu et al. 2019);
   globally balanced, each client sees few classes.
 * ``longtail``: a globally long-tailed training set, class c keeping ``6000 * 100^(-c/9)``
-  examples (imbalance ratio 100: 6000 of class 0 down to 60 of class 9, 12,000 in all, as
+  examples (imbalance ratio 100: 6000 of class 0 down to 60 of class 9, 14,886 in all, as
   CIFAR-10-LT), split IID over the clients.
 
 Methods (:mod:`fedjax_sim.remedies`): ``fedavg``; ``la_client`` (logit adjustment by each
 client's label prior, FedLC-style per-client calibration); ``la_global`` (logit adjustment by the
 global prior, the balanced softmax); ``fedlc`` (FedLC's ``-tau n_y^{-1/4}`` margins by client
-counts); ``la_client+global`` (both offsets summed: the client's prior corrects its local skew,
-the global one the population's tail). Every record has test ``accuracy``,
+counts); on-device data remedies (:mod:`fedjax_sim.augment`, keyed per client and step):
+``augment`` (random shifts of up to 2 pixels, then 6x6 random erasing on half the images),
+``minority`` (class-balanced resampling of each batch, then in-batch SMOTE on half the
+examples), ``smote`` (in-batch SMOTE on half the examples, no resampling), ``mixup`` (alpha
+0.2); and the combinations ``la_global+smote``, ``la_global+mixup``, ``la_global+augment`` and
+``la_client+augment`` (logit adjustment with a data remedy that does not itself rebalance:
+class-balanced resampling and a prior correction would correct the skew twice). Every record has test ``accuracy``,
 ``balanced_accuracy`` (macro), ``worst_class_accuracy`` and ``per_class_accuracy``; summary
 lines give the mean over seeds and the gain over FedAvg in points. The per-class plot of each
 setting is ``results/imbalance_<setting>.png``.
@@ -21,6 +26,7 @@ setting is ``results/imbalance_<setting>.png``.
   python benchmarks/imbalance.py                 # full: both settings, 3 seeds (results/imbalance.jsonl)
   python benchmarks/imbalance.py --only longtail # one setting
   python benchmarks/imbalance.py --small         # tiny sizes: checks the script runs
+  python benchmarks/imbalance.py --from a.jsonl b.jsonl   # summaries + plots of earlier runs
 """
 
 from __future__ import annotations
@@ -40,10 +46,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
-from fedjax_sim import evaluation, remedies  # noqa: E402
+from fedjax_sim import augment, evaluation, remedies  # noqa: E402
 
 SETTINGS = ("dirichlet", "longtail")
-METHODS = ("fedavg", "la_client", "la_global", "fedlc", "la_client+global")
+METHODS = ("fedavg", "la_client", "la_global", "fedlc", "augment", "minority", "smote", "mixup",
+           "la_global+smote", "la_global+mixup", "la_global+augment", "la_client+augment")
+DATA_REMEDIES = ("augment", "minority", "smote", "mixup")
+IMAGE = (28, 28, 1)
 CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
            "Boot")
 
@@ -80,15 +89,27 @@ def algorithm(method: str, data, args):
                               local_epochs=args.local_epochs)
   if method == "fedavg":
     return algo
-  offsets = {
-      "la_client": lambda: remedies.logit_adjustment(data, tau=args.tau, prior="client"),
-      "la_global": lambda: remedies.logit_adjustment(data, tau=args.tau, prior="global"),
-      "fedlc": lambda: remedies.fedlc_calibration(data, tau=args.fedlc_tau, prior="client"),
-      "la_client+global": lambda: (
-          remedies.logit_adjustment(data, tau=args.tau, prior="client")
-          + remedies.logit_adjustment(data, tau=args.tau, prior="global")[None, :]),
-  }[method]()
-  return algo.replace(name=method, client=remedies.remedied(algo.client, logit_offsets=offsets))
+  la, _, aug = method.partition("+")
+  augmentation = mixup = offsets = None
+  if la in DATA_REMEDIES:
+    la, aug = "", la
+  if la:
+    offsets = {
+        "la_client": lambda: remedies.logit_adjustment(data, tau=args.tau, prior="client"),
+        "la_global": lambda: remedies.logit_adjustment(data, tau=args.tau, prior="global"),
+        "fedlc": lambda: remedies.fedlc_calibration(data, tau=args.fedlc_tau, prior="client"),
+    }[la]()
+  if aug == "augment":
+    augmentation = augment.compose(augment.random_shift(IMAGE, 2),
+                                   augment.random_erasing(IMAGE, (6, 6), 0.5))
+  elif aug == "minority":
+    augmentation = augment.compose(augment.balanced_resample(), augment.smote(0.5))
+  elif aug == "smote":
+    augmentation = augment.smote(0.5)
+  elif aug == "mixup":
+    mixup = 0.2
+  return algo.replace(name=method, client=remedies.remedied(
+      algo.client, logit_offsets=offsets, augment=augmentation, mixup=mixup))
 
 
 def main(argv=None):
@@ -107,7 +128,11 @@ def main(argv=None):
   p.add_argument("--small", action="store_true", help="tiny sizes: checks the script runs")
   p.add_argument("--out", default=os.path.join(RESULTS, "imbalance"),
                  help="prefix of the .jsonl and the per-setting .png files")
+  p.add_argument("--from", dest="from_", nargs="+", metavar="JSONL",
+                 help="no training: summarise and plot the per-seed records of these files")
   args = p.parse_args(argv)
+  if args.from_:
+    return resummarize(args.from_, args.out, args.rounds)
   subsample = None
   if args.small:
     args.rounds, args.clients, args.cohort, args.seeds = 4, 10, 5, 1
@@ -143,27 +168,64 @@ def main(argv=None):
                "per_class_accuracy": [round(float(a), 4) for a in m["per_class_accuracy"]]}
         results[method].append(rec)
         emit(rec)
-    per_class = {}
-    base = results.get("fedavg")
-    for method, recs in results.items():
-      mean = {k: float(np.mean([r[k] for r in recs]))
-              for k in ("accuracy", "balanced_accuracy", "worst_class_accuracy")}
-      per_class[method] = np.mean([r["per_class_accuracy"] for r in recs], 0)
-      summ = {"setting": setting, "method": method, "summary": "mean over seeds",
-              "seeds": len(recs), **mean,
-              "std_balanced_accuracy": float(np.std([r["balanced_accuracy"] for r in recs]))}
-      if base and method != "fedavg":
-        for k in mean:
-          summ[f"gain_{k}_points"] = round(
-              100 * (mean[k] - float(np.mean([r[k] for r in base]))), 2)
-      emit(summ)
-    fs.history.plot_class_accuracy(
-        per_class, f"{args.out}_{setting}.png", class_names=CLASSES,
-        title=f"Fashion-MNIST {setting}: test accuracy per class (mean of {args.seeds} seeds, "
-              f"{args.rounds} rounds)")
+    summarize(setting, results, args.rounds, args.out, emit)
   with open(f"{args.out}.jsonl", "w") as f:
     f.write("\n".join(out_lines) + "\n")
 
+
+def summarize(setting: str, results: dict, rounds: int, out: str, emit) -> None:
+  """Emits the mean over seeds of each method (and its gain over FedAvg in points) and saves
+  the per-class plot ``<out>_<setting>.png``."""
+  per_class = {}
+  base = results.get("fedavg")
+  for method, recs in results.items():
+    mean = {k: float(np.mean([r[k] for r in recs]))
+            for k in ("accuracy", "balanced_accuracy", "worst_class_accuracy")}
+    per_class[method] = np.mean([r["per_class_accuracy"] for r in recs], 0)
+    summ = {"setting": setting, "method": method, "summary": "mean over seeds",
+            "seeds": len(recs), **mean,
+            "std_balanced_accuracy": float(np.std([r["balanced_accuracy"] for r in recs])),
+            "std_worst_class_accuracy": float(np.std([r["worst_class_accuracy"] for r in recs]))}
+    if base and method != "fedavg":
+      for k in mean:
+        summ[f"gain_{k}_points"] = round(
+            100 * (mean[k] - float(np.mean([r[k] for r in base]))), 2)
+    emit(summ)
+  seeds = max(len(r) for r in results.values())
+  fs.history.plot_class_accuracy(
+      per_class, f"{out}_{setting}.png", class_names=CLASSES,
+      title=f"Fashion-MNIST {setting}: test accuracy per class (mean of {seeds} seeds, "
+            f"{rounds} rounds)")
+
+
+def resummarize(paths, out: str, rounds: int) -> None:
+  """Summaries and plots again from the per-seed records of earlier runs (``--from``), e.g.
+  when the methods of one setting were run by several commands."""
+  by_setting: dict = {}
+  for path in paths:
+    for line in open(path):
+      rec = json.loads(line)
+      if "summary" not in rec:
+        recs = by_setting.setdefault(rec["setting"], {}).setdefault(rec["method"], [])
+        if any(r["seed"] == rec["seed"] for r in recs):
+          raise SystemExit(f"{path}: {rec['setting']} {rec['method']} seed {rec['seed']} is "
+                           "in more than one record")
+        recs.append(rec)
+  lines = []
+
+  def emit(rec):
+    lines.append(json.dumps(rec))
+    print(lines[-1], flush=True)
+
+  for setting, results in by_setting.items():
+    order = sorted(results, key=lambda m: METHODS.index(m))
+    results = {m: results[m] for m in order}
+    for recs in results.values():
+      for r in recs:
+        emit(r)
+    summarize(setting, results, rounds, out, emit)
+  with open(f"{out}.jsonl", "w") as f:
+    f.write("\n".join(lines) + "\n")
 
 if __name__ == "__main__":
   main()

@@ -15,9 +15,9 @@ True
 """
 
 from fedjax_sim import (aggregators, algorithms, asynchronous, augment, checkpoint, client,
-                        distributed, engine, experiment, heterogeneity, models, optimizers,
-                        personalize, privacy, registry, remedies, server, sweep, testing,
-                        transfer, transforms, tree, validation)
+                        distributed, engine, evaluation, experiment, heterogeneity, models,
+                        optimizers, personalize, privacy, registry, remedies, server, sweep,
+                        testing, transfer, transforms, tree, validation)
 from fedjax_sim.asynchronous import run_async
 from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
 from fedjax_sim.heterogeneity import Heterogeneity
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = ["ClientBatches", "FederatedData", "Heterogeneity", "History", "LocalWork", "RunResult",
            "add_client_summaries", "aggregators", "algorithms", "asynchronous", "augment",
-           "checkpoint", "client", "distributed", "datasets", "engine", "experiment",
+           "checkpoint", "client", "distributed", "datasets", "engine", "evaluation", "experiment",
            "heterogeneity", "models", "optimizers", "partition", "personalize", "plot_histories",
            "privacy", "registry", "remedies", "run", "run_async", "server",
            "sweep", "testing",

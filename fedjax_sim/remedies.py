@@ -124,6 +124,21 @@ def adjusted_cross_entropy(logits: jax.Array, labels: jax.Array, offsets: jax.Ar
   return optax.softmax_cross_entropy_with_integer_labels(add_offsets(logits, offsets), labels)
 
 
+def generalized_cross_entropy(q: float = 0.7):
+  """The generalized cross-entropy ``(1 - p_y^q) / q`` (Zhang & Sabuncu, NeurIPS 2018), a loss
+  robust to label noise: ``q -> 0`` is the cross-entropy, ``q = 1`` the MAE. Per-example
+  ``(logits [B, K], labels [B]) -> [B]``; use it as a model's loss,
+  ``dataclasses.replace(model, loss=generalized_cross_entropy(0.7))``."""
+  if isinstance(q, bool) or not (isinstance(q, (int, float)) and 0 < q <= 1):
+    raise ValueError(f"generalized_cross_entropy q must be in (0, 1], got {q!r}")
+  q = float(q)
+
+  def loss(logits, labels):
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    return (1.0 - jnp.exp(q * logp)) / q   # p^q as exp(q log p): stable for tiny p
+  return loss
+
+
 def add_offsets(logits: jax.Array, offsets: jax.Array) -> jax.Array:
   """``logits [..., K] + offsets [K]``, broadcast explicitly over the leading axes."""
   return logits + jnp.reshape(offsets, (1,) * (logits.ndim - 1) + offsets.shape[-1:])

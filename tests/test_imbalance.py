@@ -335,3 +335,31 @@ def test_augment_bad_input_raises():
     augment.compose(augment.smote(), 3)
   with pytest.raises(ValueError, match="mixup must be"):
     remedies.remedied(fs.client.local_training(), mixup=0.0)
+
+
+@pytest.mark.slow
+def test_imbalance_benchmark_small(tmp_path):
+  import json
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).resolve().parent.parent
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+  out = tmp_path / "imb"
+  res = subprocess.run([sys.executable, str(root / "benchmarks" / "imbalance.py"), "--small",
+                        "--only", "longtail", "--methods", "fedavg,la_global+augment",
+                        "--out", str(out)], capture_output=True, text=True, env=env, timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  recs = [json.loads(line) for line in res.stdout.splitlines()]
+  assert [r["method"] for r in recs if "summary" not in r] == ["fedavg", "la_global+augment"]
+  summ = [r for r in recs if "summary" in r][-1]
+  assert "gain_balanced_accuracy_points" in summ and len(recs[0]["per_class_accuracy"]) == 10
+  assert (tmp_path / "imb_longtail.png").stat().st_size > 0
+  # --from re-summarises the saved records
+  res2 = subprocess.run([sys.executable, str(root / "benchmarks" / "imbalance.py"), "--from",
+                         f"{out}.jsonl", "--out", str(tmp_path / "again")], capture_output=True,
+                        text=True, env=env, timeout=300)
+  assert res2.returncode == 0, res2.stderr[-3000:]
+  assert res2.stdout.splitlines()[-1] == res.stdout.splitlines()[-1]
