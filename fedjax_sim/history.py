@@ -217,19 +217,25 @@ def plot_class_accuracy(per_class: Mapping[str, Any], path: str | Path | None = 
   if len(names) != k:
     raise ValueError(f"plot_class_accuracy: {len(names)} class names for {k} classes")
   if ax is None:
-    fig = _untracked_figure(figsize=(max(6.0, 0.9 * k + 2), 4.2 if title else 3.8))
+    fig = _untracked_figure(figsize=(max(6.0, 0.9 * k + 2) + 2.0, 4.2 if title else 3.8))
     ax = fig.subplots(1, 1)
   else:
     fig = ax.figure
   width = 0.8 / len(rows)
+  if len(rows) > 10:   # the default cycle repeats after 10 colours
+    from matplotlib import colormaps
+    colors = [colormaps["tab20"](i % 20) for i in range(len(rows))]
+  else:
+    colors = [f"C{i}" for i in range(len(rows))]
   for i, (label, acc) in enumerate(rows.items()):
     ax.bar(np.arange(k) + (i - (len(rows) - 1) / 2) * width, acc, width, label=label,
-           color=f"C{i}")
+           color=colors[i])
   ax.set_xticks(np.arange(k), names, rotation=30 if max(map(len, names)) > 3 else 0)
   ax.set_ylabel("test accuracy of the class")
   ax.set_ylim(0, 1)
   ax.grid(alpha=0.3, axis="y")
-  ax.legend(fontsize=8)
+  # beside the axes: bars reach the top, so a legend inside would hide some
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
   if title:
     ax.set_title(title, fontsize=11)
   fig.tight_layout()
