@@ -18,12 +18,14 @@ counts); on-device data remedies (:mod:`fedjax_sim.augment`, keyed per client an
 examples), ``smote`` (in-batch SMOTE on half the examples, no resampling), ``mixup`` (alpha
 0.2); and the combinations ``la_global+smote``, ``la_global+mixup``, ``la_global+augment`` and
 ``la_client+augment`` (logit adjustment with a data remedy that does not itself rebalance:
-class-balanced resampling and a prior correction would correct the skew twice). Every record has test ``accuracy``,
-``balanced_accuracy`` (macro), ``worst_class_accuracy`` and ``per_class_accuracy``; summary
+class-balanced resampling and a prior correction would correct the skew twice). Every record
+has test ``accuracy``, ``balanced_accuracy`` (macro), ``worst_class_accuracy`` and
+``per_class_accuracy``; summary
 lines give the mean over seeds and the gain over FedAvg in points. The per-class plot of each
 setting is ``results/imbalance_<setting>.png``.
 
-  python benchmarks/imbalance.py                 # full: both settings, 3 seeds (results/imbalance.jsonl)
+  python benchmarks/imbalance.py                 # full: both settings, 3 seeds
+                                                 # (results/imbalance.jsonl and .png)
   python benchmarks/imbalance.py --only longtail # one setting
   python benchmarks/imbalance.py --small         # tiny sizes: checks the script runs
   python benchmarks/imbalance.py --from a.jsonl b.jsonl   # summaries + plots of earlier runs

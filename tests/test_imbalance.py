@@ -134,8 +134,8 @@ def test_class_metrics_on_a_hand_example():
   ce = np.log(np.exp(logits).sum(1)) - logits[np.arange(11), y]
   np.testing.assert_allclose(out["loss"], ce.mean(), rtol=1e-5)
   # a class absent from the evaluation data is NaN and left out of the summaries
-  ev4 = evaluation.make_evaluate(fs.models.Model(lambda k: {}, lambda p, x: jnp.pad(x, ((0, 0), (0, 1))),
-                                          (3,), 4), 4, evaluation.class_metrics(4))
+  pad = fs.models.Model(lambda k: {}, lambda p, x: jnp.pad(x, ((0, 0), (0, 1))), (3,), 4)
+  ev4 = evaluation.make_evaluate(pad, 4, evaluation.class_metrics(4))
   out4 = jax.device_get(ev4({}, jnp.asarray(logits), jnp.asarray(y)))
   assert np.isnan(out4["per_class_accuracy"][3])
   np.testing.assert_allclose(out4["balanced_accuracy"], per.mean(), rtol=1e-6)
