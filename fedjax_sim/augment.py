@@ -141,20 +141,20 @@ def random_flip(image_shape, prob: float = 0.5):
 
 
 def _same_class_partner(key, y, mask):
-  """For each row i, a uniformly random valid row j with ``y[j] == y[i]`` (i itself when it is
-  the only one): ``[B]`` int32."""
-  same = (y[:, None] == y[None, :]) & mask[None, :]
-  logits = jnp.where(same, 0.0, -jnp.inf)
-  # a padded row may have no valid partner: it picks itself (it stays padding anyway)
-  logits = jnp.where(jnp.any(same, 1, keepdims=True), logits,
-                     jnp.where(jnp.eye(y.shape[0], dtype=bool), 0.0, -jnp.inf))
+  """For each row i, a uniformly random valid row ``j != i`` with ``y[j] == y[i]`` (i itself
+  when there is none): ``[B]`` int32."""
+  eye = jnp.eye(y.shape[0], dtype=bool)
+  same = (y[:, None] == y[None, :]) & mask[None, :] & ~eye
+  # no same-class partner (a class seen once, or a padded row): the row picks itself
+  logits = jnp.where(jnp.any(same, 1, keepdims=True), jnp.where(same, 0.0, -jnp.inf),
+                     jnp.where(eye, 0.0, -jnp.inf))
   return jax.random.categorical(key, logits, axis=1).astype(jnp.int32)
 
 
 def smote(prob: float = 1.0):
   """SMOTE within the batch: a fraction ``prob`` of the valid examples ``x_i`` become
-  ``x_i + u (x_j - x_i)``, ``u ~ U(0, 1)``, ``j`` a random valid example of the same class in
-  the batch; labels unchanged. (The paper draws ``j`` among the k nearest same-class
+  ``x_i + u (x_j - x_i)``, ``u ~ U(0, 1)``, ``j`` a random other valid example of the same class
+  in the batch (none: the example stays); labels unchanged. (The paper draws ``j`` among the k nearest same-class
   neighbours; any same-class partner keeps the point on a same-class segment without a
   nearest-neighbour search per step.)"""
   prob = _check_prob(prob, "smote prob")
