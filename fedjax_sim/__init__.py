@@ -14,10 +14,10 @@ the server applies an optax optimizer to the aggregated update.
 True
 """
 
-from fedjax_sim import (aggregators, algorithms, asynchronous, callbacks, checkpoint, client,
-                        distributed, engine, experiment, heterogeneity, models, optimizers,
-                        personalize, privacy, registry, server, sweep, testing, transfer,
-                        transforms, tree, validation)
+from fedjax_sim import (aggregators, algorithms, asynchronous, augment, callbacks, checkpoint,
+                        client, distributed, engine, evaluation, experiment, heterogeneity, models,
+                        optimizers, personalize, privacy, registry, remedies, server, sweep,
+                        testing, transfer, transforms, tree, validation)
 from fedjax_sim.asynchronous import run_async
 from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
 from fedjax_sim.heterogeneity import Heterogeneity
@@ -27,9 +27,10 @@ from fedjax_sim.loop import RunResult, run
 __version__ = "0.1.0"
 
 __all__ = ["ClientBatches", "FederatedData", "Heterogeneity", "History", "LocalWork", "RunResult",
-           "add_client_summaries", "aggregators", "algorithms", "asynchronous", "callbacks",
-           "checkpoint", "client", "distributed", "datasets", "engine", "experiment",
+           "add_client_summaries", "aggregators", "algorithms", "asynchronous", "augment",
+           "callbacks", "checkpoint", "client", "distributed", "datasets", "engine", "evaluation",
+           "experiment",
            "heterogeneity", "models", "optimizers", "partition", "personalize", "plot_histories",
-           "privacy", "registry", "run", "run_async", "server",
+           "privacy", "registry", "remedies", "run", "run_async", "server",
            "sweep", "testing",
            "transfer", "transforms", "tree", "validation"]

@@ -7,7 +7,7 @@ clients (10th/50th/90th percentiles) and the worst clients.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +27,98 @@ def pad_batches(x: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
   return xp.reshape((nb, b) + x.shape[1:]), (jnp.arange(nb * b) < n).reshape(nb, b)
 
 
-def make_evaluate(model: Model, batch_size: int = 1000):
-  """Builds jitted ``evaluate(params, x [N,...], y [N]) -> {"loss", "accuracy"}`` over all N
-  examples, in batches of ``batch_size`` (``lax.map``) so memory stays bounded.
+class Metric(NamedTuple):
+  """An evaluation metric computed from sums over examples (FedJAX's ``metrics_fn_map`` in
+  spirit: a metric is declared once and evaluated with the model, batch by batch).
+
+  Attributes:
+    sums: ``(outputs [B, ...], labels [B], mask [B]) -> pytree of arrays``: the masked sums of
+      ONE batch (``outputs`` is what ``model.apply`` returns, e.g. logits ``[B, K]``; padded rows
+      have ``mask`` False and must contribute nothing). The sums of all batches are added.
+    result: ``summed pytree -> array``: the metric from the summed statistics (a scalar, or an
+      array such as per-class accuracy ``[K]``).
+  """
+  sums: Callable[[jax.Array, jax.Array, jax.Array], Any]
+  result: Callable[[Any], jax.Array]
+
+
+def _class_sums(num_classes: int):
+  def sums(logits, y, mask):
+    m = mask.astype(jnp.float32)
+    onehot = jax.nn.one_hot(y, num_classes, dtype=jnp.float32) * m[:, None]
+    hit = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+    return {"correct": jnp.sum(onehot * hit[:, None], 0), "count": jnp.sum(onehot, 0)}
+  return sums
+
+
+def _per_class(s):
+  # a class absent from the evaluation data has no accuracy: NaN, ignored by the summaries
+  return jnp.where(s["count"] > 0, s["correct"] / jnp.maximum(s["count"], 1.0), jnp.nan)
+
+
+def per_class_accuracy(num_classes: int) -> Metric:
+  """``[K]`` accuracy on the examples of each class (recall per class; NaN for a class with no
+  example)."""
+  return Metric(_class_sums(_check_k(num_classes)), _per_class)
+
+
+def balanced_accuracy(num_classes: int) -> Metric:
+  """Macro-averaged accuracy: the mean over the classes present of per-class accuracy."""
+  return Metric(_class_sums(_check_k(num_classes)), lambda s: jnp.nanmean(_per_class(s)))
+
+
+def worst_class_accuracy(num_classes: int) -> Metric:
+  """The lowest per-class accuracy over the classes present."""
+  return Metric(_class_sums(_check_k(num_classes)), lambda s: jnp.nanmin(_per_class(s)))
+
+
+def class_metrics(num_classes: int) -> dict[str, Metric]:
+  """``{"per_class_accuracy", "balanced_accuracy", "worst_class_accuracy"}``: what a reader of
+  results on imbalanced data expects next to the (example-weighted) accuracy."""
+  return {"per_class_accuracy": per_class_accuracy(num_classes),
+          "balanced_accuracy": balanced_accuracy(num_classes),
+          "worst_class_accuracy": worst_class_accuracy(num_classes)}
+
+
+def _check_k(num_classes) -> int:
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+      or num_classes < 1:
+    raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+  return int(num_classes)
+
+
+def _check_metrics(metrics) -> dict[str, Metric]:
+  if metrics is None:
+    return {}
+  if not isinstance(metrics, Mapping):
+    raise ValueError(f"metrics must be a dict {{name: Metric}}, got {type(metrics).__name__}")
+  for name, m in metrics.items():
+    if not isinstance(name, str) or name in ("loss", "accuracy"):
+      raise ValueError(f"metrics: names must be strings other than 'loss'/'accuracy' (always "
+                       f"computed), got {name!r}")
+    if not isinstance(m, Metric):
+      raise ValueError(f"metrics[{name!r}] must be a fedjax_sim.evaluation.Metric, got "
+                       f"{type(m).__name__}")
+  return dict(metrics)
+
+
+def make_evaluate(model: Model, batch_size: int = 1000,
+                  metrics: Mapping[str, Metric] | None = None):
+  """Builds jitted ``evaluate(params, x [N,...], y [N]) -> {"loss", "accuracy", **metrics}``
+  over all N examples, in batches of ``batch_size`` (``lax.map``) so memory stays bounded.
+
+  ``metrics`` (``{name: Metric}``, e.g. :func:`class_metrics`) adds ``name: Metric.result(sums
+  over all batches)`` for each; the model's outputs are computed once per batch for all.
 
   For a regression model (``model.task == "regression"``; float targets ``y``) it returns
   ``{"loss", "accuracy", "mse", "r2"}``: ``accuracy`` is NaN (there are no classes), ``mse`` the
   mean squared error and ``r2`` the coefficient of determination ``1 - SSE / SST`` (``SST``
   around the mean of ``y``: predicting the mean scores 0)."""
+  metrics = _check_metrics(metrics)
   if model.is_regression:
+    if metrics:
+      raise ValueError("metrics: declared metrics are for classification models; a regression "
+                       "model's evaluation reports mse and r2")
     return make_regression_evaluate(model, batch_size)
 
   @jax.jit
@@ -44,12 +127,20 @@ def make_evaluate(model: Model, batch_size: int = 1000):
     yp, _ = pad_batches(y, batch_size)
 
     def one(batch):
-      _, (loss_sum, correct, count) = model.batch_loss(params, *batch)
-      return loss_sum, correct
+      bx, by, bm = batch
+      out = model.apply(params, bx)
+      m = bm.astype(jnp.float32)
+      # as Model.batch_loss, from the one forward pass the extra metrics share
+      loss_sum = jnp.sum(model.loss(out, by) * m)
+      correct = jnp.sum((jnp.argmax(out, -1) == by) * m)
+      return loss_sum, correct, {k: mt.sums(out, by, bm) for k, mt in metrics.items()}
 
-    loss_sum, correct = jax.lax.map(one, (xp, yp, mp))
+    loss_sum, correct, sums = jax.lax.map(one, (xp, yp, mp))
     n = y.shape[0]
-    return {"loss": jnp.sum(loss_sum) / n, "accuracy": jnp.sum(correct) / n}
+    res = {"loss": jnp.sum(loss_sum) / n, "accuracy": jnp.sum(correct) / n}
+    for k, mt in metrics.items():
+      res[k] = mt.result(jax.tree.map(lambda a: jnp.sum(a, 0), sums[k]))
+    return res
 
   return evaluate
 
@@ -74,6 +165,44 @@ def make_regression_evaluate(model: Model, batch_size: int = 1000):
             "mse": jnp.sum(sse) / n, "r2": 1.0 - jnp.sum(sse) / jnp.maximum(sst, 1e-30)}
 
   return evaluate
+
+
+def flatten_metrics(values: Mapping[str, Any], prefix: str = "test_") -> dict[str, float]:
+  """History columns from an evaluation: scalars as ``prefix + name``, arrays ``[K]`` as
+  ``prefix + name + "_" + i`` (e.g. ``test_per_class_accuracy_3``)."""
+  out = {}
+  for k, v in values.items():
+    a = np.asarray(v, np.float64)
+    if a.ndim == 0:
+      out[prefix + k] = float(a)
+    else:
+      out.update({f"{prefix}{k}_{i}": float(x) for i, x in enumerate(a.reshape(-1))})
+  return out
+
+
+def metrics_callback(model: Model, eval_data: Any, metrics: Mapping[str, Metric], *,
+                     every: int = 10, rounds: int | None = None, batch_size: int = 1000):
+  """A ``run(callback=...)`` that adds ``metrics`` of the global model on ``eval_data`` to the
+  history every ``every`` rounds (and at round ``rounds``), as :func:`flatten_metrics` columns.
+
+  ``run`` itself records only ``test_loss``/``test_accuracy``; this puts any declared metric
+  (e.g. :func:`class_metrics`) in the same history, from the state the callback receives."""
+  arrays = as_arrays(eval_data)
+  model.check_input(arrays["x"].shape[1:], "metrics_callback eval_data")
+  evaluate = make_evaluate(model, batch_size, metrics)
+  x, y = jnp.asarray(arrays["x"]), jnp.asarray(arrays["y"], jnp.int32)
+  every = int(every)
+  if every < 1:
+    raise ValueError(f"metrics_callback: every must be >= 1, got {every!r}")
+
+  def callback(round_, state, out):
+    del out
+    if round_ % every and round_ != rounds:
+      return None
+    values = jax.device_get(evaluate(state.params, x, y))
+    return flatten_metrics({k: v for k, v in values.items() if k in metrics})
+
+  return callback
 
 
 def as_arrays(data: Any) -> dict[str, np.ndarray]:

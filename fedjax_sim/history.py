@@ -198,3 +198,51 @@ def plot_histories(histories: Mapping[str, History], path: str | Path | None = N
     with files.atomic_open(path) as f:
       fig.savefig(f, dpi=120, format=Path(path).suffix[1:] or None)
   return fig
+
+
+def plot_class_accuracy(per_class: Mapping[str, Any], path: str | Path | None = None,
+                        class_names: Sequence[str] | None = None, title: str | None = None,
+                        ax=None):
+  """Grouped bars of per-class accuracy, one group per class and one bar per run.
+
+  ``per_class``: ``{run label: [K] accuracies}`` (e.g. the ``per_class_accuracy`` of
+  :func:`fedjax_sim.evaluation.class_metrics`, or a History's ``test_per_class_accuracy_i``
+  columns via :meth:`History.last`). Saved to ``path`` if given; returns the figure (not
+  registered with pyplot, as :func:`plot_histories`)."""
+  if not per_class:
+    raise ValueError("plot_class_accuracy: per_class is empty")
+  rows = {k: np.asarray(v, np.float64).reshape(-1) for k, v in per_class.items()}
+  k = {len(v) for v in rows.values()}
+  if len(k) != 1:
+    raise ValueError(f"plot_class_accuracy: runs have different numbers of classes {sorted(k)}")
+  k = k.pop()
+  names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+  if len(names) != k:
+    raise ValueError(f"plot_class_accuracy: {len(names)} class names for {k} classes")
+  if ax is None:
+    fig = _untracked_figure(figsize=(max(6.0, 0.9 * k + 2) + 2.0, 4.2 if title else 3.8))
+    ax = fig.subplots(1, 1)
+  else:
+    fig = ax.figure
+  width = 0.8 / len(rows)
+  if len(rows) > 10:   # the default cycle repeats after 10 colours
+    from matplotlib import colormaps
+    colors = [colormaps["tab20"](i % 20) for i in range(len(rows))]
+  else:
+    colors = [f"C{i}" for i in range(len(rows))]
+  for i, (label, acc) in enumerate(rows.items()):
+    ax.bar(np.arange(k) + (i - (len(rows) - 1) / 2) * width, acc, width, label=label,
+           color=colors[i])
+  ax.set_xticks(np.arange(k), names, rotation=30 if max(map(len, names)) > 3 else 0)
+  ax.set_ylabel("test accuracy of the class")
+  ax.set_ylim(0, 1)
+  ax.grid(alpha=0.3, axis="y")
+  # beside the axes: bars reach the top, so a legend inside would hide some
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+  if title:
+    ax.set_title(title, fontsize=11)
+  fig.tight_layout()
+  if path is not None:
+    with files.atomic_open(path) as f:
+      fig.savefig(f, dpi=120, format=Path(path).suffix[1:] or None)
+  return fig
