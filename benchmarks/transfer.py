@@ -38,6 +38,16 @@ Issue 18's parts (each to benchmarks/results/transfer_<part>.jsonl, plus .png / 
 * ``--part source_selection``: 7 candidate encoders for Fashion-MNIST 5-9 ranked by federated
   LogME / H-score / LEEP (:mod:`fedjax_sim.transfer.transferability`), against the accuracy of a
   federated head fine-tuned on each; Spearman table and plot (~20 min).
+* ``--part scarce_image``: k in {1, 5, 20} labelled images per client, 100 clients, 3 seeds, of
+  the four confusable upper-body Fashion-MNIST classes (T-shirt, pullover, coat, shirt): a
+  federated head on a frozen CNN pretrained on the six other classes, or by rotation prediction
+  on unlabeled target images; the supervised encoder with its 512-unit layer unfrozen; the CNN
+  from scratch. Same rounds (20) and cohorts (10), 2 local epochs, client lr tuned per model at
+  k = 5. Also draws the text and image accuracy-vs-k panels side by side (~25 min on 2 busy
+  cores).
+* ``--part source_selection_text``: ``choose_source`` (federated LogME / H-score) over five text
+  encoders for the fortunes topics (MiniLM, hashed TF-IDF 1024 and 256, hashed word counts,
+  noise), against the accuracy of a federated head fine-tuned on each (k = 10 per client).
 * ``--part domain_shift``: the target's images inverted; frozen head clean vs shifted, then the
   first conv layer unfrozen with ``c * CORAL`` / ``c * MMD`` (:mod:`fedjax_sim.transfer.alignment`)
   vs ``c = 0`` at the same rounds (~20 min).
@@ -495,7 +505,8 @@ def scarce_image(args, out):
   target images (the pool the labels are drawn from, labels unused). Models: a federated linear
   head on the frozen encoder (cached features), the same with the encoder's 512-unit layer
   unfrozen (:func:`fedjax_sim.transfer.partially_frozen_model`), and the CNN from scratch; same
-  rounds and cohorts, client lr tuned per model and k on a validation split (seed 0)."""
+  rounds, cohorts and local epochs, client lr tuned per model on a validation split (seed 0, at
+  ``k = args.si_tune_k``). The labels of each seed are a fresh draw from the pool."""
   train, test = fs.datasets.fashion_mnist(flatten=False)
   remap = np.full(10, -1, np.int32)
   remap[list(UPPER_BODY)] = np.arange(len(UPPER_BODY))
@@ -504,7 +515,7 @@ def scarce_image(args, out):
   tgt = rng.permutation(np.flatnonzero(remap[train["y"]] >= 0))
   pool_idx, val_idx = tgt[:args.si_pool], tgt[args.si_pool:args.si_pool + args.si_val]
   src = rng.permutation(np.flatnonzero(remap[train["y"]] < 0))[:args.si_pretrain_examples]
-  te = np.flatnonzero(remap[test["y"]] >= 0)[:args.test_examples]
+  te = np.flatnonzero(remap[test["y"]] >= 0)[:args.si_test]
   pool = {"x": train["x"][pool_idx], "y": remap[train["y"][pool_idx]]}
   val = {"x": train["x"][val_idx], "y": remap[train["y"][val_idx]]}
   test_d = {"x": test["x"][te], "y": remap[test["y"][te]]}
@@ -629,6 +640,64 @@ def plot_scarce_both(image_summary, ks, path, text_jsonl):
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def semi_text(args, out):
+  """Optional step of section 1: self-training on unlabeled target data. Fortunes topics, 100
+  clients with k labelled examples each plus an equal share of the rest of the pool unlabeled;
+  frozen MiniLM + federated head (lr as tuned by ``scarce_text``), then every client adds its
+  unlabeled examples the head labels with confidence >= threshold
+  (:func:`fedjax_sim.transfer.semi_supervised.with_pseudo_labels`) and the head is trained again
+  from scratch on the enlarged clients, same rounds; 3 seeds."""
+  from fedjax_sim.transfer import minilm
+  from fedjax_sim.transfer import semi_supervised as ss
+  texts, labels = load_fortunes(TOPICS, args.scarce_per_topic)
+  enc = minilm.MiniLMEncoder.load(max_length=args.max_tokens)
+  key = f"{args.max_tokens}|" + "\x00".join(texts)
+  emb, _ = cached("minilm", key, lambda: transfer.text_features(enc, texts, args.max_tokens))
+  pool, val, test = scarce_split(labels)
+  mu, sd = emb[pool].mean(0), emb[pool].std(0) + 1e-6
+  z = ((emb - mu) / sd).astype(np.float32)
+  nc = len(TOPICS)
+  arrays = {"x": z, "y": labels}
+  model = fs.models.logistic_regression(z.shape[1], nc)
+  ev = fs.evaluation.make_evaluate(model)
+
+  def train(fed, lr, seed):
+    algo = fs.algorithms.fedavg(optax.sgd(lr), batch_size=min(int(fed.max_client_size), 10),
+                                local_epochs=args.scarce_epochs)
+    return fs.run(algo, model, fed, rounds=args.scarce_rounds, cohort_size=args.scarce_cohort,
+                  seed=seed, progress=False, eval_every=args.scarce_rounds).params
+
+  for k, lr in args.semi_ks:
+    acc = {"labels_only": []}
+    extra = {}
+    for seed in range(args.seeds):
+      parts, per = labelled_clients(pool, args.scarce_clients, k, seed)
+      rest = np.random.default_rng(2000 + seed).permutation(
+          np.setdiff1d(pool, np.concatenate(parts)))
+      lab = fs.FederatedData.from_partition(arrays, parts, num_classes=nc)
+      unl = fs.FederatedData.from_partition(arrays, np.array_split(rest, args.scarce_clients),
+                                            num_classes=nc)
+      params = train(lab, lr, seed)
+      acc["labels_only"].append(float(ev(params, z[test], labels[test])["accuracy"]))
+      for th in args.semi_thresholds:
+        bigger, added = ss.with_pseudo_labels(model, params, lab, unl, threshold=th)
+        pl = ss.pseudo_labels(model, params, unl.arrays["x"], th)
+        right = float(np.mean(pl.labels[pl.keep] == unl.arrays["y"][pl.keep])) if pl.keep.any() \
+            else float("nan")
+        p2 = train(bigger, lr, seed)
+        acc.setdefault(f"pseudo_{th}", []).append(float(ev(p2, z[test], labels[test])["accuracy"]))
+        extra.setdefault(th, []).append((int(added.sum()), right))
+    emit({"experiment": "semi_text", "stage": "result", "k": k, "labels_per_client": per,
+          "unlabeled_per_client": int(rest.size // args.scarce_clients), "client_lr": lr,
+          "seeds": args.seeds,
+          **{f"{n}_test_accuracy": round(float(np.mean(a)), 4) for n, a in acc.items()},
+          **{f"{n}_test_accuracy_per_seed": [round(v, 4) for v in a] for n, a in acc.items()},
+          **{f"pseudo_{th}_added_mean": round(float(np.mean([e[0] for e in v])), 1)
+             for th, v in extra.items()},
+          **{f"pseudo_{th}_label_accuracy": round(float(np.mean([e[1] for e in v])), 4)
+             for th, v in extra.items()}}, out)
 
 
 # --- choosing the source: federated transferability estimates vs fine-tuned accuracy -------------
@@ -976,7 +1045,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--small", action="store_true", default=bool(os.environ.get("FEDJAX_SIM_SMALL")))
   ap.add_argument("--part", choices=("images", "text", "all", "scarce_text", "source_selection", "domain_shift", "scarce_image",
-                                         "source_selection_text"), default="all")
+                                         "source_selection_text", "semi_text"),
+                  default="all")
   ap.add_argument("--out", default=None,
                   help="jsonl to append to (default results/transfer.jsonl, or "
                        "results/transfer_<part>.jsonl for the sections of issue 18)")
@@ -1032,16 +1102,19 @@ def main(argv=None):
   args.si_pool = 6000 if full else 400
   args.si_val = 1000 if full else 200
   args.si_clients = 100 if full else 10
-  args.si_pretrain_examples = 6000 if full else 500
+  args.si_pretrain_examples = 3000 if full else 500
   args.si_pretrain_epochs = 2 if full else 1
   args.si_rounds = 20 if full else 2
   args.si_cohort = 10 if full else 5
   args.si_tune_k = 5
-  args.si_epochs = 5
+  args.si_epochs = 2
+  args.si_test = 2000 if full else 500
   args.si_head_lrs = (0.1, 0.3) if full else (0.1,)
   args.si_cnn_lrs = (0.03, 0.1) if full else (0.03,)
   args.si_unfreeze = ("supervised_other6",)
-  args.sel_text_lrs = (0.1, 0.3, 1.0, 3.0, 10.0) if full else (1.0,)
+  args.sel_text_lrs = (0.1, 1.0, 10.0, 30.0) if full else (1.0,)
+  args.semi_ks = ((1, 0.3), (5, 0.1))   # (k, client lr chosen by scarce_text)
+  args.semi_thresholds = (0.7, 0.9)
   if args.out is None:
     args.out = str(RESULTS if args.part in ("images", "text", "all")
                    else RESULTS.with_name(f"transfer_{args.part}.jsonl"))
@@ -1059,6 +1132,8 @@ def main(argv=None):
       scarce_image(args, out)
     if args.part == "source_selection_text":
       source_selection_text(args, out)
+    if args.part == "semi_text":
+      semi_text(args, out)
     if args.part in ("images", "all"):
       images(args, out)
     if args.part in ("text", "all"):
