@@ -473,7 +473,7 @@ def plot_scarce(summary, ks, path, title):
 
 # --- scarce labels: images ------------------------------------------------------------------------
 
-UPPER_BODY = (0, 2, 4, 6)   # T-shirt/top, pullover, coat, shirt: the confusable Fashion-MNIST classes
+UPPER_BODY = (0, 2, 4, 6)   # T-shirt/top, pullover, coat, shirt: the confusable classes
 
 
 def rotations(x, seed: int = 0):
@@ -535,6 +535,8 @@ def scarce_image(args, out):
   }
   encoders = {}
   for name, (module, x, y, epochs) in recipes.items():
+    if name not in args.si_encoders:
+      continue
     model = fs.models.core.from_flax(module, (28, 28, 1), module.num_classes, name="cnn")
     t = time.perf_counter()
     pre = transfer.pretrain(model, {"x": x, "y": y}, optax.adam(1e-3), epochs=epochs,
@@ -608,18 +610,32 @@ def remap_other(y):
   return m[y]
 
 
+def results_by_model_k(path) -> dict:
+  """``{(model, k): per-seed test accuracies}`` of the ``result`` rows of the last full-size run
+  (after the last ``meta`` line with ``small: false``) in a scarce_* JSONL file; {} if none."""
+  rows = [json.loads(line) for line in Path(path).read_text().splitlines()] \
+      if Path(path).is_file() else []
+  starts = [i for i, r in enumerate(rows) if r.get("experiment") == "meta" and not r["small"]]
+  return {(r["model"], r["k"]): np.asarray(r["federated_test_accuracy_per_seed"])
+          for r in rows[starts[-1] if starts else 0:] if r.get("stage") == "result"}
+
+
+def plot_scarce(args, out):
+  """``--part plot_scarce``: the text and image accuracy-vs-k panels from the committed JSONL
+  results (e.g. when a run was cut short, with the ks it finished)."""
+  del out
+  image = RESULTS.with_name("transfer_scarce_image.jsonl")
+  plot_scarce_both(results_by_model_k(image), args.ks, image.with_suffix(".png"),
+                   RESULTS.with_name("transfer_scarce_text.jsonl"))
+
+
 def plot_scarce_both(image_summary, ks, path, text_jsonl):
   """Accuracy vs k: text (the last full ``scarce_text`` run's results in ``text_jsonl``, if any)
   beside images (``image_summary``: ``{(model, k): per-seed accuracies}``)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  text = {}
-  if Path(text_jsonl).is_file():
-    for line in Path(text_jsonl).read_text().splitlines():
-      r = json.loads(line)
-      if r.get("stage") == "result":
-        text[(r["model"], r["k"])] = np.asarray(r["federated_test_accuracy_per_seed"])
+  text = results_by_model_k(text_jsonl)
   panels = [(p, s) for p, s in (("text: fortunes topics (MiniLM vs TF-IDF)", text),
                                  ("images: Fashion-MNIST upper-body classes", image_summary)) if s]
   fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
@@ -1044,14 +1060,17 @@ def domain_shift(args, out):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--small", action="store_true", default=bool(os.environ.get("FEDJAX_SIM_SMALL")))
-  ap.add_argument("--part", choices=("images", "text", "all", "scarce_text", "source_selection", "domain_shift", "scarce_image",
-                                         "source_selection_text", "semi_text"),
-                  default="all")
+  ap.add_argument("--part", default="all",
+                  choices=("images", "text", "all", "scarce_text", "source_selection",
+                           "domain_shift", "scarce_image", "source_selection_text", "semi_text",
+                           "plot_scarce"))
   ap.add_argument("--out", default=None,
                   help="jsonl to append to (default results/transfer.jsonl, or "
                        "results/transfer_<part>.jsonl for the sections of issue 18)")
   ap.add_argument("--shift", choices=tuple(SHIFTS), default="invert")
   ap.add_argument("--workdir", default="/tmp/fedjax_sim_transfer")
+  ap.add_argument("--si-full", action="store_true",
+                  help="scarce_image at the issue's full size (a quiet machine or a GPU)")
   args = ap.parse_args(argv)
   full = not args.small
   args.pretrain_examples = 2000 if full else 1000
@@ -1100,21 +1119,32 @@ def main(argv=None):
   args.ds_cs = (1.0, 10.0, 100.0) if full else (10.0,)
   args.ds_aligns = ("coral", "mmd") if full else ("coral",)
   args.si_pool = 6000 if full else 400
-  args.si_val = 1000 if full else 200
   args.si_clients = 100 if full else 10
-  args.si_pretrain_examples = 3000 if full else 500
+  # sized for 2 busy CPU cores (see the scarce_image docstring); on a quiet machine or a GPU use
+  # --si-full: 6000 pretraining examples, 30 rounds of 20 clients, 5 local epochs, both encoders
+  args.si_pretrain_examples = 1500 if full else 500
   args.si_pretrain_epochs = 2 if full else 1
-  args.si_rounds = 20 if full else 2
+  args.si_rounds = 15 if full else 2
   args.si_cohort = 10 if full else 5
   args.si_tune_k = 5
-  args.si_epochs = 2
-  args.si_test = 2000 if full else 500
-  args.si_head_lrs = (0.1, 0.3) if full else (0.1,)
-  args.si_cnn_lrs = (0.03, 0.1) if full else (0.03,)
+  args.si_epochs = 1
+  args.si_test = 1000 if full else 500
+  args.si_val = 500 if full else 200
+  args.si_encoders = ("supervised_other6",)
+  args.si_head_lrs = (0.1, 0.3, 1.0) if full else (0.1,)
+  args.si_cnn_lrs = (0.05,)
   args.si_unfreeze = ("supervised_other6",)
+  if args.si_full:
+    args.si_pretrain_examples, args.si_rounds, args.si_cohort = 6000, 30, 20
+    args.si_epochs, args.si_test, args.si_val = 5, 4000, 1000
+    args.si_encoders = ("supervised_other6", "rotation_unlabeled_target")
+    args.si_cnn_lrs = (0.01, 0.03, 0.1)
   args.sel_text_lrs = (0.1, 1.0, 10.0, 30.0) if full else (1.0,)
   args.semi_ks = ((1, 0.3), (5, 0.1))   # (k, client lr chosen by scarce_text)
   args.semi_thresholds = (0.7, 0.9)
+  if args.part == "plot_scarce":   # draws from the committed results, writes no JSONL
+    plot_scarce(args, None)
+    return
   if args.out is None:
     args.out = str(RESULTS if args.part in ("images", "text", "all")
                    else RESULTS.with_name(f"transfer_{args.part}.jsonl"))
