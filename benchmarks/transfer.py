@@ -612,12 +612,17 @@ def remap_other(y):
 
 def results_by_model_k(path) -> dict:
   """``{(model, k): per-seed test accuracies}`` of the ``result`` rows of the last full-size run
-  (after the last ``meta`` line with ``small: false``) in a scarce_* JSONL file; {} if none."""
+  (from the last ``meta`` line with ``small: false`` to the next ``meta`` line) in a scarce_*
+  JSONL file; {} if there is none."""
   rows = [json.loads(line) for line in Path(path).read_text().splitlines()] \
       if Path(path).is_file() else []
-  starts = [i for i, r in enumerate(rows) if r.get("experiment") == "meta" and not r["small"]]
+  metas = [i for i, r in enumerate(rows) if r.get("experiment") == "meta"]
+  full = [i for i in metas if not rows[i]["small"]]
+  if not full:
+    return {}
+  end = min([i for i in metas if i > full[-1]], default=len(rows))
   return {(r["model"], r["k"]): np.asarray(r["federated_test_accuracy_per_seed"])
-          for r in rows[starts[-1] if starts else 0:] if r.get("stage") == "result"}
+          for r in rows[full[-1]:end] if r.get("stage") == "result"}
 
 
 def plot_scarce(args, out):
