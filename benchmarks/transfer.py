@@ -522,7 +522,8 @@ def scarce_image(args, out):
   emit({"experiment": "scarce_image", "stage": "data", "target_classes": list(UPPER_BODY),
         "pool": int(pool_idx.size), "val": int(val_idx.size), "test": int(te.size),
         "clients": args.si_clients, "rounds": args.si_rounds, "cohort": args.si_cohort,
-        "local_epochs": args.si_epochs, "seeds": args.seeds}, out)
+        "local_epochs": args.si_epochs, "seeds": args.seeds,
+        "standardize": args.si_standardize}, out)
 
   # the encoders: supervised on the other classes, and self-supervised on the target's images
   module6 = fs.models.zoo.CNNModule((28, 28, 1), 10 - nc)
@@ -542,8 +543,12 @@ def scarce_image(args, out):
     pre = transfer.pretrain(model, {"x": x, "y": y}, optax.adam(1e-3), epochs=epochs,
                             batch_size=64, key=jax.random.key(0))
     cnn_apply, cnn_params = transfer.flax_encoder(module, pre.params, "Dense_1")
-    f = transfer.encode(cnn_apply, cnn_params, x[:5000])
-    # standardized with the pretraining data's statistics (a frozen BatchNorm; see images())
+    # standardized (see images()) with the statistics of the data named by args.si_standardize:
+    # "source" (the pretraining data, a frozen BatchNorm) or "target_pool" (the clients'
+    # unlabeled pool: two moments a federation sums like updates). Units dead on the source wake
+    # up on the target classes, so source statistics leave some target features very large.
+    f = transfer.encode(cnn_apply, cnn_params,
+                        x[:5000] if args.si_standardize == "source" else pool["x"][:5000])
     sd = f.std(0)
     p = {"cnn": cnn_params, "mu": f.mean(0), "sd": np.maximum(sd, 0.1 * sd.mean())}
     encoders[name] = (lambda q, xb, a=cnn_apply: (a(q["cnn"], xb) - q["mu"][None])
@@ -1074,6 +1079,8 @@ def main(argv=None):
                        "results/transfer_<part>.jsonl for the sections of issue 18)")
   ap.add_argument("--shift", choices=tuple(SHIFTS), default="invert")
   ap.add_argument("--workdir", default="/tmp/fedjax_sim_transfer")
+  ap.add_argument("--si-standardize", choices=("source", "target_pool"), default="target_pool",
+                  help="scarce_image: whose feature statistics standardize the frozen encoder")
   ap.add_argument("--si-full", action="store_true",
                   help="scarce_image at the issue's full size (a quiet machine or a GPU)")
   args = ap.parse_args(argv)
@@ -1136,7 +1143,7 @@ def main(argv=None):
   args.si_test = 1000 if full else 500
   args.si_val = 500 if full else 200
   args.si_encoders = ("supervised_other6",)
-  args.si_head_lrs = (0.1, 0.3, 1.0) if full else (0.1,)
+  args.si_head_lrs = (0.01, 0.03, 0.1) if full else (0.1,)
   args.si_cnn_lrs = (0.05,)
   args.si_unfreeze = ("supervised_other6",)
   if args.si_full:
