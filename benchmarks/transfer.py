@@ -42,12 +42,17 @@ Issue 18's parts (each to benchmarks/results/transfer_<part>.jsonl, plus .png / 
   the four confusable upper-body Fashion-MNIST classes (T-shirt, pullover, coat, shirt): a
   federated head on a frozen CNN pretrained on the six other classes, or by rotation prediction
   on unlabeled target images; the supervised encoder with its 512-unit layer unfrozen; the CNN
-  from scratch. Same rounds (20) and cohorts (10), 2 local epochs, client lr tuned per model at
-  k = 5. Also draws the text and image accuracy-vs-k panels side by side (~25 min on 2 busy
-  cores).
+  from scratch. Sized for 2 busy CPU cores: 15 rounds of 10 clients, 1 local epoch, the encoder
+  pretrained on 1,500 images, head lr tuned at k = 5, the CNNs' lr fixed at 0.05 (~20 min);
+  ``--si-full`` is the issue's size (30 rounds of 20, 5 epochs, both encoders, lr grids). Also
+  draws the text and image accuracy-vs-k panels side by side.
 * ``--part source_selection_text``: ``choose_source`` (federated LogME / H-score) over five text
   encoders for the fortunes topics (MiniLM, hashed TF-IDF 1024 and 256, hashed word counts,
   noise), against the accuracy of a federated head fine-tuned on each (k = 10 per client).
+* ``--part semi_text``: the scarce_text MiniLM head at k = 1 and 5, then one self-training step
+  (:mod:`fedjax_sim.transfer.semi_supervised`: each client adds the unlabeled examples of its
+  share of the pool that the head labels with confidence >= 0.7 or 0.9), 3 seeds.
+* ``--part plot_scarce``: redraws the text and image accuracy-vs-k panels from the JSONL files.
 * ``--part domain_shift``: the target's images inverted; frozen head clean vs shifted, then the
   first conv layer unfrozen with ``c * CORAL`` / ``c * MMD`` (:mod:`fedjax_sim.transfer.alignment`)
   vs ``c = 0`` at the same rounds (~20 min).
