@@ -38,6 +38,21 @@ Issue 18's parts (each to benchmarks/results/transfer_<part>.jsonl, plus .png / 
 * ``--part source_selection``: 7 candidate encoders for Fashion-MNIST 5-9 ranked by federated
   LogME / H-score / LEEP (:mod:`fedjax_sim.transfer.transferability`), against the accuracy of a
   federated head fine-tuned on each; Spearman table and plot (~20 min).
+* ``--part scarce_image``: k in {1, 5, 20} labelled images per client, 100 clients, 3 seeds, of
+  the four confusable upper-body Fashion-MNIST classes (T-shirt, pullover, coat, shirt): a
+  federated head on a frozen CNN pretrained on the six other classes, or by rotation prediction
+  on unlabeled target images; the supervised encoder with its 512-unit layer unfrozen; the CNN
+  from scratch. Sized for 2 busy CPU cores: 15 rounds of 10 clients, 1 local epoch, the encoder
+  pretrained on 1,500 images, head lr tuned at k = 5, the CNNs' lr fixed at 0.05 (~20 min);
+  ``--si-full`` is the issue's size (30 rounds of 20, 5 epochs, both encoders, lr grids). Also
+  draws the text and image accuracy-vs-k panels side by side.
+* ``--part source_selection_text``: ``choose_source`` (federated LogME / H-score) over five text
+  encoders for the fortunes topics (MiniLM, hashed TF-IDF 1024 and 256, hashed word counts,
+  noise), against the accuracy of a federated head fine-tuned on each (k = 10 per client).
+* ``--part semi_text``: the scarce_text MiniLM head at k = 1 and 5, then one self-training step
+  (:mod:`fedjax_sim.transfer.semi_supervised`: each client adds the unlabeled examples of its
+  share of the pool that the head labels with confidence >= 0.7 or 0.9), 3 seeds.
+* ``--part plot_scarce``: redraws the text and image accuracy-vs-k panels from the JSONL files.
 * ``--part domain_shift``: the target's images inverted; frozen head clean vs shifted, then the
   first conv layer unfrozen with ``c * CORAL`` / ``c * MMD`` (:mod:`fedjax_sim.transfer.alignment`)
   vs ``c = 0`` at the same rounds (~20 min).
@@ -461,6 +476,261 @@ def plot_scarce(summary, ks, path, title):
   plt.close(fig)
 
 
+# --- scarce labels: images ------------------------------------------------------------------------
+
+UPPER_BODY = (0, 2, 4, 6)   # T-shirt/top, pullover, coat, shirt: the confusable classes
+
+
+def rotations(x, seed: int = 0):
+  """Rotation prediction (Gidaris et al. 2018) on unlabeled images ``x [N, H, W, C]``: every
+  image at 0, 90, 180 and 270 degrees, labelled 0-3, shuffled (``[4N, H, W, C]``, ``[4N]``)."""
+  xs = np.concatenate([np.rot90(x, r, axes=(1, 2)) for r in range(4)])
+  ys = np.repeat(np.arange(4, dtype=np.int32), x.shape[0])
+  p = np.random.default_rng(seed).permutation(ys.size)
+  return np.ascontiguousarray(xs[p]), ys[p]
+
+
+def _fed_fit(model, arrays, parts, evals, lr, args, seed, num_classes):
+  """Federated FedAvg (client SGD ``lr``, ``args.si_epochs`` local epochs, batch <= 10) of
+  ``model`` on the clients ``parts`` (index arrays into ``arrays``); accuracy on each of
+  ``evals`` (dicts of ``x``, ``y``)."""
+  fed = fs.FederatedData.from_partition(arrays, parts, num_classes=num_classes)
+  algo = fs.algorithms.fedavg(optax.sgd(lr), batch_size=min(int(fed.max_client_size), 10),
+                              local_epochs=args.si_epochs)
+  r = fs.run(algo, model, fed, rounds=args.si_rounds, cohort_size=args.si_cohort, seed=seed,
+             progress=False, eval_every=args.si_rounds)
+  ev = fs.evaluation.make_evaluate(model)
+  return [float(ev(r.params, d["x"], d["y"])["accuracy"]) for d in evals]
+
+
+def scarce_image(args, out):
+  """Section 1, images: k labelled images per client (100 clients) of the four confusable
+  upper-body Fashion-MNIST classes (T-shirt, pullover, coat, shirt). Encoders: the McMahan CNN
+  pretrained (a) supervised on the six other classes, (b) by rotation prediction on unlabeled
+  target images (the pool the labels are drawn from, labels unused). Models: a federated linear
+  head on the frozen encoder (cached features), the same with the encoder's 512-unit layer
+  unfrozen (:func:`fedjax_sim.transfer.partially_frozen_model`), and the CNN from scratch; same
+  rounds, cohorts and local epochs, client lr tuned per model on a validation split (seed 0, at
+  ``k = args.si_tune_k``). The labels of each seed are a fresh draw from the pool."""
+  train, test = fs.datasets.fashion_mnist(flatten=False)
+  remap = np.full(10, -1, np.int32)
+  remap[list(UPPER_BODY)] = np.arange(len(UPPER_BODY))
+  nc = len(UPPER_BODY)
+  rng = np.random.default_rng(0)
+  tgt = rng.permutation(np.flatnonzero(remap[train["y"]] >= 0))
+  pool_idx, val_idx = tgt[:args.si_pool], tgt[args.si_pool:args.si_pool + args.si_val]
+  src = rng.permutation(np.flatnonzero(remap[train["y"]] < 0))[:args.si_pretrain_examples]
+  te = np.flatnonzero(remap[test["y"]] >= 0)[:args.si_test]
+  pool = {"x": train["x"][pool_idx], "y": remap[train["y"][pool_idx]]}
+  val = {"x": train["x"][val_idx], "y": remap[train["y"][val_idx]]}
+  test_d = {"x": test["x"][te], "y": remap[test["y"][te]]}
+  emit({"experiment": "scarce_image", "stage": "data", "target_classes": list(UPPER_BODY),
+        "pool": int(pool_idx.size), "val": int(val_idx.size), "test": int(te.size),
+        "clients": args.si_clients, "rounds": args.si_rounds, "cohort": args.si_cohort,
+        "local_epochs": args.si_epochs, "seeds": args.seeds,
+        "standardize": args.si_standardize}, out)
+
+  # the encoders: supervised on the other classes, and self-supervised on the target's images
+  module6 = fs.models.zoo.CNNModule((28, 28, 1), 10 - nc)
+  module4 = fs.models.zoo.CNNModule((28, 28, 1), 4)
+  recipes = {
+      "supervised_other6": (module6, train["x"][src], remap_other(train["y"][src]),
+                            args.si_pretrain_epochs),
+      "rotation_unlabeled_target": (module4, *rotations(pool["x"][:args.si_pretrain_examples]),
+                                    1),
+  }
+  encoders = {}
+  for name, (module, x, y, epochs) in recipes.items():
+    if name not in args.si_encoders:
+      continue
+    model = fs.models.core.from_flax(module, (28, 28, 1), module.num_classes, name="cnn")
+    t = time.perf_counter()
+    pre = transfer.pretrain(model, {"x": x, "y": y}, optax.adam(1e-3), epochs=epochs,
+                            batch_size=64, key=jax.random.key(0))
+    cnn_apply, cnn_params = transfer.flax_encoder(module, pre.params, "Dense_1")
+    # standardized (see images()) with the statistics of the data named by args.si_standardize:
+    # "source" (the pretraining data, a frozen BatchNorm) or "target_pool" (the clients'
+    # unlabeled pool: two moments a federation sums like updates). Units dead on the source wake
+    # up on the target classes, so source statistics leave some target features very large.
+    f = transfer.encode(cnn_apply, cnn_params,
+                        x[:5000] if args.si_standardize == "source" else pool["x"][:5000])
+    sd = f.std(0)
+    p = {"cnn": cnn_params, "mu": f.mean(0), "sd": np.maximum(sd, 0.1 * sd.mean())}
+    encoders[name] = (lambda q, xb, a=cnn_apply: (a(q["cnn"], xb) - q["mu"][None])
+                      / q["sd"][None], p)
+    emit({"experiment": "scarce_image", "stage": "pretrain", "encoder": name,
+          "examples": int(x.shape[0]), "epochs": epochs,
+          "seconds": round(time.perf_counter() - t, 1),
+          "epoch_losses": [round(float(v), 4) for v in pre.epoch_losses]}, out)
+
+  # the models: name -> (model, arrays the clients hold, val, test, lr grid)
+  models = {}
+  for name, (enc_apply, enc_params) in encoders.items():
+    cached_sets = [transfer.feature_cache(enc_apply, enc_params, d) for d in (pool, val, test_d)]
+    head = fs.models.logistic_regression(cached_sets[0]["x"].shape[1], nc)
+    models[f"head_{name}"] = (head, *cached_sets, args.si_head_lrs)
+    if name in args.si_unfreeze:
+      unfrozen = transfer.partially_frozen_model(
+          enc_apply, enc_params, nn.Dense(nc), (28, 28, 1), nc,
+          trainable=lambda path: path.startswith("cnn/Dense_0"))
+      models[f"unfrozen_dense0_{name}"] = (unfrozen, pool, val, test_d, args.si_cnn_lrs)
+  models["cnn_scratch"] = (fs.models.cnn((28, 28, 1), nc), pool, val, test_d, args.si_cnn_lrs)
+
+  # client lr tuned per model once, at k = args.si_tune_k, on the validation split (seed 0), and
+  # used at every k: CPU time does not allow a grid per k (the text part tunes per k)
+  best, summary = {}, {}
+  parts0, _ = labelled_clients(np.arange(args.si_pool), args.si_clients, args.si_tune_k, 0)
+  for name, (model, arrays, v, t, lrs) in models.items():
+    scores = {lr: _fed_fit(model, arrays, parts0, [v], lr, args, 0, nc)[0] for lr in lrs}
+    best[name] = max(scores, key=lambda a: (scores[a], -a))
+    emit({"experiment": "scarce_image", "stage": "lr_tuning", "model": name,
+          "k": args.si_tune_k,
+          "val_accuracy_by_lr": {str(a): round(b, 4) for a, b in scores.items()},
+          "chosen_lr": best[name]}, out)
+  for k in args.ks:
+    for name, (model, arrays, v, t, lrs) in models.items():
+      lr = best[name]
+      accs = []
+      for seed in range(args.seeds):
+        parts, per = labelled_clients(np.arange(args.si_pool), args.si_clients, k, seed)
+        accs.append(_fed_fit(model, arrays, parts, [t], lr, args, seed, nc)[0])
+      summary[(name, k)] = np.asarray(accs)
+      emit({"experiment": "scarce_image", "stage": "result", "model": name, "k": k,
+            "labels_per_client": per, "labels_total": per * args.si_clients, "client_lr": lr,
+            "seeds": args.seeds, "federated_test_accuracy": round(float(np.mean(accs)), 4),
+            "federated_test_accuracy_sd": round(float(np.std(accs, ddof=1)), 4)
+            if args.seeds > 1 else None,
+            "federated_test_accuracy_per_seed": [round(a, 4) for a in accs],
+            "params_per_client_round": transfer.num_params(model.init(jax.random.key(0)))},
+           out)
+  for k in args.ks:
+    scratch = summary[("cnn_scratch", k)].mean()
+    emit({"experiment": "scarce_image", "stage": "gap", "k": k,
+          **{f"{n}_minus_scratch_points": round(100 * float(summary[(n, k)].mean() - scratch), 2)
+             for n in models if n != "cnn_scratch"}}, out)
+  plot_scarce_both(summary, args.ks, Path(args.out).with_suffix(".png"),
+                   RESULTS.with_name("transfer_scarce_text.jsonl"))
+
+
+def remap_other(y):
+  """Labels of the classes outside :data:`UPPER_BODY`, renumbered 0..5."""
+  other = [c for c in range(10) if c not in UPPER_BODY]
+  m = np.full(10, -1, np.int32)
+  m[other] = np.arange(len(other))
+  return m[y]
+
+
+def results_by_model_k(path) -> dict:
+  """``{(model, k): per-seed test accuracies}`` of the ``result`` rows of the last full-size run
+  (from the last ``meta`` line with ``small: false`` to the next ``meta`` line) in a scarce_*
+  JSONL file; {} if there is none."""
+  rows = [json.loads(line) for line in Path(path).read_text().splitlines()] \
+      if Path(path).is_file() else []
+  metas = [i for i, r in enumerate(rows) if r.get("experiment") == "meta"]
+  full = [i for i in metas if not rows[i]["small"]]
+  if not full:
+    return {}
+  end = min([i for i in metas if i > full[-1]], default=len(rows))
+  return {(r["model"], r["k"]): np.asarray(r["federated_test_accuracy_per_seed"])
+          for r in rows[full[-1]:end] if r.get("stage") == "result"}
+
+
+def plot_scarce(args, out):
+  """``--part plot_scarce``: the text and image accuracy-vs-k panels from the committed JSONL
+  results (e.g. when a run was cut short, with the ks it finished)."""
+  del out
+  image = RESULTS.with_name("transfer_scarce_image.jsonl")
+  plot_scarce_both(results_by_model_k(image), args.ks, image.with_suffix(".png"),
+                   RESULTS.with_name("transfer_scarce_text.jsonl"))
+
+
+def plot_scarce_both(image_summary, ks, path, text_jsonl):
+  """Accuracy vs k: text (the last full ``scarce_text`` run's results in ``text_jsonl``, if any)
+  beside images (``image_summary``: ``{(model, k): per-seed accuracies}``)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  text = results_by_model_k(text_jsonl)
+  panels = [(p, s) for p, s in (("text: fortunes topics (MiniLM vs TF-IDF)", text),
+                                 ("images: Fashion-MNIST upper-body classes", image_summary)) if s]
+  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+  for ax, (title, summary) in zip(axes[0], panels):
+    for name in sorted({n for n, _ in summary}):
+      have = [k for k in ks if (name, k) in summary]
+      m = np.array([summary[(name, k)].mean() for k in have]) * 100
+      s = np.array([summary[(name, k)].std() for k in have]) * 100
+      ax.errorbar(have, m, yerr=s, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("labelled examples per client (k), 100 clients")
+    ax.set_ylabel("federated test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def semi_text(args, out):
+  """Optional step of section 1: self-training on unlabeled target data. Fortunes topics, 100
+  clients with k labelled examples each plus an equal share of the rest of the pool unlabeled;
+  frozen MiniLM + federated head (lr as tuned by ``scarce_text``), then every client adds its
+  unlabeled examples the head labels with confidence >= threshold
+  (:func:`fedjax_sim.transfer.semi_supervised.with_pseudo_labels`) and the head is trained again
+  from scratch on the enlarged clients, same rounds; 3 seeds."""
+  from fedjax_sim.transfer import minilm
+  from fedjax_sim.transfer import semi_supervised as ss
+  texts, labels = load_fortunes(TOPICS, args.scarce_per_topic)
+  enc = minilm.MiniLMEncoder.load(max_length=args.max_tokens)
+  key = f"{args.max_tokens}|" + "\x00".join(texts)
+  emb, _ = cached("minilm", key, lambda: transfer.text_features(enc, texts, args.max_tokens))
+  pool, val, test = scarce_split(labels)
+  mu, sd = emb[pool].mean(0), emb[pool].std(0) + 1e-6
+  z = ((emb - mu) / sd).astype(np.float32)
+  nc = len(TOPICS)
+  arrays = {"x": z, "y": labels}
+  model = fs.models.logistic_regression(z.shape[1], nc)
+  ev = fs.evaluation.make_evaluate(model)
+
+  def train(fed, lr, seed):
+    algo = fs.algorithms.fedavg(optax.sgd(lr), batch_size=min(int(fed.max_client_size), 10),
+                                local_epochs=args.scarce_epochs)
+    return fs.run(algo, model, fed, rounds=args.scarce_rounds, cohort_size=args.scarce_cohort,
+                  seed=seed, progress=False, eval_every=args.scarce_rounds).params
+
+  for k, lr in args.semi_ks:
+    acc = {"labels_only": []}
+    extra = {}
+    for seed in range(args.seeds):
+      parts, per = labelled_clients(pool, args.scarce_clients, k, seed)
+      rest = np.random.default_rng(2000 + seed).permutation(
+          np.setdiff1d(pool, np.concatenate(parts)))
+      lab = fs.FederatedData.from_partition(arrays, parts, num_classes=nc)
+      unl = fs.FederatedData.from_partition(arrays, np.array_split(rest, args.scarce_clients),
+                                            num_classes=nc)
+      params = train(lab, lr, seed)
+      acc["labels_only"].append(float(ev(params, z[test], labels[test])["accuracy"]))
+      for th in args.semi_thresholds:
+        bigger, added = ss.with_pseudo_labels(model, params, lab, unl, threshold=th)
+        pl = ss.pseudo_labels(model, params, unl.arrays["x"], th)
+        right = float(np.mean(pl.labels[pl.keep] == unl.arrays["y"][pl.keep])) if pl.keep.any() \
+            else float("nan")
+        p2 = train(bigger, lr, seed)
+        acc.setdefault(f"pseudo_{th}", []).append(float(ev(p2, z[test], labels[test])["accuracy"]))
+        extra.setdefault(th, []).append((int(added.sum()), right))
+    emit({"experiment": "semi_text", "stage": "result", "k": k, "labels_per_client": per,
+          "unlabeled_per_client": int(rest.size // args.scarce_clients), "client_lr": lr,
+          "seeds": args.seeds,
+          **{f"{n}_test_accuracy": round(float(np.mean(a)), 4) for n, a in acc.items()},
+          **{f"{n}_test_accuracy_per_seed": [round(v, 4) for v in a] for n, a in acc.items()},
+          **{f"pseudo_{th}_added_mean": round(float(np.mean([e[0] for e in v])), 1)
+             for th, v in extra.items()},
+          **{f"pseudo_{th}_label_accuracy": round(float(np.mean([e[1] for e in v])), 4)
+             for th, v in extra.items()}}, out)
+
+
 # --- choosing the source: federated transferability estimates vs fine-tuned accuracy -------------
 
 def _pool2(x):
@@ -611,6 +881,83 @@ def _plot_selection(rows, summary, path):
   plt.close(fig)
 
 
+def source_selection_text(args, out):
+  """Section 2 for text: rank text encoders for the fortunes topics (100 clients, ``args.sel_k``
+  labels each) with :func:`~fedjax_sim.transfer.transferability.choose_source` (federated LogME
+  and shrunk H-score), then fine-tune a federated linear head on each (lr tuned on a validation
+  split, ``args.sel_seeds`` seeds) and compare the rankings (Spearman).
+
+  Candidates: frozen all-MiniLM-L6-v2 (standardized), hashed TF-IDF at two widths, hashed raw
+  word counts (no IDF, no normalisation), and Gaussian noise features (an encoder that ignores
+  its input). Every encoder is run once over all texts and cached; each candidate's
+  ``encoder_apply`` is a lookup of the client's rows in that table (``x`` holds each example's
+  row index), which is what running the encoder on the client's own texts would give."""
+  from fedjax_sim.transfer import minilm
+  from fedjax_sim.transfer import transferability as tfy
+  texts, labels = load_fortunes(TOPICS, args.scarce_per_topic)
+  enc = minilm.MiniLMEncoder.load(max_length=args.max_tokens)
+  key = f"{args.max_tokens}|" + "\x00".join(texts)
+  emb, _ = cached("minilm", key, lambda: transfer.text_features(enc, texts, args.max_tokens))
+  pool, val, test = scarce_split(labels)
+  mu, sd = emb[pool].mean(0), emb[pool].std(0) + 1e-6
+  import re
+  import zlib
+  counts = np.zeros((len(texts), 256), np.float32)
+  for i, t in enumerate(texts):
+    for w in re.findall(r"[a-z0-9']+", t.lower()):
+      counts[i, zlib.crc32(w.encode()) % 256] += 1
+  tables = {
+      "minilm": ((emb - mu) / sd).astype(np.float32),
+      "tfidf_1024": hashed_tfidf(texts, 1024, fit=pool),
+      "tfidf_256": hashed_tfidf(texts, 256, fit=pool),
+      "word_counts_256": counts,
+      "noise_384": np.random.default_rng(0).normal(size=(len(texts), 384)).astype(np.float32),
+  }
+  nc = len(TOPICS)
+  parts, per = labelled_clients(pool, args.sel_clients, args.sel_k, 0)
+  rows_x = np.arange(len(texts), dtype=np.float32)[:, None]   # each example's row index
+  target = fs.FederatedData.from_partition({"x": rows_x, "y": labels}, parts, num_classes=nc)
+  lookup = lambda table, x: table[x[:, 0].astype(np.int32)]
+  cands = {n: tfy.Candidate(lookup, t) for n, t in tables.items()}
+  rankings = {"logme": tfy.choose_source(cands, target, metric="logme"),
+              "hscore": tfy.choose_source(cands, target, metric="hscore"),
+              "hscore_shrunk": tfy.choose_source(cands, target, metric="hscore", shrinkage=0.1)}
+  emit({"experiment": "source_selection_text", "stage": "data", "texts": len(texts),
+        "clients": args.sel_clients, "labels_per_client": per, "val": int(val.size),
+        "test": int(test.size), "candidates": list(tables)}, out)
+  rows = []
+  for name, x in tables.items():
+    by_lr = {}
+    for lr in args.sel_text_lrs:
+      accs = []
+      for seed in range(args.sel_seeds):
+        p, _ = labelled_clients(pool, args.sel_clients, args.sel_k, seed)
+        v, t, _ = _fed_logreg(x, labels, p, val, test, nc, lr, args, seed)
+        accs.append((v, t))
+      by_lr[lr] = np.asarray(accs)
+    lr = max(by_lr, key=lambda a: by_lr[a][:, 0].mean())
+    row = {"experiment": "source_selection_text", "stage": "candidate", "candidate": name,
+           "feature_dim": int(x.shape[1]),
+           **{m: round(r.estimates[name].score, 5) for m, r in rankings.items()},
+           **{f"{m}_floats_up_per_client": r.estimates[name].floats_up_per_client
+              for m, r in rankings.items()},
+           "finetune_lr": lr, "val_accuracy_by_lr": {str(a): round(float(b[:, 0].mean()), 4)
+                                                     for a, b in by_lr.items()},
+           "finetuned_test_accuracy": round(float(by_lr[lr][:, 1].mean()), 4),
+           "finetuned_test_accuracy_per_seed": by_lr[lr][:, 1].round(4).tolist()}
+    rows.append(row)
+    emit(row, out)
+  acc = [r["finetuned_test_accuracy"] for r in rows]
+  summary = {"experiment": "source_selection_text", "stage": "spearman",
+             "candidates": len(rows), "ranking_by_accuracy":
+             [r["candidate"] for r in sorted(rows, key=lambda r: -r["finetuned_test_accuracy"])]}
+  for m, r in rankings.items():
+    summary[m] = round(tfy.spearman([row[m] for row in rows], acc), 4)
+    summary[f"{m}_picks"] = r.best
+    summary[f"{m}_order"] = r.order
+  emit(summary, out)
+
+
 # --- mapping between domains: alignment under an input shift ------------------------------------
 
 SHIFTS = {"invert": lambda x: 1.0 - x,
@@ -728,12 +1075,19 @@ def domain_shift(args, out):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--small", action="store_true", default=bool(os.environ.get("FEDJAX_SIM_SMALL")))
-  ap.add_argument("--part", choices=("images", "text", "all", "scarce_text", "source_selection", "domain_shift"), default="all")
+  ap.add_argument("--part", default="all",
+                  choices=("images", "text", "all", "scarce_text", "source_selection",
+                           "domain_shift", "scarce_image", "source_selection_text", "semi_text",
+                           "plot_scarce"))
   ap.add_argument("--out", default=None,
                   help="jsonl to append to (default results/transfer.jsonl, or "
                        "results/transfer_<part>.jsonl for the sections of issue 18)")
   ap.add_argument("--shift", choices=tuple(SHIFTS), default="invert")
   ap.add_argument("--workdir", default="/tmp/fedjax_sim_transfer")
+  ap.add_argument("--si-standardize", choices=("source", "target_pool"), default="target_pool",
+                  help="scarce_image: whose feature statistics standardize the frozen encoder")
+  ap.add_argument("--si-full", action="store_true",
+                  help="scarce_image at the issue's full size (a quiet machine or a GPU)")
   args = ap.parse_args(argv)
   full = not args.small
   args.pretrain_examples = 2000 if full else 1000
@@ -781,6 +1135,33 @@ def main(argv=None):
   args.ds_lr = 0.05
   args.ds_cs = (1.0, 10.0, 100.0) if full else (10.0,)
   args.ds_aligns = ("coral", "mmd") if full else ("coral",)
+  args.si_pool = 6000 if full else 400
+  args.si_clients = 100 if full else 10
+  # sized for 2 busy CPU cores (see the scarce_image docstring); on a quiet machine or a GPU use
+  # --si-full: 6000 pretraining examples, 30 rounds of 20 clients, 5 local epochs, both encoders
+  args.si_pretrain_examples = 1500 if full else 500
+  args.si_pretrain_epochs = 2 if full else 1
+  args.si_rounds = 15 if full else 2
+  args.si_cohort = 10 if full else 5
+  args.si_tune_k = 5
+  args.si_epochs = 1
+  args.si_test = 1000 if full else 500
+  args.si_val = 500 if full else 200
+  args.si_encoders = ("supervised_other6",)
+  args.si_head_lrs = (0.01, 0.03, 0.1) if full else (0.1,)
+  args.si_cnn_lrs = (0.05,)
+  args.si_unfreeze = ("supervised_other6",)
+  if args.si_full:
+    args.si_pretrain_examples, args.si_rounds, args.si_cohort = 6000, 30, 20
+    args.si_epochs, args.si_test, args.si_val = 5, 4000, 1000
+    args.si_encoders = ("supervised_other6", "rotation_unlabeled_target")
+    args.si_cnn_lrs = (0.01, 0.03, 0.1)
+  args.sel_text_lrs = (0.1, 1.0, 10.0, 30.0) if full else (1.0,)
+  args.semi_ks = ((1, 0.3), (5, 0.1))   # (k, client lr chosen by scarce_text)
+  args.semi_thresholds = (0.7, 0.9)
+  if args.part == "plot_scarce":   # draws from the committed results, writes no JSONL
+    plot_scarce(args, None)
+    return
   if args.out is None:
     args.out = str(RESULTS if args.part in ("images", "text", "all")
                    else RESULTS.with_name(f"transfer_{args.part}.jsonl"))
@@ -794,6 +1175,12 @@ def main(argv=None):
       source_selection(args, out)
     if args.part == "domain_shift":
       domain_shift(args, out)
+    if args.part == "scarce_image":
+      scarce_image(args, out)
+    if args.part == "source_selection_text":
+      source_selection_text(args, out)
+    if args.part == "semi_text":
+      semi_text(args, out)
     if args.part in ("images", "all"):
       images(args, out)
     if args.part in ("text", "all"):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,3 +65,41 @@ def test_secure_aggregation_smoke(tmp_path):
   assert recs["ckks"]["bytes_up_per_client"] > 10 * recs["plain"]["bytes_up_per_client"]
   assert all(r["sec_per_round"] > 0 for r in recs.values())
   assert (tmp_path / "sa.png").stat().st_size > 0
+
+
+def _transfer_benchmark():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("transfer_benchmark",
+                                                ROOT / "benchmarks" / "transfer.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_rotation_pretext_labels_each_rotation():
+  tb = _transfer_benchmark()
+  x = np.random.default_rng(0).normal(size=(3, 4, 4, 1)).astype(np.float32)
+  xs, ys = tb.rotations(x, seed=1)
+  assert xs.shape == (12, 4, 4, 1) and np.bincount(ys).tolist() == [3, 3, 3, 3]
+  for img, r in zip(xs, ys):   # undoing the labelled rotation gives back one of the originals
+    back = np.rot90(img, -r, axes=(0, 1))
+    assert min(np.abs(back - x[i]).max() for i in range(3)) == 0
+
+
+def test_scarce_results_are_read_from_the_last_full_run(tmp_path):
+  tb = _transfer_benchmark()
+  rows = [{"experiment": "meta", "small": False},
+          {"stage": "result", "model": "a", "k": 1, "federated_test_accuracy_per_seed": [0.1]},
+          {"experiment": "meta", "small": False},
+          {"stage": "result", "model": "a", "k": 1, "federated_test_accuracy_per_seed": [0.5]},
+          {"stage": "result", "model": "b", "k": 5, "federated_test_accuracy_per_seed": [0.6, .7]},
+          {"experiment": "meta", "small": True},
+          {"stage": "result", "model": "a", "k": 1, "federated_test_accuracy_per_seed": [0.9]}]
+  path = tmp_path / "r.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows))
+  got = tb.results_by_model_k(path)
+  # rows of the last full-size run only; a later --small run's rows are not mixed in
+  np.testing.assert_allclose(got[("a", 1)], [0.5])
+  assert sorted(got) == [("a", 1), ("b", 5)]
+  np.testing.assert_allclose(got[("b", 5)], [0.6, 0.7])
+  assert tb.results_by_model_k(tmp_path / "missing.jsonl") == {}

@@ -12,6 +12,8 @@ One module per concern:
   + c * align``; :mod:`~fedjax_sim.transfer.alignment`: its domain-alignment terms (CORAL, MMD).
 * :mod:`~fedjax_sim.transfer.transferability`: federated estimates of which source encoder to
   pick (LogME, LEEP, H-score).
+* :mod:`~fedjax_sim.transfer.semi_supervised`: confident pseudo-labels of the clients' unlabeled
+  examples, added to their labelled ones (self-training).
 * :mod:`~fedjax_sim.transfer.minilm`: the all-MiniLM-L6-v2 sentence encoder in Flax;
   :mod:`~fedjax_sim.transfer.text`: its sentence embeddings of many texts, for caching.
 
@@ -19,8 +21,8 @@ What the federated params cost on the wire (:func:`communication`) is
 :mod:`fedjax_sim.models.cost`, exported here too.
 """
 from fedjax_sim.models.cost import communication, num_bytes, num_params
-from fedjax_sim.transfer import (alignment, encoders, joint, minilm, pretraining, text,
-                                 transferability, unfreeze)
+from fedjax_sim.transfer import (alignment, encoders, joint, minilm, pretraining,
+                                 semi_supervised, text, transferability, unfreeze)
 from fedjax_sim.transfer.encoders import (EncoderApply, encode, feature_cache, feature_shape,
                                           flax_encoder, frozen_encoder_model, head_model)
 from fedjax_sim.transfer.joint import JointModel, joint_objective_model
@@ -34,5 +36,5 @@ __all__ = ["EncoderApply", "JointModel", "PretrainResult", "alignment", "communi
            "encoders", "feature_cache", "feature_shape", "flax_encoder", "frozen_encoder_model",
            "head_model", "joint", "joint_objective_model", "load_encoder", "merge_encoder",
            "minilm", "num_bytes", "num_params", "param_paths", "partially_frozen_model",
-           "pretrain", "pretraining", "save_encoder", "split_encoder", "text", "text_features",
-           "transferability", "unfreeze"]
+           "pretrain", "pretraining", "save_encoder", "semi_supervised", "split_encoder", "text",
+           "text_features", "transferability", "unfreeze"]
