@@ -97,8 +97,10 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, uninterrupted):
   script = tmp_path / "child.py"
   script.write_text(CHILD.format(tests=str(REPO / "tests"), marker=str(marker), ckpt=str(ckpt)))
   # as many CPU devices as this process: results are bit-identical on the same device count
+  # (and the same XLA flags as this process: conftest.py sets the backend optimisation level)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), "XLA_FLAGS":
-         f"--xla_force_host_platform_device_count={__import__('jax').device_count()}"}
+         os.environ.get("XLA_FLAGS", "") +
+         f" --xla_force_host_platform_device_count={__import__('jax').device_count()}"}
   log = tmp_path / "child.log"
   with open(log, "wb") as out:
     child = subprocess.Popen([sys.executable, str(script)], env=env, cwd=REPO, stdout=out,
@@ -217,7 +219,8 @@ def test_resume_on_a_device_mesh(tmp_path):
   script = tmp_path / "child.py"
   script.write_text(MESH_CHILD.format(tests=str(REPO / "tests"), ckpt=str(tmp_path / "ckpt")))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
+         " --xla_force_host_platform_device_count=2"}
   res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
                        cwd=REPO, timeout=300)
   assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]

@@ -40,8 +40,8 @@ class JointModel(Model):
   align_term: Callable[..., jax.Array] | None = None
   c: float = 0.0
 
-  def batch_loss(self, params, x, y, mask):
-    loss, aux = super().batch_loss(params, x, y, mask)
+  def batch_loss(self, params, x, y, mask, key=None):
+    loss, aux = super().batch_loss(params, x, y, mask, key)
     obj = self.b * loss
     if self.a != 0 and self.source_term is not None:
       # An all-masked (padding) step keeps loss 0 and zero gradients, as for any Model.
