@@ -78,6 +78,12 @@ def _counts_for(data: FederatedData, prior: str, num_classes, where: str) -> np.
   return counts if prior == "client" else counts.sum(0)
 
 
+def _check_smoothing(smoothing, where: str) -> None:
+  if isinstance(smoothing, bool) or not (isinstance(smoothing, (int, float))
+                                         and np.isfinite(smoothing) and smoothing > 0):
+    raise ValueError(f"{where}: smoothing must be a finite number > 0, got {smoothing!r}")
+
+
 def logit_adjustment(data: FederatedData, *, tau: float = 1.0, prior: str = "client",
                      smoothing: float = 1.0, num_classes: int | None = None) -> np.ndarray:
   """Offsets ``tau * log pi`` of the logit-adjusted loss (Menon et al., ICLR 2021), float32.
@@ -90,10 +96,7 @@ def logit_adjustment(data: FederatedData, *, tau: float = 1.0, prior: str = "cli
   ``tau = 1`` this is the balanced softmax (Ren et al., NeurIPS 2020).
   """
   tau = _check_tau(tau, "logit_adjustment")
-  if isinstance(smoothing, bool) or not (isinstance(smoothing, (int, float))
-                                         and np.isfinite(smoothing) and smoothing > 0):
-    raise ValueError(f"logit_adjustment: smoothing must be a finite number > 0, got "
-                     f"{smoothing!r}")
+  _check_smoothing(smoothing, "logit_adjustment")
   counts = _counts_for(data, prior, num_classes, "logit_adjustment") + smoothing
   pi = counts / counts.sum(-1, keepdims=True)
   return (tau * np.log(pi)).astype(np.float32)
@@ -110,10 +113,7 @@ def fedlc_calibration(data: FederatedData, *, tau: float = 1.0, prior: str = "cl
   :func:`logit_adjustment`.
   """
   tau = _check_tau(tau, "fedlc_calibration")
-  if isinstance(smoothing, bool) or not (isinstance(smoothing, (int, float))
-                                         and np.isfinite(smoothing) and smoothing > 0):
-    raise ValueError(f"fedlc_calibration: smoothing must be a finite number > 0, got "
-                     f"{smoothing!r}")
+  _check_smoothing(smoothing, "fedlc_calibration")
   counts = _counts_for(data, prior, num_classes, "fedlc_calibration") + smoothing
   return (-tau * counts ** -0.25).astype(np.float32)
 

@@ -144,18 +144,6 @@ class Algorithm:
     return dataclasses.replace(self, **changes)
 
 
-def with_options(algorithm: Algorithm, *, aggregator: Aggregator | None = None,
-                 update_transform: UpdateTransform | None = None) -> Algorithm:
-  """``algorithm`` with the aggregator / update transform given (``None`` keeps its own): the
-  ``aggregator=`` and ``update_transform=`` keywords every algorithm factory takes."""
-  changes = {}
-  if aggregator is not None:
-    changes["aggregator"] = aggregator
-  if update_transform is not None:
-    changes["update_transform"] = update_transform
-  return dataclasses.replace(algorithm, **changes) if changes else algorithm
-
-
 def reject_renamed(algorithm: str, kwargs: dict) -> None:
   """A clear error for the options SCAFFOLD and FedNova took before every algorithm took a
   ``client_optimizer`` first (``client_lr``, FedNova's client ``momentum``)."""

@@ -107,7 +107,8 @@ def aggregate_statistics(stat_fn: Callable[..., Any], data: FederatedData, *,
       return agg.accumulate(state, stats, w), None
 
     state, _ = jax.lax.scan(body, agg.init(template, nchunks * c), (rows, mask))
-    return agg.finalize(state)
+    # the aggregator's one signature: a key and the slots' ids (here the client slots in order)
+    return agg.finalize(state, jax.random.key(0), jnp.arange(nchunks * c, dtype=jnp.int32))
 
   avg, total = run(jnp.asarray(rows), jnp.asarray(mask))
   total = float(total)
