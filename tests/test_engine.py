@@ -198,6 +198,53 @@ def test_cohort_layout_sorts_by_work_and_balances_devices():
   assert shares[:, 0].tolist() == [9, 9]
 
 
+def test_cohort_layout_balances_a_zipf_cohort_across_devices():
+  """The largest clients are placed greedily: a Zipf a=1 cohort's two device shares differ by
+  a few steps (round-robin dealing left the first device ~290 steps, 11%, heavier)."""
+  steps = -(-np.floor(13227 / np.arange(1, 1001)).astype(np.int64) // 20)
+  work = jnp.asarray(np.concatenate([steps, -np.ones(8, np.int64)]), jnp.int32)
+  lay = np.asarray(fs.engine.cohort_layout(work, 2)).reshape(2, -1)
+  assert sorted(lay.ravel().tolist()) == list(range(1008))
+  shares = np.asarray(work)[lay]
+  assert np.all(np.diff(shares, axis=1) <= 0)
+  loads = np.maximum(shares, 0).sum(axis=1)
+  assert abs(int(loads[0]) - int(loads[1])) <= 10, loads
+
+
+def test_phase_widths_halve_down_to_one():
+  assert fs.engine.phase_widths(1) == (1,)
+  assert fs.engine.phase_widths(8) == (8, 4, 2, 1)
+  assert fs.engine.phase_widths(6) == (6, 4, 2, 1)
+  assert fs.engine.phase_widths(9) == (9, 8, 4, 2, 1)
+
+
+@pytest.mark.slow
+def test_fold_is_independent_of_slot_order():
+  """Phases of halving width assume a chunk's busiest clients come first; an unsorted chunk
+  (busiest last) must only be slower: every client's result is the same, for any chunk size."""
+  data = testing.ragged_clients((90, 3, 40, 1, 11, 23, 5, 2))
+  algo = fs.algorithms.fedavg(optax.sgd(0.05, momentum=0.9), batch_size=4, local_epochs=1)
+  model = _mlp()
+  params = model.init(jax.random.key(0))
+  state = fs.engine.init_state(algo, params, data.num_clients)
+  dev = fs.engine.to_device(data)
+  keys = fs.engine.round_keys(jax.random.key(5))
+  sizes = np.asarray(data.sizes)
+  results = []
+  for k, ids in [(8, np.argsort(sizes)), (8, np.argsort(-sizes)), (4, np.arange(8)), (1, np.arange(8))]:
+    fold = fs.engine.make_cohort_fold(algo, model, max_client_size=data.max_client_size,
+                                      chunk_size=k)
+    ids_c = jnp.asarray(ids.reshape(-1, k), jnp.int32)
+    out = jax.jit(fold)(state.params, state.aux, state.clients, state.hparams, dev, keys,
+                        ids_c, jnp.ones(ids_c.shape, bool))
+    back = np.argsort(ids)   # rows in client-id order
+    results.append({n: np.asarray(out.clients[n]).reshape(-1)[back] for n in ("loss_sum", "steps")})
+  np.testing.assert_array_equal(results[0]["steps"], -(-sizes // 4))
+  for r in results[1:]:
+    np.testing.assert_array_equal(r["steps"], results[0]["steps"])
+    np.testing.assert_allclose(r["loss_sum"], results[0]["loss_sum"], rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_outputs_follow_cohort_order_not_layout(ragged_data):
   """Per-client outputs come back in sampled-cohort order whatever the work-sorted layout."""
