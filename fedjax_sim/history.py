@@ -302,6 +302,9 @@ def plot_label_distribution(data, path: str | Path | None = None, kind: str = "b
       bottom += values[:, c]
     ax.set_ylabel("fraction of the client's examples" if normalize else "examples")
     ax.set_xlim(-0.6, p - 0.4)
+    ax.set_ylim(0, 1.0 if normalize else max(1.0, float(bottom.max())) * 1.04)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     # beside the axes: a legend inside would hide bars
     ax.legend(title="class", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
               borderaxespad=0, ncols=1 if k <= 20 else 2)
