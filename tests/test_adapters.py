@@ -155,7 +155,7 @@ def test_adapter_argument_errors():
     fs.adapters.from_table(cols, ["f1", "label"], "label", client_column="client")
   with pytest.raises(ValueError, match="client_column 'f1' is also a feature"):
     fs.adapters.from_table(cols, ["f1"], "label", client_column="f1")
-  with pytest.raises(ValueError, match="IidPartitioner.partition_by|'nope' is not a column"):
+  with pytest.raises(ValueError, match="DirichletPartitioner.partition_by 'nope' is not a column"):
     fs.adapters.from_table(cols, ["f1"], "label",
                            partitioner=fs.partition.DirichletPartitioner(3, "nope", alpha=1.0))
   with pytest.raises(TypeError, match="expected a datasets.Dataset, a pandas DataFrame"):
@@ -318,6 +318,16 @@ def test_natural_id_partitioner():
   keys = np.array(["b", "a", "b", "c", "a", "b"])
   parts = fs.partition.NaturalIdPartitioner("user")({"user": keys})
   assert [keys[p].tolist() for p in parts] == [["a", "a"], ["b", "b", "b"], ["c"]]
+
+
+def test_partitioners_take_labels_or_tables():
+  """The label column of a table, or the labels themselves (array, list, pandas Series)."""
+  pd = pytest.importorskip("pandas", reason="the Series case needs pandas")
+  y = _labels(100, 5)
+  p = fs.partition.DirichletPartitioner(4, "label", 0.5, min_partition_size=1, seed=1)
+  want = p(y)
+  for data in ({"label": y}, pd.DataFrame({"label": y, "other": 0}), pd.Series(y), y.tolist()):
+    assert all(np.array_equal(a, b) for a, b in zip(p(data), want))
 
 
 # --- label-distribution plot ------------------------------------------------------------------

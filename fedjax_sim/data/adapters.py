@@ -44,7 +44,7 @@ def _kind(table) -> str:
     if not hasattr(table, "num_rows") or isinstance(table.num_rows, dict):   # a DatasetDict
       raise ValueError(f"got a datasets.DatasetDict with splits {list(table)}; pass one split, "
                        f"e.g. ds[{next(iter(table), 'train')!r}]")
-    if not hasattr(table, "select_columns"):   # an IterableDataset: no length, no random access
+    if "Iterable" in type(table).__name__:   # streamed: no length, no random access
       raise ValueError(f"got a {type(table).__name__}; load the data set into memory first "
                        "(streaming=False)")
     return "hf"

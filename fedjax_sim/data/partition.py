@@ -16,7 +16,7 @@ mapping). They are listed in the registry :data:`REGISTRY`.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -264,12 +264,16 @@ def make(name: str, labels: np.ndarray, num_clients: int, seed: int = 0, **param
 REGISTRY = Registry("partitioner")
 
 
+def _is_table(data) -> bool:
+  """A table of named columns (mapping, DataFrame, HF Dataset, pyarrow Table), not an array."""
+  return isinstance(data, Mapping) or hasattr(data, "columns") or hasattr(data, "column_names")
+
+
 def _rows(data) -> int:
-  """Number of rows of a label array or a table (mapping of columns, DataFrame, HF Dataset)."""
-  if isinstance(data, np.ndarray) or not hasattr(data, "keys") and not hasattr(data,
-                                                                                "column_names"):
+  """Number of rows of a label array or a table."""
+  if not _is_table(data):
     return len(data)
-  from fedjax_sim.data import adapters
+  from fedjax_sim.data import adapters   # (adapters imports this module)
   return adapters.num_rows(data)
 
 
@@ -289,7 +293,7 @@ class Partitioner:
   def __call__(self, data) -> list[np.ndarray]:
     if self.partition_by is None:
       return self._split(None, _rows(data))
-    if isinstance(data, np.ndarray) or isinstance(data, (list, tuple)):
+    if not _is_table(data):   # the labels themselves (an array, a list, a pandas Series)
       labels = np.asarray(data)
     else:
       from fedjax_sim.data import adapters
