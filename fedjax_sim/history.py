@@ -250,7 +250,8 @@ def plot_class_accuracy(per_class: Mapping[str, Any], path: str | Path | None = 
 
 def plot_label_distribution(data, path: str | Path | None = None, kind: str = "bar",
                             normalize: bool = False, class_names: Sequence[str] | None = None,
-                            max_clients: int | None = 50, title: str | None = None, ax=None):
+                            max_clients: int | None = 50, title: str | None = None, ax=None,
+                            colorbar: bool = True):
   """Labels per client: one stacked bar per client, a segment per class (``kind="bar"``, the
   plot of flwr-datasets' ``plot_label_distributions``), or a clients x classes heat map
   (``kind="heatmap"``).
@@ -267,6 +268,7 @@ def plot_label_distribution(data, path: str | Path | None = None, kind: str = "b
     title: heads the figure.
     ax: draw on these axes (default: a figure of its own, not registered with pyplot, as
       :func:`plot_histories`).
+    colorbar: the heat map's colour bar (off for panels side by side on one normalised scale).
 
   Returns:
     The figure.
@@ -313,7 +315,8 @@ def plot_label_distribution(data, path: str | Path | None = None, kind: str = "b
                    vmin=0, vmax=1 if normalize else None)
     ax.set_yticks(np.arange(k), names)
     ax.set_ylabel("class")
-    fig.colorbar(im, ax=ax, label="fraction" if normalize else "examples")
+    if colorbar:
+      fig.colorbar(im, ax=ax, label="fraction" if normalize else "examples")
   ax.set_xlabel(f"client (first {p})" if max_clients is not None and p == max_clients
                 else "client")
   if title:

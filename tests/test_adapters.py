@@ -349,6 +349,8 @@ def test_plot_label_distribution_one_bar_per_client(tmp_path):
   assert (tmp_path / "labels.png").stat().st_size > 0
   norm = fs.plot_label_distribution(data.label_histogram(), normalize=True, kind="heatmap")
   assert norm.axes[0].images[0].get_array().shape == (5, 7)
+  assert len(norm.axes) == 2   # the heat map and its colour bar
+  assert len(fs.plot_label_distribution(data, kind="heatmap", colorbar=False).axes) == 1
   with pytest.raises(ValueError, match="kind must be"):
     fs.plot_label_distribution(data, kind="pie")
   with pytest.raises(ValueError, match="2 class names for 5 classes"):

@@ -54,7 +54,11 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha, seed: int = 0,
   labels = np.asarray(labels)
   n = len(labels)
   _check(n, num_clients)
-  a = np.asarray(alpha, dtype=np.float64)
+  try:
+    a = np.asarray(alpha, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"dirichlet alpha must be a number > 0 or one per client, got {alpha!r}") \
+        from None
   if a.ndim > 1 or (a.ndim == 1 and a.shape != (num_clients,)):
     raise ValueError(f"dirichlet alpha must be one number or {num_clients} of them (one per "
                      f"client), got shape {a.shape}")
