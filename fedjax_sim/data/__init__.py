@@ -1,4 +1,5 @@
-"""Federated data: ragged storage, partitions, built-in datasets."""
+"""Federated data: ragged storage, partitions, adapters from tables (HF datasets, pandas), built-in
+datasets."""
 from fedjax_sim.data import adapters, datasets, partition
 from fedjax_sim.data.federated import (ClientBatches, FederatedData, LocalWork, aligned_empty,
                                        batch_indices)
