@@ -159,7 +159,8 @@ def to_arrays(table, features: str | Sequence[str], label: str, *,
     table: a ``datasets.Dataset``, pandas ``DataFrame``, ``pyarrow.Table`` or mapping of columns.
     features: one column name (its values scalars, vectors or fixed-shape arrays: ``x`` is
       ``[N]`` -> ``[N, 1]``, else ``[N, ...]``) or a list of columns of scalars or vectors,
-      concatenated into ``x [N, F]``. Booleans and integers are cast to ``dtype``.
+      concatenated into ``x [N, F]``. Booleans and integers are cast to ``dtype`` as they are
+      (a Hugging Face ``Image`` column gives its uint8 pixels, 0..255: rescale them yourself).
     label: the label column: integer classes (``task="classification"``; int32, bools as 0/1)
       or real targets (``task="regression"``; float32).
     task: ``"classification"`` or ``"regression"``.
