@@ -357,3 +357,15 @@ def test_plot_label_distribution_one_bar_per_client(tmp_path):
     fs.plot_label_distribution(data, class_names=["a", "b"])
   assert math.isclose(sum(b.get_height() for b in fs.plot_label_distribution(
       data, normalize=True).axes[0].patches), 7.0)
+
+
+def test_pyarrow_table_and_mapping_give_the_same_population():
+  pa = pytest.importorskip("pyarrow", reason="comes with the 'hf' extra")
+  cols = _table()
+  table = pa.table({"f1": cols["f1"], "f2": cols["f2"], "label": cols["label"],
+                    "client": cols["client"].tolist()})
+  a = fs.adapters.from_table(table, ["f1", "f2"], "label", client_column="client")
+  b = fs.adapters.from_table(cols, ["f1", "f2"], "label", client_column="client")
+  np.testing.assert_array_equal(a.arrays["x"], b.arrays["x"])
+  np.testing.assert_array_equal(a.sizes, b.sizes)
+  assert a.client_ids.tolist() == b.client_ids.tolist() == _groups(cols)[0]
