@@ -6,8 +6,9 @@ FMNIST  := /usr/share/datasets/fashion-mnist
 FORTUNES := /usr/share/games/fortunes
 RUN_ARGS ?=
 # pip extras of `make run`'s environment (README: "pip extras"): enough for every README snippet,
-# --dataset digits, YAML configs, History.to_pandas and CKKS aggregation (he). `make test` installs dev (all of them).
-RUN_EXTRAS := datasets,privacy,yaml,pandas,he
+# --dataset digits, YAML configs, History.to_pandas, CKKS aggregation (he) and the Hugging Face
+# adapter (hf). `make test` installs dev (all of them).
+RUN_EXTRAS := datasets,privacy,yaml,pandas,he,hf
 PYTEST  := $(VPY) -m pytest -q -n auto --maxprocesses 4
 
 .PHONY: run test test-fast notebooks install install-dev fashion-mnist fortunes data bench \

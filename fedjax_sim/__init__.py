@@ -19,18 +19,20 @@ from fedjax_sim import (aggregators, algorithms, asynchronous, augment, callback
                         optimizers, personalize, privacy, registry, remedies, server, sweep,
                         testing, transfer, transforms, tree, validation)
 from fedjax_sim.asynchronous import run_async
-from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, datasets, partition
+from fedjax_sim.data import ClientBatches, FederatedData, LocalWork, adapters, datasets, partition
 from fedjax_sim.heterogeneity import Heterogeneity
-from fedjax_sim.history import History, add_client_summaries, plot_histories
+from fedjax_sim.history import (History, add_client_summaries, plot_histories,
+                                plot_label_distribution)
 from fedjax_sim.loop import RunResult, run
 
 __version__ = "0.1.0"
 
 __all__ = ["ClientBatches", "FederatedData", "Heterogeneity", "History", "LocalWork", "RunResult",
-           "add_client_summaries", "aggregators", "algorithms", "asynchronous", "augment",
-           "callbacks", "checkpoint", "client", "distributed", "datasets", "engine", "evaluation",
-           "experiment",
+           "adapters", "add_client_summaries", "aggregators", "algorithms", "asynchronous",
+           "augment", "callbacks", "checkpoint", "client", "distributed", "datasets", "engine",
+           "evaluation", "experiment",
            "heterogeneity", "models", "optimizers", "partition", "personalize", "plot_histories",
+           "plot_label_distribution",
            "privacy", "registry", "remedies", "run", "run_async", "server",
            "sweep", "testing",
            "transfer", "transforms", "tree", "validation"]

@@ -246,3 +246,83 @@ def plot_class_accuracy(per_class: Mapping[str, Any], path: str | Path | None = 
     with files.atomic_open(path) as f:
       fig.savefig(f, dpi=120, format=Path(path).suffix[1:] or None)
   return fig
+
+
+def plot_label_distribution(data, path: str | Path | None = None, kind: str = "bar",
+                            normalize: bool = False, class_names: Sequence[str] | None = None,
+                            max_clients: int | None = 50, title: str | None = None, ax=None,
+                            colorbar: bool = True):
+  """Labels per client: one stacked bar per client, a segment per class (``kind="bar"``, the
+  plot of flwr-datasets' ``plot_label_distributions``), or a clients x classes heat map
+  (``kind="heatmap"``).
+
+  Args:
+    data: a :class:`fedjax_sim.FederatedData` (its :meth:`~FederatedData.label_histogram`) or
+      label counts ``[P, K]``.
+    path: saved there if given (format from the suffix).
+    kind: ``"bar"`` or ``"heatmap"``.
+    normalize: show each client's label fractions (bars of height 1, heat map in [0, 1]) instead
+      of counts.
+    class_names: ``K`` names for the legend / axis (default ``0..K-1``).
+    max_clients: draw the first this many clients only (None: all of them).
+    title: heads the figure.
+    ax: draw on these axes (default: a figure of its own, not registered with pyplot, as
+      :func:`plot_histories`).
+    colorbar: the heat map's colour bar (off for panels side by side on one normalised scale).
+
+  Returns:
+    The figure.
+  """
+  counts = data.label_histogram() if hasattr(data, "label_histogram") else data
+  counts = np.asarray(counts, np.float64)
+  if counts.ndim != 2 or counts.size == 0:
+    raise ValueError(f"plot_label_distribution: expected FederatedData or label counts [P, K], "
+                     f"got shape {counts.shape}")
+  if not np.all(np.isfinite(counts)) or counts.min() < 0:
+    raise ValueError("plot_label_distribution: label counts must be finite and >= 0")
+  if kind not in ("bar", "heatmap"):
+    raise ValueError(f"plot_label_distribution: kind must be 'bar' or 'heatmap', got {kind!r}")
+  if max_clients is not None:
+    counts = counts[:max_clients]
+  p, k = counts.shape
+  names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+  if len(names) != k:
+    raise ValueError(f"plot_label_distribution: {len(names)} class names for {k} classes")
+  values = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
+  if ax is None:
+    fig = _untracked_figure(figsize=(min(14.0, max(6.0, 0.18 * p + 3)), 4.2 if title else 3.8))
+    ax = fig.subplots(1, 1)
+  else:
+    fig = ax.figure
+  from matplotlib import colormaps
+  cmap = colormaps["tab10" if k <= 10 else "tab20"]
+  if kind == "bar":
+    bottom = np.zeros(p)
+    for c in range(k):
+      ax.bar(np.arange(p), values[:, c], 0.85, bottom=bottom, label=names[c],
+             color=cmap(c % cmap.N))
+      bottom += values[:, c]
+    ax.set_ylabel("fraction of the client's examples" if normalize else "examples")
+    ax.set_xlim(-0.6, p - 0.4)
+    ax.set_ylim(0, 1.0 if normalize else max(1.0, float(bottom.max())) * 1.04)
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # beside the axes: a legend inside would hide bars
+    ax.legend(title="class", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0, ncols=1 if k <= 20 else 2)
+  else:
+    im = ax.imshow(values.T, aspect="auto", cmap="viridis", interpolation="nearest",
+                   vmin=0, vmax=1 if normalize else None)
+    ax.set_yticks(np.arange(k), names)
+    ax.set_ylabel("class")
+    if colorbar:
+      fig.colorbar(im, ax=ax, label="fraction" if normalize else "examples")
+  ax.set_xlabel(f"client (first {p})" if max_clients is not None and p == max_clients
+                else "client")
+  if title:
+    ax.set_title(title, fontsize=11)
+  fig.tight_layout()
+  if path is not None:
+    with files.atomic_open(path) as f:
+      fig.savefig(f, dpi=120, format=Path(path).suffix[1:] or None)
+  return fig

@@ -29,6 +29,7 @@ A factory that forwards ``**kwargs`` to another (FedProx to FedAvg, say) is regi
 registries of the package live next to what they hold: ``fedjax_sim.algorithms.REGISTRY``,
 ``fedjax_sim.aggregators.REGISTRY``, ``fedjax_sim.transforms.REGISTRY``,
 ``fedjax_sim.heterogeneity.REGISTRY``, ``fedjax_sim.data.datasets.REGISTRY``,
+``fedjax_sim.data.partition.REGISTRY`` (partitioners by their flwr-datasets names),
 ``fedjax_sim.privacy.REGISTRY`` and ``fedjax_sim.optimizers.REGISTRY``.
 """
 

@@ -195,3 +195,23 @@ def test_heterogeneity_and_aggregator_run_from_toml(tmp_path):
   resolved = tomllib.loads((out / "config.toml").read_text())
   assert resolved["heterogeneity"] == {"name": "default", "dropout_fraction": 0.3}
   assert dataclasses.asdict(cli.Config())["tables"] == {}
+
+
+def test_an_algorithm_registered_after_import_is_a_valid_name(tmp_path):
+  """A user's algorithm registered after fedjax_sim.cli was imported (notebook 06) is reached by
+  name from a config file and from --algorithm, with its own options checked."""
+  @fs.algorithms.REGISTRY.register("user_prox", forwards_to=fs.algorithms.fedavg)
+  def user_prox(client_optimizer=None, server_optimizer=None, *, strength: float = 0.1,
+                **fedavg_kwargs):
+    return fs.algorithms.fedprox(client_optimizer, server_optimizer, mu=strength,
+                                 **fedavg_kwargs).replace(name="user_prox")
+  try:
+    cfg, _ = _config(tmp_path, '[algorithm]\nname = "user_prox"\nstrength = 0.3\n')
+    algo = cli.make_algorithm(cfg)
+    assert algo.name == "user_prox" and algo.hparams == {"mu": 0.3}
+    cfg, _ = _config(tmp_path, "", "--algorithm", "user_prox")
+    assert cfg.algorithm.name == "user_prox"
+    with pytest.raises(ValueError, match="'algorithm.strenght'.*did you mean 'strength'"):
+      _config(tmp_path, '[algorithm]\nname = "user_prox"\nstrenght = 1.0\n')
+  finally:
+    fs.algorithms.REGISTRY._entries.pop("user_prox")

@@ -70,7 +70,10 @@ class PartitionConfig:
 class AlgorithmConfig:
   """The federated algorithm, its client optimizer (SGD) and server optimizer. ``options``: any
   other option of the named algorithm's factory (``fedjax_sim.algorithms.REGISTRY``)."""
-  name: str = _field("fedavg", "federated algorithm", flag="--algorithm", choices=ALGORITHMS)
+  # The registry itself, not a snapshot of its names: an algorithm registered after this module
+  # was imported (a user's own, see notebooks/06) is a valid choice too.
+  name: str = _field("fedavg", "federated algorithm", flag="--algorithm",
+                     choices=algorithms.REGISTRY)
   client_lr: float = _field(0.05, "client SGD learning rate", flag="--client-lr", positive=True)
   client_momentum: float = _field(0.0, "client SGD momentum (0 = none)",
                                   flag="--client-momentum", minimum=0.0)

@@ -1,5 +1,6 @@
-"""Federated data: ragged storage, partitions, built-in datasets."""
-from fedjax_sim.data import datasets, partition
+"""Federated data: ragged storage, partitions, adapters from tables (HF datasets, pandas), built-in
+datasets."""
+from fedjax_sim.data import adapters, datasets, partition
 from fedjax_sim.data.federated import (ClientBatches, FederatedData, LocalWork, aligned_empty,
                                        batch_indices)
 from fedjax_sim.data.shakespeare import shakespeare as _shakespeare
@@ -7,4 +8,4 @@ from fedjax_sim.data.shakespeare import shakespeare as _shakespeare
 datasets.REGISTRY.register()(_shakespeare)
 
 __all__ = ["ClientBatches", "FederatedData", "LocalWork", "aligned_empty", "batch_indices",
-           "datasets", "partition"]
+           "adapters", "datasets", "partition"]
