@@ -205,6 +205,40 @@ def metrics_callback(model: Model, eval_data: Any, metrics: Mapping[str, Metric]
   return callback
 
 
+def client_metrics_callback(model: Model, data: FederatedData,
+                            metrics: Mapping[str, Metric] | None = None, *, every: int = 10,
+                            rounds: int | None = None, batch_size: int = 256,
+                            chunk_size: int = 32):
+  """A ``run(callback=...)`` that evaluates the global model on every client of ``data`` every
+  ``every`` rounds (and at round ``rounds``) and adds per-client percentile columns to the
+  history: ``client_accuracy_mean/_p10/_p50/_p90`` and the same for each scalar declared metric
+  (e.g. ``client_balanced_accuracy_p10``); ``History.client_percentiles(name)`` reads them back
+  and :func:`fedjax_sim.history.plot` draws the accuracy band."""
+  from fedjax_sim.history import CLIENT_PREFIX
+  model.check_input(data.arrays["x"].shape[1:], "client_metrics_callback data")
+  every = int(every)
+  if every < 1:
+    raise ValueError(f"client_metrics_callback: every must be >= 1, got {every!r}")
+  metrics = _check_metrics(metrics)
+  f = make_client_evaluate(model, data.max_client_size, batch_size, chunk_size, metrics=metrics)
+  arrays = (jnp.asarray(data.arrays["x"]), jnp.asarray(data.arrays["y"], label_dtype(model)),
+            jnp.asarray(data.offsets[:-1], jnp.int32), jnp.asarray(data.sizes, jnp.int32))
+
+  def callback(round_, state, out):
+    del out
+    if round_ % every and round_ != rounds:
+      return None
+    values = jax.device_get(f(state.params, *arrays))
+    cols = _percentiles("accuracy", np.asarray(values["accuracy"], np.float64))
+    for name in metrics:
+      v = np.asarray(values[name], np.float64)
+      if v.ndim == 1:
+        cols.update(_percentiles(name, v))
+    return {CLIENT_PREFIX + k: v for k, v in cols.items()}
+
+  return callback
+
+
 def as_arrays(data: Any) -> dict[str, np.ndarray]:
   """Evaluation data as flat arrays: accepts a dict with ``x``/``y`` or a FederatedData."""
   if isinstance(data, FederatedData):
@@ -215,28 +249,48 @@ def as_arrays(data: Any) -> dict[str, np.ndarray]:
                    f"{type(data).__name__}")
 
 
-def batched_metrics(model: Model, params, x, y, mask):
+def batched_metrics(model: Model, params, x, y, mask, metrics: Mapping[str, Metric] | None = None):
   """ONE client's summed ``(loss, correct, count)`` over masked batches ``x [S, B, ...]``,
-  ``y [S, B]``, ``mask [S, B]`` (a scan over the batches)."""
-  def body(carry, batch):
-    _, (loss_sum, correct, count) = model.batch_loss(params, *batch)
-    return carry, (loss_sum, correct, count)
-  _, (l, c, n) = jax.lax.scan(body, None, (x, y, mask))
-  return jnp.sum(l), jnp.sum(c), jnp.sum(n)
+  ``y [S, B]``, ``mask [S, B]`` (a scan over the batches); with ``metrics`` also
+  ``{name: Metric.result(summed sums)}`` as a fourth element, from the same forward pass."""
+  if not metrics:
+    def body(carry, batch):
+      _, (loss_sum, correct, count) = model.batch_loss(params, *batch)
+      return carry, (loss_sum, correct, count)
+    _, (l, c, n) = jax.lax.scan(body, None, (x, y, mask))
+    return jnp.sum(l), jnp.sum(c), jnp.sum(n)
+
+  def body_m(carry, batch):
+    bx, by, bm = batch
+    out = model.apply(params, bx)
+    m = bm.astype(jnp.float32)
+    return carry, (jnp.sum(model.loss(out, by) * m), jnp.sum((jnp.argmax(out, -1) == by) * m),
+                   jnp.sum(m), {k: mt.sums(out, by, bm) for k, mt in metrics.items()})
+  _, (l, c, n, sums) = jax.lax.scan(body_m, None, (x, y, mask))
+  return jnp.sum(l), jnp.sum(c), jnp.sum(n), {
+      k: mt.result(jax.tree.map(lambda a: jnp.sum(a, 0), sums[k])) for k, mt in metrics.items()}
 
 
 def make_client_evaluate(model: Model, max_client_size: int, batch_size: int = 256,
-                         chunk_size: int = 32, params_of=None):
+                         chunk_size: int = 32, params_of=None,
+                         metrics: Mapping[str, Metric] | None = None):
   """Builds jitted ``f(params, x [N,...], y [N], offsets [P], sizes [P]) -> dict of [P] arrays``
   (``loss``, ``accuracy``, ``count``; for a regression model ``accuracy`` is the MSE): each client's examples in masked batches of
   ``batch_size``, ``chunk_size`` clients at a time (vmap inside a scan, bounded memory).
+
+  ``metrics`` (``{name: Metric}``, classification only) adds each declared metric per client
+  (``[P]`` for a scalar metric, ``[P, ...]`` otherwise; NaN where a client has no examples of
+  what it measures, e.g. a class it does not hold).
 
   With ``params_of``, every client is evaluated on its own model: ``params_of(params, ids [K])``
   returns the models of a chunk's clients stacked ``[K, ...]`` (``params`` is then whatever it
   reads, e.g. a personalized algorithm's server state: :func:`fedjax_sim.personalize.
   evaluate_personal`)."""
+  metrics = _check_metrics(metrics)
+  if metrics and model.is_regression:
+    raise ValueError("metrics: declared metrics are for classification models")
   work = LocalWork(batch_size, local_epochs=1)
-  per_chunk = jax.vmap(lambda p, x, y, m: batched_metrics(model, p, x, y, m),
+  per_chunk = jax.vmap(lambda p, x, y, m: batched_metrics(model, p, x, y, m, metrics),
                        in_axes=(None if params_of is None else 0, 0, 0, 0))
 
   @jax.jit
@@ -257,23 +311,32 @@ def make_client_evaluate(model: Model, max_client_size: int, batch_size: int = 2
       chunk_params = params if params_of is None else params_of(params, cids)
       return None, per_chunk(chunk_params, x[rows], y[rows], mask)
 
-    _, (l, c, n) = jax.lax.scan(chunk, None, (ids.reshape(n_chunks, k), offs, szs))
-    l, c, n = (a.reshape(-1)[:p] for a in (l, c, n))
-    return {"loss": l / jnp.maximum(n, 1), "accuracy": c / jnp.maximum(n, 1), "count": n}
+    _, outs = jax.lax.scan(chunk, None, (ids.reshape(n_chunks, k), offs, szs))
+    outs = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:p], outs)
+    l, c, n = outs[:3]
+    res = {"loss": l / jnp.maximum(n, 1), "accuracy": c / jnp.maximum(n, 1), "count": n}
+    if metrics:
+      res.update(outs[3])
+    return res
 
   return evaluate
 
 
 def evaluate_clients(model: Model, params: Any, data: FederatedData, batch_size: int = 256,
-                     chunk_size: int = 32, worst: int = 5) -> dict[str, Any]:
+                     chunk_size: int = 32, worst: int = 5,
+                     metrics: Mapping[str, Metric] | None = None) -> dict[str, Any]:
   """Accuracy and loss of ``params`` on every client of ``data``.
 
   Returns a dict with per-client arrays ``loss``, ``accuracy``, ``count`` (``[P]``, in population
   order), ``client_ids``, and a ``summary``: example-weighted and client-mean accuracy, 10/50/90th
-  percentiles over clients, and the ids and accuracies of the ``worst`` clients.
+  percentiles over clients, and the ids and accuracies of the ``worst`` clients. ``metrics``
+  (``{name: Metric}``, e.g. :func:`class_metrics`) adds each declared metric per client, and for
+  each scalar one ``{name}_mean`` and ``{name}_p10/_p50/_p90`` to the summary (over the clients
+  where it is defined: NaN entries, e.g. a client's balanced accuracy over classes it does not
+  hold, are left out).
   """
   model.check_input(data.arrays["x"].shape[1:], "evaluate_clients data")
-  f = make_client_evaluate(model, data.max_client_size, batch_size, chunk_size)
+  f = make_client_evaluate(model, data.max_client_size, batch_size, chunk_size, metrics=metrics)
   out = jax.device_get(f(params, jnp.asarray(data.arrays["x"]),
                          jnp.asarray(data.arrays["y"], label_dtype(model)),
                          jnp.asarray(data.offsets[:-1], jnp.int32),
@@ -290,5 +353,20 @@ def evaluate_clients(model: Model, params: Any, data: FederatedData, batch_size:
       "worst_clients": data.client_ids[order].tolist(),
       "worst_accuracy": acc[order].tolist(),
   }
-  return {"loss": np.asarray(out["loss"]), "accuracy": acc, "count": cnt,
-          "client_ids": data.client_ids, "summary": summary}
+  result = {"loss": np.asarray(out["loss"]), "accuracy": acc, "count": cnt,
+            "client_ids": data.client_ids, "summary": summary}
+  for name in metrics or {}:
+    values = np.asarray(out[name], np.float64)
+    result[name] = values
+    if values.ndim == 1:
+      summary.update(_percentiles(name, values))
+  return result
+
+
+def _percentiles(name: str, values: np.ndarray) -> dict[str, float]:
+  """``{name}_mean`` and ``{name}_p10/_p50/_p90`` over the finite entries (NaN if none)."""
+  ok = values[np.isfinite(values)]
+  if ok.size == 0:
+    return {f"{name}_{s}": float("nan") for s in ("mean", "p10", "p50", "p90")}
+  return {f"{name}_mean": float(ok.mean()),
+          **{f"{name}_p{q}": float(np.percentile(ok, q)) for q in (10, 50, 90)}}

@@ -363,3 +363,33 @@ def test_imbalance_benchmark_small(tmp_path):
                         text=True, env=env, timeout=300)
   assert res2.returncode == 0, res2.stderr[-3000:]
   assert res2.stdout.splitlines()[-1] == res.stdout.splitlines()[-1]
+
+
+def test_declared_metrics_per_client_and_their_percentiles_in_the_history():
+  """Declared metrics per client equal a per-client NumPy loop; the callback puts their
+  percentiles over clients in the history (``client_<name>_p10`` ...)."""
+  data = skewed_clients()
+  model = fs.models.logistic_regression(6, 4)
+  metrics = evaluation.class_metrics(4)
+  params = model.init(jax.random.key(2))
+  out = evaluation.evaluate_clients(model, params, data, batch_size=8, chunk_size=3,
+                                    metrics=metrics)
+  bal = []
+  for p in range(data.num_clients):
+    c = data.client(p)
+    pred = np.asarray(model.apply(params, c["x"])).argmax(1)
+    per = [np.mean(pred[c["y"] == k] == k) if np.any(c["y"] == k) else np.nan for k in range(4)]
+    np.testing.assert_allclose(out["per_class_accuracy"][p], per, rtol=1e-6)
+    bal.append(np.nanmean(per))
+  np.testing.assert_allclose(out["balanced_accuracy"], bal, rtol=1e-6)
+  np.testing.assert_allclose(out["summary"]["balanced_accuracy_p50"], np.median(bal), rtol=1e-6)
+  cb = evaluation.client_metrics_callback(model, data, metrics, every=2, rounds=3, batch_size=8)
+  res = fs.run(fs.algorithms.fedavg(optax.sgd(0.2), batch_size=8), model, data, rounds=3,
+               cohort_size=3, progress=False, callback=cb)
+  h = res.history
+  pct = h.client_percentiles("balanced_accuracy")
+  assert sorted(pct) == [10, 50, 90] and np.isnan(pct[10][0]) and not np.isnan(pct[10][1])
+  assert pct[10][2] <= pct[50][2] <= pct[90][2]
+  final = evaluation.evaluate_clients(model, res.params, data, batch_size=8, metrics=metrics)
+  np.testing.assert_allclose(h.last("client_worst_class_accuracy_p50"),
+                             final["summary"]["worst_class_accuracy_p50"], rtol=1e-6)
