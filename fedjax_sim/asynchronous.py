@@ -46,9 +46,8 @@ from fedjax_sim import engine, evaluation, validation
 from fedjax_sim._progress import tqdm
 from fedjax_sim.algorithms.base import Algorithm, no_state, pass_through
 from fedjax_sim.data.federated import FederatedData, LocalWork, local_steps
-from fedjax_sim.experiment import (CompiledBlocks, Experiment, add_evaluation, block_end,
-                                   block_records, communication_cost, scan_block, seed_keys,
-                                   show_progress, warn_divergence, with_communication)
+from fedjax_sim.experiment import (CompiledBlocks, Experiment, communication_cost, drive,
+                                   scan_block, seed_keys, warn_divergence)
 from fedjax_sim.history import History
 from fedjax_sim.server import ServerState
 from fedjax_sim.validation import positive_int
@@ -526,34 +525,29 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *,
   key_init, key_steps = seed_keys(seed)
   state, data = exp.init(key_init), exp.data
   blocks = CompiledBlocks(jax.jit(exp.block))
-  evaluate = None
+  evaluate = eval_xy = None
   if eval_arrays is not None:
     evaluate = evaluation.make_evaluate(model, eval_batch_size)
     eval_xy = (jnp.asarray(eval_arrays["x"]),
                jnp.asarray(eval_arrays["y"], label_dtype(model)))
   blocks(min(rounds_per_call, rounds), state, data, key_steps)
+
+  def on_round(rec, state, outs, i):
+    extra = callback(rec["round"], state, jax.tree.map(lambda a: a[i], outs))
+    if isinstance(extra, dict):   # numbers join the record (a "stop" entry does not stop)
+      rec.update({k: float(v) for k, v in extra.items()})
+    return False
+
   records = []
   bar = tqdm(total=rounds, desc=config.name, disable=not progress, leave=True)
   try:
-    r = 1
-    while r <= rounds:
-      end = block_end(r, rounds, rounds_per_call,
-                      lambda t: evaluate is not None and t % eval_every == 0)
-      state, outs, seconds = blocks.run(state, data, key_steps, r, end)
-      for i, rec in enumerate(block_records(jax.device_get(outs.metrics), r, seconds)):
-        rec.update(with_communication(exp.communication, rec))
-        if callback is not None:
-          extra = callback(rec["round"], state, jax.tree.map(lambda a: a[i], outs))
-          if isinstance(extra, dict):
-            rec.update({k: float(v) for k, v in extra.items()})
-        records.append(rec)
-      done = until_time is not None and records[-1]["sim_time"] >= until_time
-      if evaluate is not None and (end % eval_every == 0 or end == rounds or done):
-        add_evaluation(records[-1], evaluate, exp.params(state), eval_xy)
-      show_progress(bar, records[-1], end - r + 1, stale=f"{records[-1]['mean_staleness']:.1f}")
-      r = end + 1
-      if done:
-        break
+    state = drive(exp, blocks, state, data, key_steps, records, first=1, last=rounds,
+                  per_call=rounds_per_call, communication=exp.communication, bar=bar,
+                  on_round=on_round if callback is not None else None,
+                  until=(None if until_time is None else
+                         lambda rec: rec["sim_time"] >= until_time),
+                  evaluate=evaluate, eval_xy=eval_xy, eval_every=eval_every,
+                  post=lambda rec: {"stale": f"{rec['mean_staleness']:.1f}"})
   finally:
     bar.close()
   warn_divergence(records, "server step")
