@@ -45,7 +45,7 @@ import numpy as np
 from fedjax_sim import engine, evaluation, validation
 from fedjax_sim._progress import tqdm
 from fedjax_sim.algorithms.base import Algorithm, no_state, pass_through
-from fedjax_sim.data.federated import FederatedData, LocalWork, local_steps
+from fedjax_sim.data.federated import FederatedData, local_steps
 from fedjax_sim.experiment import (CompiledBlocks, Experiment, communication_cost, drive,
                                    scan_block, seed_keys, warn_divergence)
 from fedjax_sim.history import History
@@ -86,12 +86,6 @@ class DurationModel:
       v = getattr(self, name)
       if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
         raise ValueError(f"duration.{name} must be a number >= 0, got {v!r}")
-
-
-def client_steps(work: LocalWork, sizes: jax.Array) -> jax.Array:
-  """Local steps of clients of ``sizes [C]`` examples (``[C]`` int32, at least 1):
-  :func:`fedjax_sim.data.federated.local_steps`."""
-  return local_steps(work, sizes)
 
 
 def client_speed(duration: DurationModel, speed_key: jax.Array, client_ids: jax.Array) -> jax.Array:
@@ -226,7 +220,7 @@ def init_state(config: AsyncConfig, params: PyTree, data: engine.DeviceData,
   ids = engine.sample_cohort(k_fill, population, m)
   if isinstance(ids, tuple):   # (ids, valid); every slot is valid without availability
     ids = ids[0]
-  steps = client_steps(config.algorithm.work, data.sizes[ids])
+  steps = local_steps(config.algorithm.work, data.sizes[ids])
   finish = client_durations(config.duration, speed_key, k_job, ids, steps)
   versions = jax.tree.map(lambda p: jnp.broadcast_to(p, (h,) + jnp.shape(p)), params)
   return AsyncState(server=engine.init_state(config.algorithm, params, population),
@@ -268,7 +262,7 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
     scores = jnp.where(busy, -1.0, jax.random.uniform(k_pick, (population,)))
     new = jnp.argmax(scores).astype(jnp.int32)
     dur = client_durations(config.duration, speed_key, k_job, new[None],
-                           client_steps(work, data.sizes[new][None]))[0]
+                           local_steps(work, data.sizes[new][None]))[0]
     finish = start_time + dur
     carry = (client.at[slot].set(new), sv.at[slot].set(version), st.at[slot].set(start_time),
              ft.at[slot].set(finish), busy.at[new].set(True))
