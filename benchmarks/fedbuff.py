@@ -27,6 +27,7 @@ import optax  # noqa: E402
 import fedjax_sim as fs  # noqa: E402
 from fedjax_sim import asynchronous  # noqa: E402
 from fedjax_sim.algorithms.fedbuff import fedbuff  # noqa: E402
+from fedjax_sim.data.federated import local_steps  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -95,7 +96,7 @@ def main():
                rounds_per_call=2)
   wall = time.perf_counter() - t0
   ids = jnp.asarray(np.stack(cohorts))                          # [R, C]
-  steps = asynchronous.client_steps(algo.work, jnp.asarray(data.sizes)[ids])
+  steps = local_steps(algo.work, jnp.asarray(data.sizes)[ids])
   job_keys = jax.random.split(jax.random.key(args.seed + 7919), ids.shape[0])
   durs = jax.vmap(lambda k, i, s: asynchronous.client_durations(duration, speed_key, k, i, s))(
       job_keys, ids, steps)

@@ -45,10 +45,9 @@ import numpy as np
 from fedjax_sim import engine, evaluation, validation
 from fedjax_sim._progress import tqdm
 from fedjax_sim.algorithms.base import Algorithm, no_state, pass_through
-from fedjax_sim.data.federated import FederatedData, LocalWork, local_steps
-from fedjax_sim.experiment import (CompiledBlocks, Experiment, add_evaluation, block_end,
-                                   block_records, communication_cost, scan_block, seed_keys,
-                                   show_progress, warn_divergence, with_communication)
+from fedjax_sim.data.federated import FederatedData, local_steps
+from fedjax_sim.experiment import (CompiledBlocks, Experiment, communication_cost, drive,
+                                   scan_block, seed_keys, warn_divergence)
 from fedjax_sim.history import History
 from fedjax_sim.server import ServerState
 from fedjax_sim.validation import positive_int
@@ -87,12 +86,6 @@ class DurationModel:
       v = getattr(self, name)
       if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
         raise ValueError(f"duration.{name} must be a number >= 0, got {v!r}")
-
-
-def client_steps(work: LocalWork, sizes: jax.Array) -> jax.Array:
-  """Local steps of clients of ``sizes [C]`` examples (``[C]`` int32, at least 1):
-  :func:`fedjax_sim.data.federated.local_steps`."""
-  return local_steps(work, sizes)
 
 
 def client_speed(duration: DurationModel, speed_key: jax.Array, client_ids: jax.Array) -> jax.Array:
@@ -227,7 +220,7 @@ def init_state(config: AsyncConfig, params: PyTree, data: engine.DeviceData,
   ids = engine.sample_cohort(k_fill, population, m)
   if isinstance(ids, tuple):   # (ids, valid); every slot is valid without availability
     ids = ids[0]
-  steps = client_steps(config.algorithm.work, data.sizes[ids])
+  steps = local_steps(config.algorithm.work, data.sizes[ids])
   finish = client_durations(config.duration, speed_key, k_job, ids, steps)
   versions = jax.tree.map(lambda p: jnp.broadcast_to(p, (h,) + jnp.shape(p)), params)
   return AsyncState(server=engine.init_state(config.algorithm, params, population),
@@ -269,7 +262,7 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
     scores = jnp.where(busy, -1.0, jax.random.uniform(k_pick, (population,)))
     new = jnp.argmax(scores).astype(jnp.int32)
     dur = client_durations(config.duration, speed_key, k_job, new[None],
-                           client_steps(work, data.sizes[new][None]))[0]
+                           local_steps(work, data.sizes[new][None]))[0]
     finish = start_time + dur
     carry = (client.at[slot].set(new), sv.at[slot].set(version), st.at[slot].set(start_time),
              ft.at[slot].set(finish), busy.at[new].set(True))
@@ -526,34 +519,29 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *,
   key_init, key_steps = seed_keys(seed)
   state, data = exp.init(key_init), exp.data
   blocks = CompiledBlocks(jax.jit(exp.block))
-  evaluate = None
+  evaluate = eval_xy = None
   if eval_arrays is not None:
     evaluate = evaluation.make_evaluate(model, eval_batch_size)
     eval_xy = (jnp.asarray(eval_arrays["x"]),
                jnp.asarray(eval_arrays["y"], label_dtype(model)))
   blocks(min(rounds_per_call, rounds), state, data, key_steps)
+
+  def on_round(rec, state, outs, i):
+    extra = callback(rec["round"], state, jax.tree.map(lambda a: a[i], outs))
+    if isinstance(extra, dict):   # numbers join the record (a "stop" entry does not stop)
+      rec.update({k: float(v) for k, v in extra.items()})
+    return False
+
   records = []
   bar = tqdm(total=rounds, desc=config.name, disable=not progress, leave=True)
   try:
-    r = 1
-    while r <= rounds:
-      end = block_end(r, rounds, rounds_per_call,
-                      lambda t: evaluate is not None and t % eval_every == 0)
-      state, outs, seconds = blocks.run(state, data, key_steps, r, end)
-      for i, rec in enumerate(block_records(jax.device_get(outs.metrics), r, seconds)):
-        rec.update(with_communication(exp.communication, rec))
-        if callback is not None:
-          extra = callback(rec["round"], state, jax.tree.map(lambda a: a[i], outs))
-          if isinstance(extra, dict):
-            rec.update({k: float(v) for k, v in extra.items()})
-        records.append(rec)
-      done = until_time is not None and records[-1]["sim_time"] >= until_time
-      if evaluate is not None and (end % eval_every == 0 or end == rounds or done):
-        add_evaluation(records[-1], evaluate, exp.params(state), eval_xy)
-      show_progress(bar, records[-1], end - r + 1, stale=f"{records[-1]['mean_staleness']:.1f}")
-      r = end + 1
-      if done:
-        break
+    state = drive(exp, blocks, state, data, key_steps, records, first=1, last=rounds,
+                  per_call=rounds_per_call, communication=exp.communication, bar=bar,
+                  on_round=on_round if callback is not None else None,
+                  until=(None if until_time is None else
+                         lambda rec: rec["sim_time"] >= until_time),
+                  evaluate=evaluate, eval_xy=eval_xy, eval_every=eval_every,
+                  post=lambda rec: {"stale": f"{rec['mean_staleness']:.1f}"})
   finally:
     bar.close()
   warn_divergence(records, "server step")

@@ -184,6 +184,17 @@ def run_program(program: ClientProgram, ctx: ClientContext, x, y, mask) -> Clien
   return program.final(carry, ctx)
 
 
+def with_context_view(program: ClientProgram,
+                      view: Callable[[ClientContext], ClientContext]) -> ClientProgram:
+  """``program`` run with the context ``view(ctx)`` in its ``init``, ``step`` and ``final``: for
+  a wrapper algorithm whose state nests the wrapped one's, so that the wrapped program still sees
+  its own (e.g. DP-FedAvg's ``ctx._replace(server=ctx.server["base"])``; a client learning-rate
+  schedule also scales ``lr_scale``)."""
+  return ClientProgram(lambda ctx: program.init(view(ctx)),
+                       lambda carry, batch, ctx, key: program.step(carry, batch, view(ctx), key),
+                       lambda carry, ctx: program.final(carry, view(ctx)))
+
+
 def keep_if(cond, new, old):
   """``new`` where ``cond`` (a scalar bool) else ``old``, leafwise: an empty step is a no-op."""
   return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)

@@ -211,6 +211,60 @@ def show_progress(bar, record: dict, rounds_done: int, **extra: str) -> None:
   bar.update(rounds_done)
 
 
+def drive(exp: Experiment, blocks: CompiledBlocks, state, data, key, records: list[dict], *,
+          first: int, last: int, per_call: int, communication: Mapping[str, float], bar,
+          on_round: Callable[[dict, Any, Any, int], bool] | None = None,
+          until: Callable[[dict], bool] | None = None,
+          evaluate: Callable | None = None, eval_xy: Any = None, eval_every: int = 1,
+          host_work: Callable[[int], bool] = lambda r: False,
+          on_block: Callable[[int, Any, bool], None] | None = None,
+          post: Callable[[dict], dict[str, str]] = lambda rec: {}) -> Any:
+  """Runs rounds ``first..last`` of ``exp`` in compiled blocks, working on the host between them;
+  returns the final state. The one block loop of :func:`fedjax_sim.run` and
+  :func:`fedjax_sim.asynchronous.run_async`.
+
+  A block runs up to ``per_call`` rounds (:func:`block_end`) and ends early at every evaluation
+  round (``r % eval_every == 0`` when ``evaluate`` is given) and where ``host_work(r)``. After
+  each block, in this order:
+
+  1. one record per round (:func:`block_records`, with ``communication``:
+     :func:`with_communication`) is appended to ``records`` (in place) and passed to
+     ``on_round(record, state, outs, i)`` (``state``: the block's final state; ``outs``: its
+     outputs stacked over rounds, this round's at index ``i``), which may add entries; if it
+     returns True, the run stops after this block and the block's last record gets
+     ``stopped_early = 1`` (the block's remaining rounds have run and are kept);
+  2. the run also stops after this block if ``until(last record)`` (without ``stopped_early``);
+  3. ``evaluate(params, *eval_xy)`` is added to the last record (:func:`add_evaluation`) at
+     evaluation rounds and after the last block;
+  4. ``on_block(end, state, is_last_block)`` (e.g. a checkpoint of ``records``);
+  5. ``bar`` advances (:func:`show_progress`, with ``post(last record)`` in its postfix).
+  """
+  r = first
+  while r <= last:
+    end = block_end(r, last, per_call,
+                    lambda t: (evaluate is not None and t % eval_every == 0) or host_work(t))
+    state, outs, seconds = blocks.run(state, data, key, r, end)
+    stop = False
+    for i, rec in enumerate(block_records(jax.device_get(outs.metrics), r, seconds)):
+      rec.update(with_communication(communication, rec))
+      records.append(rec)
+      if on_round is not None and on_round(rec, state, outs, i):
+        stop = True
+    if stop:
+      records[-1]["stopped_early"] = 1.0
+    stop = stop or (until is not None and until(records[-1]))
+    final = end == last or stop
+    if evaluate is not None and (end % eval_every == 0 or final):
+      add_evaluation(records[-1], evaluate, exp.params(state), eval_xy)
+    if on_block is not None:
+      on_block(end, state, final)
+    show_progress(bar, records[-1], end - r + 1, **post(records[-1]))
+    r = end + 1
+    if stop:
+      break
+  return state
+
+
 # --- the minimal multi-process driver ------------------------------------------------------------
 
 def run_rounds(algorithm, model, train_data, *, rounds: int, cohort_size: int, seed: int = 0,

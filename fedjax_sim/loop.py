@@ -17,9 +17,8 @@ from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.asynchronous import AsyncConfig, run_async
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.data.procedural import ProceduralPopulation
-from fedjax_sim.experiment import (CompiledBlocks, add_evaluation, block_end, block_records,
-                                   build as build_experiment, seed_keys, show_progress,
-                                   warn_divergence, with_communication)
+from fedjax_sim.experiment import (CompiledBlocks, build as build_experiment, drive, seed_keys,
+                                   warn_divergence)
 from fedjax_sim.heterogeneity import Heterogeneity
 from fedjax_sim.history import History
 from fedjax_sim.models.core import Model, label_dtype
@@ -245,47 +244,44 @@ def run(algorithm: Algorithm | AsyncConfig, model: Model, train_data: FederatedD
   blocks = CompiledBlocks(jax.jit(exp.block, **jit_kw), put)
   start = len(records) + 1
   blocks(min(rounds_per_call, max(rounds - start + 1, 1)), state, data, key_rounds)
-  evaluate = None
+  evaluate = eval_xy = None
   if eval_arrays is not None:
     evaluate = evaluation.make_evaluate(model, eval_batch_size)
     eval_xy = put((jnp.asarray(eval_arrays["x"]),
                    jnp.asarray(eval_arrays["y"], label_dtype(model))))
 
   # --- blocks of rounds; the host works between them (evaluation, callbacks, checkpoints) -------
-  def host_work(r):
-    return ((evaluate is not None and r % eval_every == 0) or
-            (ckpt is not None and r % checkpoint_every == 0) or r == rounds)
+  stop_at = None
+
+  def on_round(rec, state, outs, i):
+    nonlocal stop_at
+    if ckpt is not None and changes and rec["round"] == start:
+      rec["resumed_with_changes"] = 1.0
+    if callback is not None and stop_at is None and _apply_callback(
+        callback, rec, state, jax.tree.map(lambda a: a[i], outs)) and rec["round"] < rounds:
+      stop_at = rec["round"]   # the block's remaining rounds already ran: they stay
+      return True
+    return False
+
+  def on_block(end, state, last):
+    if ckpt is not None and (end % checkpoint_every == 0 or last):
+      ckpt.save(end, state, records, {"fingerprint": fingerprint})
+
+  def post(rec):
+    shown = {"nonfinite": str(int(rec["num_nonfinite"]))} if rec["num_nonfinite"] else {}
+    if rec.get("aggregate_nonfinite"):
+      shown["aggregate"] = "non-finite, not applied"
+    return shown
 
   bar = tqdm(total=rounds, initial=start - 1, desc=f"{algorithm.name}",
              disable=not progress or jax.process_index() != 0, leave=True)
   _say_cap(algorithm.name, callback, rounds, requested, bar, progress)
-  stop_at = None
   try:
-    r = start
-    while r <= rounds and stop_at is None:
-      end = block_end(r, rounds, rounds_per_call, host_work)
-      state, outs, seconds = blocks.run(state, data, key_rounds, r, end)
-      for i, rec in enumerate(block_records(jax.device_get(outs.metrics), r, seconds)):
-        rec.update(with_communication(comm, rec))
-        if ckpt is not None and changes and rec["round"] == start:
-          rec["resumed_with_changes"] = 1.0
-        records.append(rec)
-        if callback is not None and stop_at is None and _apply_callback(
-            callback, rec, state, jax.tree.map(lambda a: a[i], outs)) and rec["round"] < rounds:
-          stop_at = rec["round"]   # the block's remaining rounds already ran: they stay
-      if stop_at is not None:
-        records[-1]["stopped_early"] = 1.0
-      last = end == rounds or stop_at is not None
-      if evaluate is not None and (end % eval_every == 0 or last):
-        add_evaluation(records[-1], evaluate, exp.params(state), eval_xy)
-      if ckpt is not None and (end % checkpoint_every == 0 or last):
-        ckpt.save(end, state, records, {"fingerprint": fingerprint})
-      rec = records[-1]
-      post = {"nonfinite": str(int(rec["num_nonfinite"]))} if rec["num_nonfinite"] else {}
-      if rec.get("aggregate_nonfinite"):
-        post["aggregate"] = "non-finite, not applied"
-      show_progress(bar, rec, end - r + 1, **post)
-      r = end + 1
+    state = drive(exp, blocks, state, data, key_rounds, records, first=start, last=rounds,
+                  per_call=rounds_per_call, communication=comm, bar=bar, on_round=on_round,
+                  evaluate=evaluate, eval_xy=eval_xy, eval_every=eval_every,
+                  host_work=lambda r: ckpt is not None and r % checkpoint_every == 0,
+                  on_block=on_block, post=post)
   finally:
     bar.close()
     if ckpt is not None:

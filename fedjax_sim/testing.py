@@ -189,10 +189,97 @@ def ragged_clients(sizes=RAGGED_SIZES, dim: int = 8, num_classes: int = 4,
   ``argmax(x @ W)`` for one random ``W [dim, num_classes]``; deterministic in ``seed``. The
   default sizes 1..200 exercise partial last batches, single-example clients and several steps.
   """
+  return FederatedData.from_clients(
+      tiny_logistic_clients(sizes, dim, num_classes, seed, labels="linear"),
+      num_classes=num_classes)
+
+
+# --- tiny NumPy float64 references for multinomial logistic regression -------------------------
+# Plain NumPy, sharing no code with the engine: what the NumPy references of the papers'
+# equations in the tests are built from.
+
+def tiny_logistic_clients(sizes, dim: int, num_classes: int,
+                          seed: int | np.random.Generator = 0, *, labels: str = "random",
+                          label_noise: float = 0.0, shift: float = 0.0) -> list[dict]:
+  """Client data for a tiny multinomial logistic regression, as ``FederatedData.from_clients``
+  takes it: client ``i`` is ``{"x": [sizes[i], dim] float32, "y": [sizes[i]] int32}``.
+
+  Features are ``x ~ N(0, 1) + shift * i`` (``shift`` makes the clients heterogeneous). Labels
+  are uniform over ``num_classes`` (``labels="random"``) or ``argmax(x @ W + label_noise * e)``
+  for one ``W [dim, num_classes] ~ N(0, 1)`` drawn first and ``e ~ N(0, 1)`` per example
+  (``labels="linear"``: learnable). Deterministic in ``seed``; a ``np.random.Generator`` is used
+  (and advanced) as it is, so a caller can draw more from it afterwards.
+  """
+  if labels not in ("random", "linear"):
+    raise ValueError(f"labels must be 'random' or 'linear', got {labels!r}")
   rng = np.random.default_rng(seed)
-  w = rng.normal(size=(dim, num_classes))
+  w = rng.normal(size=(dim, num_classes)) if labels == "linear" else None
   clients = []
-  for n in sizes:
-    x = rng.normal(size=(n, dim)).astype(np.float32)
-    clients.append({"x": x, "y": np.argmax(x @ w, 1).astype(np.int32)})
-  return FederatedData.from_clients(clients, num_classes=num_classes)
+  for i, n in enumerate(sizes):
+    x = rng.normal(size=(n, dim))
+    if shift:
+      x = x + shift * i
+    x = x.astype(np.float32)
+    if w is None:
+      y = rng.integers(0, num_classes, n)
+    else:
+      z = x @ w
+      if label_noise:
+        z = z + label_noise * rng.normal(size=(n, num_classes))
+      y = np.argmax(z, 1)
+    clients.append({"x": x, "y": y.astype(np.int32)})
+  return clients
+
+
+def np_logistic_grad(params, x, y) -> tuple[np.ndarray, np.ndarray]:
+  """Gradient of the mean softmax cross-entropy of ``x @ W + b`` over the batch, in float64.
+
+  Args:
+    params: ``(W [dim, k], b [k])``.
+    x: ``[n, dim]`` features.
+    y: ``[n]`` integer labels in ``[0, k)``.
+
+  Returns:
+    ``(dW [dim, k], db [k])``.
+  """
+  w, b = params
+  x = np.asarray(x, np.float64)
+  z = x @ w + b
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  d = (p - np.eye(p.shape[1])[y]) / len(y)
+  return x.T @ d, d.sum(0)
+
+
+def np_sgd_iterates(params, x, y, steps: int, lr: float, *, batch_size: int | None = None,
+                    momentum: float = 0.0, correction=None) -> list[tuple]:
+  """Local SGD on a tiny multinomial logistic regression in float64: the iterates
+  ``[params_0, ..., params_steps]``, each ``(W [dim, k], b [k])``.
+
+  Step t reads the rows ``(t B + j) mod n``, ``j < B``, of ``x [n, dim]``, ``y [n]`` (the stored
+  order, no shuffle; ``B = batch_size``, default n: full-batch gradient descent), takes
+  ``g_t = grad(params_t)`` (:func:`np_logistic_grad`) plus ``correction(params_t)`` if given (a
+  function of the iterate returning a ``(W, b)``-shaped pair, e.g. a proximal term), and
+  steps with heavy-ball momentum: ``u_t = momentum u_{t-1} + g_t``, ``params_{t+1} =
+  params_t - lr u_t``.
+  """
+  x = np.asarray(x, np.float64)
+  n = len(y)
+  bsz = n if batch_size is None else batch_size
+  p = tuple(np.asarray(a, np.float64) for a in params)
+  u = tuple(np.zeros_like(a) for a in p)
+  path = [p]
+  for t in range(steps):
+    idx = (t * bsz + np.arange(bsz)) % n
+    g = np_logistic_grad(p, x[idx], y[idx])
+    if correction is not None:
+      g = tuple(gj + cj for gj, cj in zip(g, correction(p)))
+    u = tuple(momentum * uj + gj for uj, gj in zip(u, g))
+    p = tuple(pj - lr * uj for pj, uj in zip(p, u))
+    path.append(p)
+  return path
+
+
+def np_local_sgd(params, x, y, steps: int, lr: float, **kwargs) -> tuple:
+  """The last iterate ``(W [dim, k], b [k])`` of :func:`np_sgd_iterates` (same arguments)."""
+  return np_sgd_iterates(params, x, y, steps, lr, **kwargs)[-1]

@@ -14,7 +14,7 @@ import fedjax_sim as fs
 from fedjax_sim import asynchronous, engine, testing
 from fedjax_sim.algorithms.fedbuff import fedbuff
 from fedjax_sim.asynchronous import DurationModel
-from fedjax_sim.data.federated import batch_indices
+from fedjax_sim.data.federated import batch_indices, local_steps
 
 EQUAL_SPEED = DurationModel(step_time=1.0, speed_sigma=0.0, noise_sigma=0.0)
 STRAGGLY = DurationModel(step_time=1.0, speed_sigma=0.8, noise_sigma=0.3)
@@ -225,7 +225,7 @@ def test_durations_persistent_speed_and_work():
   noisy = DurationModel(step_time=0.5, speed_sigma=1.0, noise_sigma=0.3)
   c = asynchronous.client_durations(noisy, sk, jax.random.key(1), ids, steps)
   assert np.corrcoef(np.log(a), np.log(c))[0, 1] > 0.9
-  steps_e = asynchronous.client_steps(fs.LocalWork(10, local_epochs=2), jnp.asarray([1, 10, 11]))
+  steps_e = local_steps(fs.LocalWork(10, local_epochs=2), jnp.asarray([1, 10, 11]))
   assert steps_e.tolist() == [2, 2, 4]
 
 

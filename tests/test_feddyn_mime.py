@@ -21,23 +21,9 @@ def _linear_model():
   return fs.models.Model(init, lambda p, x: x @ p["w"] + p["b"][None], (DIM,), K, name="linear")
 
 
-def _tiny_data():
-  rng = np.random.default_rng(3)
-  clients = []
-  for i, n in enumerate(SIZES):   # heterogeneous clients: shifted features
-    x = (rng.normal(size=(n, DIM)) + i).astype(np.float32)
-    clients.append({"x": x, "y": rng.integers(0, K, n).astype(np.int32)})
-  return fs.FederatedData.from_clients(clients, num_classes=K)
-
-
-def _grad(theta, x, y):
-  """Full-batch gradient of the mean softmax cross-entropy, float64: (gw, gb)."""
-  w, b = theta
-  z = x @ w + b
-  p = np.exp(z - z.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
-  d = (p - np.eye(K)[y]) / len(y)
-  return x.T @ d, d.sum(0)
+def _tiny_data():   # heterogeneous clients: shifted features
+  return fs.FederatedData.from_clients(testing.tiny_logistic_clients(SIZES, DIM, K, 3, shift=1.0),
+                                       num_classes=K)
 
 
 def _run(algo, data, rounds, cohort_size):
@@ -74,7 +60,7 @@ def test_feddyn_matches_numpy_reference():
       xs, ys = _client(data, k)
       th = [a.copy() for a in x]
       for _ in range(STEPS):   # local objective L_k(th) - <g_k, th> + alpha/2 ||th - x||^2
-        grad = _grad(th, xs, ys)
+        grad = testing.np_logistic_grad(th, xs, ys)
         th = [t - LR * (gr - gk + alpha * (t - x0)) for t, gr, gk, x0 in zip(th, grad, g[k], x)]
       g[k] = [gk - alpha * (t - x0) for gk, t, x0 in zip(g[k], th, x)]
       thetas.append(th)
@@ -107,10 +93,10 @@ def test_mime_matches_numpy_reference(name, weighting):
     ys_, full, w = [], [], []
     for i in cohort:
       xs, ys = _client(data, i)
-      gx = _grad(x, xs, ys)
+      gx = testing.np_logistic_grad(x, xs, ys)
       y = [a.copy() for a in x]
       for _ in range(STEPS):
-        gy = _grad(y, xs, ys)
+        gy = testing.np_logistic_grad(y, xs, ys)
         if name == "mime":   # SVRG-style correction with the server's c
           gy = [a - b + cj for a, b, cj in zip(gy, gx, c)]
         y = [yj - LR * ((1 - beta) * gj + beta * mj) for yj, gj, mj in zip(y, gy, mom)]

@@ -1,11 +1,12 @@
 """Fidelity to the papers: the library's rounds against plain NumPy float64 implementations of
-the papers' equations, written here and sharing no code with the library.
+the papers' equations, sharing no code with the engine.
 
 The NumPy side re-implements the model (multinomial logistic regression, mean softmax
-cross-entropy per batch), local SGD with heavy-ball momentum, the fixed batch order
-(``shuffle=False``: stored order, step t reads positions ``(t B + j) mod n``) and the server
-rules of Reddi et al. (2021), Algorithm 2 and Wang et al. (2020), FedNova. The only things it
-takes from the run are the initial parameters (given to the run) and which clients were
+cross-entropy per batch), local SGD with heavy-ball momentum and the fixed batch order
+(``shuffle=False``: stored order, step t reads positions ``(t B + j) mod n``), all three in
+``fedjax_sim.testing``'s NumPy helpers (``np_logistic_grad``, ``np_local_sgd``), and here the
+server rules of Reddi et al. (2021), Algorithm 2 and Wang et al. (2020), FedNova. The only things
+it takes from the run are the initial parameters (given to the run) and which clients were
 sampled each round (partial participation: recorded by a callback).
 """
 
@@ -21,14 +22,8 @@ ROUNDS, COHORT = 4, 3
 
 
 def _population():
-  rng = np.random.default_rng(0)
-  w = rng.normal(size=(DIM, CLASSES))
-  clients = []
-  for n in SIZES:
-    x = rng.normal(size=(n, DIM)).astype(np.float32)
-    clients.append({"x": x, "y": np.argmax(x @ w + 0.5 * rng.normal(size=(n, CLASSES)),
-                                           1).astype(np.int32)})
-  return clients
+  return fs.testing.tiny_logistic_clients(SIZES, DIM, CLASSES, 0, labels="linear",
+                                          label_noise=0.5)
 
 
 def _init():
@@ -57,28 +52,11 @@ def _run(algo, rounds=ROUNDS, **kw):
 
 # --- NumPy float64 reference ------------------------------------------------------------------
 
-def np_grad(w, b, x, y):
-  """Gradient of the mean softmax cross-entropy of ``x @ w + b`` over the batch."""
-  z = x @ w + b
-  z = z - z.max(axis=1, keepdims=True)
-  p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-  p[np.arange(len(y)), y] -= 1.0
-  p /= len(y)
-  return x.T @ p, p.sum(axis=0)
-
-
-def np_local_sgd(w, b, client, steps, lr, momentum=0.0):
-  """``steps`` SGD steps in stored order (step t: positions (t B + j) mod n), heavy-ball
-  momentum u_t = momentum u_{t-1} + g_t, y <- y - lr u_t."""
-  x, y = client["x"].astype(np.float64), client["y"]
-  n = len(y)
-  uw, ub = np.zeros_like(w), np.zeros_like(b)
-  for t in range(steps):
-    idx = (t * B + np.arange(B)) % n
-    gw, gb = np_grad(w, b, x[idx], y[idx])
-    uw, ub = momentum * uw + gw, momentum * ub + gb
-    w, b = w - lr * uw, b - lr * ub
-  return w, b
+def np_local_sgd(params, client, steps, lr, momentum=0.0):
+  """``steps`` SGD steps of batches of B in stored order (step t: positions (t B + j) mod n),
+  heavy-ball momentum u_t = momentum u_{t-1} + g_t, y <- y - lr u_t."""
+  return fs.testing.np_local_sgd(params, client["x"], client["y"], steps, lr, batch_size=B,
+                                 momentum=momentum)
 
 
 def np_init():
@@ -92,7 +70,7 @@ def np_fedopt(kind, cohorts, clients, eta, beta1, beta2, tau):
   m = [np.zeros_like(a) for a in x]
   v = [np.full_like(a, tau ** 2) for a in x]
   for ids in cohorts:
-    deltas = [[yi - xi for yi, xi in zip(np_local_sgd(*x, clients[i], K, LR), x)] for i in ids]
+    deltas = [[yi - xi for yi, xi in zip(np_local_sgd(x, clients[i], K, LR), x)] for i in ids]
     for j in range(2):
       d = np.mean([dl[j] for dl in deltas], axis=0)          # uniform average of Delta_i
       m[j] = beta1 * m[j] + (1 - beta1) * d
@@ -119,7 +97,7 @@ def np_fednova(cohorts, clients, steps_cap, lr_scale, momentum, base_lr):
     for pi, i in zip(p, ids):
       tau_i = min(K, steps_cap[i])
       s_i = lr_scale[i]
-      y = np_local_sgd(*x, clients[i], tau_i, base_lr * s_i, momentum)
+      y = np_local_sgd(x, clients[i], tau_i, base_lr * s_i, momentum)
       k = np.arange(1, tau_i + 1)
       a = s_i * (1 - momentum ** (tau_i - k + 1)) / (1 - momentum)
       norm = a.sum()
@@ -191,7 +169,7 @@ def test_fixed_batch_order_in_epoch_mode_is_fedjax_batching():
       cx, cy = clients[i]["x"].astype(np.float64), clients[i]["y"]
       for _ in range(2):
         for s in range(0, len(cy), B):
-          gw, gb = np_grad(w, b, cx[s:s + B], cy[s:s + B])
+          gw, gb = fs.testing.np_logistic_grad((w, b), cx[s:s + B], cy[s:s + B])
           w, b = w - LR * gw, b - LR * gb
       new = [a + ni / n.sum() * c for a, c in zip(new, (w, b))]
     x = tuple(new)

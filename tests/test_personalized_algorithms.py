@@ -18,10 +18,7 @@ DIM, CLASSES, LR, STEPS = 3, 3, 0.4, 3
 def tiny():
   """3 clients of 5, 7, 9 examples, a linear softmax model and non-zero initial params."""
   rng = np.random.default_rng(1)
-  clients = []
-  for n in (5, 7, 9):
-    x = rng.normal(size=(n, DIM)).astype(np.float32)
-    clients.append({"x": x, "y": rng.integers(0, CLASSES, n).astype(np.int32)})
+  clients = fs.testing.tiny_logistic_clients((5, 7, 9), DIM, CLASSES, rng)
   data = fs.FederatedData.from_clients(clients, num_classes=CLASSES)
   model = fs.models.logistic_regression(DIM, CLASSES)
   params = jax.tree.map(lambda a: np.asarray(rng.normal(size=a.shape) * 0.5, np.float32),
@@ -32,16 +29,6 @@ def tiny():
 def _np_params(params):
   return (np.asarray(params["Dense_0"]["kernel"], np.float64),
           np.asarray(params["Dense_0"]["bias"], np.float64))
-
-
-def _grad(w, x, y):
-  """Gradient of the mean softmax cross-entropy of ``x @ W + b`` (full batch), float64."""
-  k, b = w
-  z = x @ k + b
-  p = np.exp(z - z.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
-  d = (p - np.eye(CLASSES)[y]) / len(y)
-  return x.T @ d, d.sum(0)
 
 
 def _full_batch(algo_factory, **kw):
@@ -67,16 +54,14 @@ def test_ditto_equals_numpy_reference(tiny):
     locals_, personal_acc = [], []
     for k, c in enumerate(clients):
       x, y = c["x"].astype(np.float64), c["y"]
-      wk, vk = w, v[k]
+      # v_k <- v_k - eta (grad F_k(v_k) + lambda (v_k - w^t)); w_k: local SGD (FedAvg)
+      path = fs.testing.np_sgd_iterates(v[k], x, y, STEPS, LR, correction=lambda p: tuple(
+          lam * (a - b) for a, b in zip(p, w)))
       personal_acc.append(0.0)
-      for _ in range(STEPS):
+      for vk in path[:-1]:   # v_k's accuracy before each step's update
         personal_acc[k] += np.mean(np.argmax(x @ vk[0] + vk[1], 1) == y) / STEPS
-        gw, gv = _grad(wk, x, y), _grad(vk, x, y)
-        # v_k <- v_k - eta (grad F_k(v_k) + lambda (v_k - w^t)); w_k: local SGD (FedAvg)
-        vk = tuple(a - LR * (g + lam * (a - b)) for a, g, b in zip(vk, gv, w))
-        wk = tuple(a - LR * g for a, g in zip(wk, gw))
-      v[k] = vk
-      locals_.append(wk)
+      v[k] = path[-1]
+      locals_.append(fs.testing.np_local_sgd(w, x, y, STEPS, LR))
     # w^{t+1} = w^t + (1/|S|) sum_k (w_k - w^t): uniform, as Algorithm 1
     w = tuple(np.mean([lw[i] for lw in locals_], 0) for i in range(2))
   np.testing.assert_allclose(_np_params(res.params)[0], w[0], atol=1e-5)
@@ -108,18 +93,18 @@ def test_apfl_equals_numpy_reference(tiny, adaptive):
     locals_ = []
     for i, c in enumerate(clients):
       x, y = c["x"].astype(np.float64), c["y"]
-      wi, vi, a = w, v[i], alpha[i]
-      for _ in range(STEPS):
+      w_path = fs.testing.np_sgd_iterates(w, x, y, STEPS, LR)   # w_i: local SGD (FedAvg)
+      vi, a = v[i], alpha[i]
+      for wi in w_path[:-1]:
         vbar = tuple(a * p + (1 - a) * q for p, q in zip(vi, wi))
-        g, gw = _grad(vbar, x, y), _grad(wi, x, y)
+        g = fs.testing.np_logistic_grad(vbar, x, y)
         # grad_v f(vbar) = alpha grad f(vbar); grad_alpha f(vbar) = <v - w, grad f(vbar)>
         ga = sum(np.sum((p - q) * gg) for p, q, gg in zip(vi, wi, g))
         vi = tuple(p - LR * a * gg for p, gg in zip(vi, g))
-        wi = tuple(p - LR * gg for p, gg in zip(wi, gw))
         if adaptive:
           a = float(np.clip(a - LR * ga, 0.0, 1.0))
       v[i], alpha[i] = vi, a
-      locals_.append(wi)
+      locals_.append(w_path[-1])
     w = tuple(np.mean([lw[j] for lw in locals_], 0) for j in range(2))
   np.testing.assert_allclose(_np_params(res.params)[0], w[0], atol=1e-5)
   np.testing.assert_allclose(_np_params(res.params)[1], w[1], atol=1e-5)

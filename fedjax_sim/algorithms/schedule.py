@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple
 import jax.numpy as jnp
 
 from fedjax_sim.algorithms.base import Algorithm, ServerContext
-from fedjax_sim.client import ClientProgram
+from fedjax_sim.client import ClientProgram, with_context_view
 
 
 class ScheduleState(NamedTuple):
@@ -50,9 +50,7 @@ def with_client_lr_schedule(algorithm: Algorithm,
       scale = jnp.asarray(schedule(ctx.server.round), jnp.float32)
       return ctx._replace(server=ctx.server.inner, lr_scale=ctx.lr_scale * scale)
 
-    return ClientProgram(lambda ctx: inner.init(unwrap(ctx)),
-                         lambda carry, batch, ctx, key: inner.step(carry, batch, unwrap(ctx), key),
-                         lambda carry, ctx: inner.final(carry, unwrap(ctx)))
+    return with_context_view(inner, unwrap)
 
   def server_state_init(params):
     return ScheduleState(inner_init(params), jnp.zeros((), jnp.int32))

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 from fedjax_sim.algorithms.base import Algorithm
 from fedjax_sim.algorithms.fedavg import fedavg
-from fedjax_sim.client import ClientProgram
+from fedjax_sim.client import with_context_view
 from fedjax_sim.transforms.base import (IDENTITY, UpdateTransform, chain, clip_by_norm, global_norm,
                                         stateless)
 
@@ -207,22 +207,18 @@ def dp_fedavg(base: Algorithm | None = None, *, noise_multiplier: float, clip_no
     return {"base": base.server_state_init(params), "clip_norm": jnp.asarray(c0, jnp.float32)}
 
   def client(model, optimizer):
-    inner = base.client(model, optimizer)
-
-    def base_ctx(ctx):   # the base program sees its own server state
-      return ctx._replace(server=ctx.server["base"])
+    inner = with_context_view(base.client(model, optimizer),   # the base sees its own state
+                              lambda ctx: ctx._replace(server=ctx.server["base"]))
 
     def final(carry, ctx):
-      res = inner.final(carry, base_ctx(ctx))
+      res = inner.final(carry, ctx)
       clip = ctx.server["clip_norm"] if adaptive else c0
       delta, norm = clip_tree(res.delta, clip)
       # the unclipped indicator b_i is always uploaded (one scalar), only adaptive clipping uses it
       return res._replace(delta=delta, upload={"base": res.upload,
                                                "unclipped": (norm <= clip).astype(jnp.float32)})
 
-    return ClientProgram(lambda ctx: inner.init(base_ctx(ctx)),
-                         lambda carry, batch, ctx, key: inner.step(carry, batch, base_ctx(ctx), key),
-                         final)
+    return inner._replace(final=final)
 
   def server_finish(ctx, update):
     m = ctx.cohort_size
