@@ -182,24 +182,42 @@ class PublicKey:
     """The slot-wise sum of ciphertexts of one length under this key (ciphertexts only)."""
     if not ciphertexts:
       raise ValueError("CKKS sum of no ciphertexts")
-    ts = tenseal()
-    first = ciphertexts[0]
+    total = RunningSum(self)
     for ct in ciphertexts:
-      if ct.fingerprint != self.fingerprint:
-        raise ValueError("CKKS sum: a ciphertext is encrypted under another public key")
-      if ct.length != first.length:
-        raise ValueError(f"CKKS sum: ciphertexts of lengths {first.length} and {ct.length}")
-    out = []
-    for j in range(len(first.chunks)):
-      acc = ts.ckks_tensor_from(self.context, first.chunks[j])
-      for ct in ciphertexts[1:]:
-        acc += ts.ckks_tensor_from(self.context, ct.chunks[j])   # on the thread pool too
-      out.append(acc.serialize())
-    return Ciphertext(tuple(out), first.length, self.fingerprint, first.num_ciphertexts)
+      total.add(ct)
+    return total.ciphertext()
 
   def decrypt(self, ciphertext: Ciphertext) -> np.ndarray:
     raise ValueError("CKKS decryption needs the secret key: the public key (held by the clients "
                      "and the server) cannot decrypt; ask the KeyHolder")
+
+
+class RunningSum:
+  """The server's sum of uploads as they arrive (deserialized once each, then dropped: memory
+  for one upload and the sum, not for the cohort's uploads: 16 MB each for W1)."""
+
+  def __init__(self, public_key: PublicKey):
+    self.public_key = public_key
+    self._acc, self._first = None, None
+
+  def add(self, ct: Ciphertext):
+    pk, ts = self.public_key, tenseal()
+    if ct.fingerprint != pk.fingerprint:
+      raise ValueError("CKKS sum: a ciphertext is encrypted under another public key")
+    if self._first is None:
+      self._first = ct
+      self._acc = [ts.ckks_tensor_from(pk.context, c) for c in ct.chunks]
+      return
+    if ct.length != self._first.length:
+      raise ValueError(f"CKKS sum: ciphertexts of lengths {self._first.length} and {ct.length}")
+    for acc, c in zip(self._acc, ct.chunks):
+      acc += ts.ckks_tensor_from(pk.context, c)   # on TenSEAL's thread pool too
+
+  def ciphertext(self) -> Ciphertext:
+    if self._first is None:
+      raise ValueError("CKKS sum of no ciphertexts")
+    return Ciphertext(tuple(a.serialize() for a in self._acc), self._first.length,
+                      self.public_key.fingerprint, self._first.num_ciphertexts)
 
 
 class KeyHolder:
@@ -278,8 +296,8 @@ class Session:
     return self.key_holder.params
 
   def aggregate(self, weighted: np.ndarray, uploaded: np.ndarray) -> np.ndarray:
-    """Encrypts rows ``uploaded`` of ``weighted [cap, n]`` one client at a time, adds the
-    ciphertexts, decrypts the sum; ``float32 [n]`` (zeros when nobody uploaded). Records a
+    """Encrypts rows ``uploaded`` of ``weighted [cap, n]`` one client at a time, adds each
+    upload to the server's running sum as it arrives, decrypts the sum; ``float32 [n]`` (zeros when nobody uploaded). Records a
     :class:`RoundCost` (all zeros but the sizes when nobody uploaded: one record per call)."""
     weighted = np.asarray(weighted, np.float64)
     rows = np.flatnonzero(np.asarray(uploaded))
@@ -288,17 +306,26 @@ class Session:
       self.costs.append(RoundCost(0, int(n), 0, 0, 4 * int(n), 0.0, 0.0, 0.0, 0.0,
                                   self.threads))
       return np.zeros(n, np.float32)
-    t0 = time.perf_counter()
-    uploads = [self.public_key.encrypt(weighted[i]) for i in rows]
-    t1 = time.perf_counter()
-    total = self.public_key.add(uploads)          # the server: public key, ciphertexts only
+    # Client by client: encrypt (a client), add to the running sum (the server, public key and
+    # ciphertexts only); the upload is dropped once added.
+    total, encrypt_s, sum_s, nbytes = RunningSum(self.public_key), 0.0, 0.0, []
+    for i in rows:
+      t0 = time.perf_counter()
+      upload = self.public_key.encrypt(weighted[i])
+      t1 = time.perf_counter()
+      total.add(upload)
+      t2 = time.perf_counter()
+      encrypt_s, sum_s = encrypt_s + (t1 - t0), sum_s + (t2 - t1)
+      nbytes.append(upload.nbytes)
     t2 = time.perf_counter()
-    out = self.key_holder.decrypt(total)
+    summed = total.ciphertext()
     t3 = time.perf_counter()
+    out = self.key_holder.decrypt(summed)
+    t4 = time.perf_counter()
     self.costs.append(RoundCost(
-        int(rows.size), int(n), uploads[0].num_ciphertexts,
-        int(round(np.mean([u.nbytes for u in uploads]))), 4 * int(n), t1 - t0, t2 - t1, t3 - t2,
-        float(np.max(np.abs(weighted[rows]))), self.threads))
+        int(rows.size), int(n), upload.num_ciphertexts, int(round(np.mean(nbytes))), 4 * int(n),
+        encrypt_s, sum_s + (t3 - t2), t4 - t3, float(np.max(np.abs(weighted[rows]))),
+        self.threads))
     return out.astype(np.float32)
 
   @property
