@@ -33,6 +33,8 @@ one core, less on TenSEAL's thread pool).
 
   python benchmarks/secure_aggregation.py --repeats 1        # C = 10, 100, 1000: a quiet machine
   python benchmarks/secure_aggregation.py --smoke            # C = 3, 1 repeat: checks it runs
+  python benchmarks/secure_aggregation.py --methods secagg secagg_plus --key-agreement x25519
+      # real X25519 pair seeds (the secagg extra): key agreement seconds recorded
 
 Prints JSON lines, writes them to benchmarks/results/secure_aggregation.jsonl (``--out``) and the
 plot to the same name with ``.png``.
@@ -67,19 +69,21 @@ CLIP, BITS = 1.0, 16
 METHODS = ("plain", "secagg", "secagg_plus", "ckks")
 
 
-def aggregator(method: str, cohort: int, he_threads: int | None = None):
+def aggregator(method: str, cohort: int, he_threads: int | None = None,
+               key_agreement: str = "simulated"):
   if method == "plain":
     return fs.aggregators.mean()
   if method in ("secagg", "secagg_plus"):
     graph = "complete" if method == "secagg" else "harary"
     return sa.secure_sum(CLIP, BITS, ring_bits=min(sa.bits_needed(BITS, cohort), 32),
-                         graph=graph)
+                         graph=graph, key_agreement=key_agreement)
   return he.ckks_mean(threads=he_threads)
 
 
-def measure(method: str, cohort: int, repeats: int, he_threads: int | None = None) -> dict:
+def measure(method: str, cohort: int, repeats: int, he_threads: int | None = None,
+            key_agreement: str = "simulated") -> dict:
   data, model, base, _ = workload("W1", cohort)
-  agg = aggregator(method, cohort, he_threads)
+  agg = aggregator(method, cohort, he_threads, key_agreement)
   algo = dataclasses.replace(base, aggregator=agg, update_transform=transforms.clip_by_norm(CLIP))
   n = fs.tree.num_params(model.init(jax.random.key(0)))
   state = fs.engine.init_state(algo, model.init(jax.random.key(0)), cohort)
@@ -92,7 +96,12 @@ def measure(method: str, cohort: int, repeats: int, he_threads: int | None = Non
   if method in ("secagg", "secagg_plus"):
     c = sa.cost(n, cohort, BITS, CLIP, neighbours=agg.finalize.degree(cohort))
     rec.update(bytes_up_per_client=c.bytes_up, ring_bits=c.ring_bits, value_bits=BITS,
-               neighbours=c.neighbours, prg_words_per_client=c.prg_words_per_client)
+               neighbours=c.neighbours, prg_words_per_client=c.prg_words_per_client,
+               key_agreement=key_agreement)
+    if key_agreement == "x25519":
+      ka = agg.finalize.key_agreement_costs[-repeats:]   # after the warm-up round's
+      rec.update(key_agreement_s=float(np.median([k.seconds for k in ka])),
+                 key_exchanges=ka[-1].exchanges)
   if method == "ckks":
     session = he.session_of(agg)
     timed = session.costs[-repeats:]          # the warm-up round's record comes first
@@ -141,6 +150,9 @@ def main(argv=None):
   p.add_argument("--secagg-max-cohort", type=int, default=100,
                  help="skip complete-graph secure aggregation (secagg) above this cohort "
                       "(O(C^2 n) simulation); secagg_plus always runs")
+  p.add_argument("--key-agreement", default="simulated", choices=sa.KEY_AGREEMENTS,
+                 help="pair seeds of secagg / secagg_plus: simulated, or real X25519 "
+                      "(the secagg extra; its host seconds are part of the round)")
   p.add_argument("--he-threads", type=int, default=None,
                  help="TenSEAL thread pool size for CKKS (default: the CPU count)")
   p.add_argument("--smoke", action="store_true", help="C = 3, 1 repeat")
@@ -154,7 +166,7 @@ def main(argv=None):
       if method == "secagg" and cohort > a.secagg_max_cohort:
         print(f"# skipping secagg at C={cohort} (> --secagg-max-cohort)", file=sys.stderr)
         continue
-      rec = measure(method, cohort, a.repeats, a.he_threads)
+      rec = measure(method, cohort, a.repeats, a.he_threads, a.key_agreement)
       print(json.dumps(rec), flush=True)
       records.append(rec)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -550,3 +550,41 @@ def test_sparse_graph_bad_parameters():
     sa.harary_edges(10, 5)
   with pytest.raises(ValueError, match="even number of neighbours"):
     sa.harary_edges(10, 10)
+
+
+# ------------------------------------------------------------- X25519 pairwise key agreement
+def test_x25519_key_agreement_gives_fresh_distinct_seeds():
+  pytest.importorskip("cryptography", reason="X25519 key agreement needs the 'secagg' extra")
+  edges = sa.harary_edges(9, 4)
+  one, cost = sa.x25519_seeds(9, edges, 8)
+  two, _ = sa.x25519_seeds(9, edges, 8)
+  assert one.shape == (18, 8) and one.dtype == np.uint8
+  assert len({row.tobytes() for row in one}) == 18          # every pair its own secret
+  assert not np.any(np.all(one == two, axis=1))             # fresh key pairs every call
+  assert cost.num_clients == 9 and cost.exchanges == 36 and cost.seconds > 0
+
+
+@pytest.mark.parametrize("graph", ["complete", "harary"])
+def test_x25519_secure_sum_is_exact_and_records_its_cost(graph):
+  pytest.importorskip("cryptography", reason="X25519 key agreement needs the 'secagg' extra")
+  rng = np.random.default_rng(11)
+  cap = 9
+  ups = {"v": rng.normal(scale=0.3, size=(cap, 25)).astype(np.float32)}
+  w = rng.uniform(1, 5, size=cap).astype(np.float32)
+  w[[0, 5]] = 0.0                                           # drop-outs
+  kw = {} if graph == "complete" else {"graph": "harary", "neighbours": 4}
+  views = []
+  agg = sa.secure_sum(CLIP, BITS, ring_bits=24, key_agreement="x25519",
+                      on_view=lambda m, i, a: views.append(m), **kw)
+  ref = sa.secure_sum(CLIP, BITS, ring_bits=24, **kw)
+  got, _ = jax.jit(agg.finalize)(_feed(agg, ups, w, k=3))
+  want, _ = jax.jit(ref.finalize)(_feed(ref, ups, w, k=3))
+  jax.effects_barrier()
+  testing.assert_trees_close(got, want, atol=0)              # the same exact quantized sum
+  signed = np.asarray(sa.to_signed(jnp.asarray(views[0][w > 0]), 24))
+  assert np.mean(_in_value_range(signed)) < 0.05
+  cost, = agg.finalize.key_agreement_costs
+  k = cap - 1 if graph == "complete" else 4
+  assert cost.num_clients == cap and cost.exchanges == cap * k   # 2 per edge, C k / 2 edges
+  with pytest.raises(ValueError, match="key_agreement must be one of"):
+    sa.secure_sum(CLIP, key_agreement="rsa")

@@ -15,7 +15,8 @@ The protocol, as simulated here, for a cohort of C clients with distinct ids::
   decode     interpret the sum as a signed m-bit integer, divide by scale
 
 The pairwise seeds ``seed(a, b) = fold_in(fold_in(k_pair, min id), max id)`` stand for the
-Diffie–Hellman agreed secrets (both ends derive the same seed), and the self seeds for the
+Diffie–Hellman agreed secrets (both ends derive the same seed; ``secure_sum(...,
+key_agreement="x25519")`` runs the real X25519 agreement instead, :func:`x25519_seeds`), and the self seeds for the
 double-masking secrets ``b_a``. In the real protocol the server learns a dropped client's pairwise
 secrets, and an alive client's ``b_a``, from Shamir shares held by the survivors; the simulation
 lets the server *recompute* the same PRG outputs (no threshold/collusion model is simulated).
@@ -71,8 +72,10 @@ caches; jax's ``rbg`` key implementations were no faster on CPU).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -283,7 +286,15 @@ def _edges(edges, num_clients):
   return jnp.asarray(complete_edges(num_clients) if edges is None else edges, jnp.int32)
 
 
-def _add_pair_masks(key, client_ids, acc, edges, rows, partners, ring_bits):
+def _seeds(key, client_ids, edges, edge_keys):
+  """Scan inputs and a function giving an edge's PRG seed: derived from ``key`` and the ids
+  (simulated key agreement) or, given ``edge_keys [E]``, that edge's agreed key."""
+  if edge_keys is None:
+    return edges, (lambda x: (x, _pair_seed(key, client_ids[x[0]], client_ids[x[1]])))
+  return (edges, edge_keys), (lambda x: x)
+
+
+def _add_pair_masks(key, client_ids, acc, edges, rows, partners, ring_bits, edge_keys=None):
   """``acc [C, n]`` plus, for every edge ``(a, b)``, ``s_ab PRG(seed(a, b))`` in row a if
   ``rows[a] & partners[b]`` and ``s_ba PRG(seed(a, b))`` in row b if ``rows[b] & partners[a]``.
 
@@ -292,26 +303,29 @@ def _add_pair_masks(key, client_ids, acc, edges, rows, partners, ring_bits):
   which is ~3x faster per word on CPU than one ``[C, n]`` block of vmapped draws.
   """
   n = acc.shape[1]
+  xs, edge_seed = _seeds(key, client_ids, edges, edge_keys)
 
-  def step(acc, edge):
+  def step(acc, x):
+    edge, seed = edge_seed(x)
     a, b = edge[0], edge[1]
     id_a, id_b = client_ids[a], client_ids[b]
     take_a, take_b = rows[a] & partners[b], rows[b] & partners[a]
 
     def add(acc):
-      p = _prg(_pair_seed(key, id_a, id_b), n, ring_bits)
+      p = _prg(seed, n, ring_bits)
       signed = jnp.where(id_a < id_b, p, jnp.uint32(0) - p)      # s_ab p (mod 2^32)
       acc = acc.at[a].add(jnp.where(take_a, signed, jnp.uint32(0)))
       return acc.at[b].add(jnp.where(take_b, jnp.uint32(0) - signed, jnp.uint32(0)))
 
     return jax.lax.cond(take_a | take_b, add, lambda acc: acc, acc), None
 
-  acc, _ = jax.lax.scan(step, acc, edges)
+  acc, _ = jax.lax.scan(step, acc, xs)
   return acc
 
 
 def pairwise_masks(key: jax.Array, client_ids: jax.Array, partners: jax.Array, n: int,
-                   ring_bits: int = 32, edges: jax.Array | None = None) -> jax.Array:
+                   ring_bits: int = 32, edges: jax.Array | None = None,
+                   edge_keys: jax.Array | None = None) -> jax.Array:
   """Row a: ``sum_{b neighbour of a, partners[b]} s_ab PRG(seed(a, b))  mod 2**ring_bits``,
   ``uint32 [C, n]``.
 
@@ -322,13 +336,15 @@ def pairwise_masks(key: jax.Array, client_ids: jax.Array, partners: jax.Array, n
     n: vector length.
     edges: ``int32 [E, 2]`` slot pairs that share a mask (:func:`mask_graph`); default: every
       pair (the complete graph).
+    edge_keys: optional ``[E]`` PRNG keys, the pairs' agreed seeds (:func:`x25519_edge_keys`);
+      default: derived from ``key`` and the two ids.
 
   ``O(E n)`` work (``E = C (C-1)/2`` for the complete graph), ``O(C n)`` memory.
   """
   client_ids = client_ids.astype(jnp.int32)
   c = client_ids.shape[0]
   acc = _add_pair_masks(key, client_ids, jnp.zeros((c, n), jnp.uint32), _edges(edges, c),
-                        jnp.ones(c, bool), partners.astype(bool), ring_bits)
+                        jnp.ones(c, bool), partners.astype(bool), ring_bits, edge_keys)
   return acc & _ring_mask(ring_bits)
 
 
@@ -350,7 +366,8 @@ def _fold_self_masks(key, client_ids, take, n, ring_bits):
 
 def mask_updates(key: jax.Array, client_ids: jax.Array, encoded: jax.Array, alive: jax.Array,
                  ring_bits: int = 32, self_mask: bool = True,
-                 edges: jax.Array | None = None) -> jax.Array:
+                 edges: jax.Array | None = None,
+                 edge_keys: jax.Array | None = None) -> jax.Array:
   """The server's view: each client's masked update, ``uint32 [C, n]``.
 
   Every client masks with every neighbour of the mask graph (the pairwise keys were agreed
@@ -365,6 +382,8 @@ def mask_updates(key: jax.Array, client_ids: jax.Array, encoded: jax.Array, aliv
     ring_bits: the ring is ``Z_{2**ring_bits}``.
     self_mask: add each client's self mask (Bonawitz's double masking).
     edges: ``int32 [E, 2]`` slot pairs sharing a mask (:func:`mask_graph`); default: all pairs.
+    edge_keys: optional ``[E]`` agreed pair keys (:func:`x25519_edge_keys`); default: derived
+      from ``key`` and the ids.
 
   ``O(E n)`` work: each pair's mask is generated once (pairs of two dropped clients not at all).
   """
@@ -372,7 +391,7 @@ def mask_updates(key: jax.Array, client_ids: jax.Array, encoded: jax.Array, aliv
   alive = alive.astype(bool)
   c, n = encoded.shape
   masked = _add_pair_masks(key, client_ids, encoded.astype(jnp.uint32), _edges(edges, c), alive,
-                           jnp.ones(c, bool), ring_bits)
+                           jnp.ones(c, bool), ring_bits, edge_keys)
   if self_mask:
     masked = masked + self_masks(key, client_ids, n, ring_bits)
   masked = masked & _ring_mask(ring_bits)
@@ -381,27 +400,29 @@ def mask_updates(key: jax.Array, client_ids: jax.Array, encoded: jax.Array, aliv
 
 def recovered_masks(key: jax.Array, client_ids: jax.Array, alive: jax.Array, n: int,
                     ring_bits: int = 32, self_mask: bool = True,
-                    edges: jax.Array | None = None) -> jax.Array:
+                    edges: jax.Array | None = None,
+                    edge_keys: jax.Array | None = None) -> jax.Array:
   """What the server subtracts from the sum of the alive clients' masked rows, ``uint32 [n]``:
   ``sum_{a alive} (sum_{d dropped neighbour of a} s_ad PRG(seed(a, d)) + PRG(self_seed(a)))``
   (the recovery step: it regenerates only the masks of alive-dropped edges and the alive
   clients' self masks, from the recovered seeds)."""
   client_ids = client_ids.astype(jnp.int32)
   alive = alive.astype(bool)
-  edges = _edges(edges, client_ids.shape[0])
+  xs, edge_seed = _seeds(key, client_ids, _edges(edges, client_ids.shape[0]), edge_keys)
 
-  def step(acc, edge):
+  def step(acc, x):
+    edge, seed = edge_seed(x)
     a, b = edge[0], edge[1]
     id_a, id_b = client_ids[a], client_ids[b]
 
     def add(acc):
-      p = _prg(_pair_seed(key, id_a, id_b), n, ring_bits)
+      p = _prg(seed, n, ring_bits)
       # Row a's term s_ab p if a is alive (b dropped), else row b's term -s_ab p.
       return acc + jnp.where((id_a < id_b) == alive[a], p, jnp.uint32(0) - p)
 
     return jax.lax.cond(alive[a] != alive[b], add, lambda acc: acc, acc), None
 
-  acc, _ = jax.lax.scan(step, jnp.zeros((n,), jnp.uint32), edges)
+  acc, _ = jax.lax.scan(step, jnp.zeros((n,), jnp.uint32), xs)
   if self_mask:
     acc = acc + _fold_self_masks(key, client_ids, alive, n, ring_bits)
   return acc & _ring_mask(ring_bits)
@@ -409,17 +430,20 @@ def recovered_masks(key: jax.Array, client_ids: jax.Array, alive: jax.Array, n: 
 
 def unmask_sum(key: jax.Array, client_ids: jax.Array, masked: jax.Array, alive: jax.Array,
                ring_bits: int = 32, self_mask: bool = True,
-               edges: jax.Array | None = None) -> jax.Array:
+               edges: jax.Array | None = None,
+               edge_keys: jax.Array | None = None) -> jax.Array:
   """The revealed sum ``sum_{a alive} encoded[a] mod 2**ring_bits``, ``uint32 [n]``.
 
   Sums the alive clients' masked rows (the masks of alive-alive edges cancel), then removes the
   masks they share with dropped neighbours and their self masks, which the server recomputes
-  from the recovered seeds (:func:`recovered_masks`). ``edges`` as in :func:`mask_updates`.
+  from the recovered seeds (:func:`recovered_masks`). ``edges``, ``edge_keys`` as in
+  :func:`mask_updates`.
   """
   alive = alive.astype(bool)
   n = masked.shape[1]
   total = jnp.sum(jnp.where(alive[:, None], masked, jnp.uint32(0)), axis=0, dtype=jnp.uint32)
-  total = total - recovered_masks(key, client_ids, alive, n, ring_bits, self_mask, edges)
+  total = total - recovered_masks(key, client_ids, alive, n, ring_bits, self_mask, edges,
+                                  edge_keys)
   return total & _ring_mask(ring_bits)
 
 
@@ -470,11 +494,74 @@ def secret_key() -> jax.Array:
   return jax.random.wrap_key_data(data)
 
 
+# ------------------------------------------------------------------------ key agreement
+KEY_AGREEMENTS = ("simulated", "x25519")
+
+
+def _x25519():
+  """The ``cryptography`` package's X25519, or ``ImportError`` saying how to install it."""
+  try:
+    from cryptography.hazmat.primitives.asymmetric import x25519   # noqa: PLC0415 - optional
+  except ImportError as e:
+    raise ImportError("secure_sum(key_agreement='x25519') needs the cryptography package: "
+                      "pip install 'fedjax_sim[secagg]' (or pip install cryptography)") from e
+  return x25519
+
+
+class KeyAgreementCost(NamedTuple):
+  """Host cost of one round's X25519 key agreement (all clients, one after another)."""
+  num_clients: int      # key pairs generated
+  exchanges: int        # Diffie-Hellman computations: 2 per edge (both ends)
+  seconds: float        # key generation + exchanges + hashing, wall-clock
+
+
+def x25519_seeds(num_clients: int, edges: np.ndarray, seed_bytes: int
+                 ) -> tuple[np.ndarray, KeyAgreementCost]:
+  """Real pairwise key agreement on the host: every client slot generates a fresh X25519 key
+  pair; for each edge ``(a, b)`` client a computes ``DH(sk_a, pk_b)`` and client b
+  ``DH(sk_b, pk_a)`` (equal, checked), hashed with SHA-256 (domain-separated) into the edge's
+  ``seed_bytes``-byte PRG seed. Returns ``(uint8 [E, seed_bytes], cost)``."""
+  x25519 = _x25519()
+  edges = np.asarray(edges)
+  t0 = time.perf_counter()
+  secret = [x25519.X25519PrivateKey.generate() for _ in range(int(num_clients))]
+  public = [sk.public_key() for sk in secret]
+  out = np.empty((edges.shape[0], seed_bytes), np.uint8)
+  for e, (a, b) in enumerate(edges.tolist()):
+    shared = secret[a].exchange(public[b])
+    if shared != secret[b].exchange(public[a]):
+      raise RuntimeError("X25519: the two ends of a pair agreed on different secrets")
+    out[e] = np.frombuffer(hashlib.sha256(b"fedjax_sim secagg pair seed" + shared).digest(),
+                           np.uint8)[:seed_bytes]
+  return out, KeyAgreementCost(int(num_clients), 2 * int(edges.shape[0]),
+                               time.perf_counter() - t0)
+
+
+def x25519_edge_keys(edges: jax.Array, num_clients: int,
+                     on_cost: Callable[[KeyAgreementCost], None] | None = None) -> jax.Array:
+  """``[E]`` PRNG keys (the default implementation's) whose key data are the X25519-agreed
+  seeds of the edges ``int32 [E, 2]`` (:func:`x25519_seeds`, on the host through an
+  ``io_callback``: fresh key pairs every call). ``on_cost`` receives the round's cost."""
+  shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+  nbytes = int(np.prod(shape.shape)) * np.dtype(shape.dtype).itemsize
+
+  def host(e):
+    seeds, c = x25519_seeds(num_clients, e, nbytes)
+    if on_cost is not None:
+      on_cost(c)
+    return seeds.view(shape.dtype).reshape((e.shape[0],) + tuple(shape.shape))
+
+  data = io_callback(host, jax.ShapeDtypeStruct((edges.shape[0],) + tuple(shape.shape),
+                                                shape.dtype), edges, ordered=False)
+  return jax.random.wrap_key_data(data)
+
+
 def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: float | None = None,
                self_mask: bool = True,
                on_view: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
                graph: str = "complete", neighbours: int | None = None,
-               adversarial_rate: float = 0.1, dropout_rate: float = 0.1) -> Aggregator:
+               adversarial_rate: float = 0.1, dropout_rate: float = 0.1,
+               key_agreement: str = "simulated") -> Aggregator:
   """Weighted mean computed through simulated secure aggregation (buffering aggregator).
 
   In ``finalize`` every client slot of the round's buffer is one cohort member (padding and
@@ -528,6 +615,10 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
       the server (security 2^-40).
     dropout_rate: for the default degree: the fraction of clients expected to drop out (the
       server recovers every drop-out here whatever the rate; see the module docstring).
+    key_agreement: ``"simulated"`` (pair seeds derived from the round's OS-entropy secret and
+      the two ids) or ``"x25519"``: real Diffie-Hellman key agreement per pair (fresh X25519
+      key pairs every round, ``cryptography`` package: the ``secagg`` extra), on the host; its
+      cost (:class:`KeyAgreementCost`) is appended to ``agg.finalize.key_agreement_costs``.
 
   Memory ``O(C n)`` (the buffer), work ``O(C k n)`` (``k`` masks per client: ``C - 1`` for
   the complete graph).
@@ -548,6 +639,12 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
         neighbours < 2 or neighbours % 2:
       raise ValueError(f"secure_sum neighbours must be an even integer >= 2, got {neighbours!r}")
   harary_degree(2, adversarial_rate, dropout_rate)   # checks the rates
+  if key_agreement not in KEY_AGREEMENTS:
+    raise ValueError(f"secure_sum key_agreement must be one of {KEY_AGREEMENTS}, got "
+                     f"{key_agreement!r}")
+  if key_agreement == "x25519":
+    _x25519()   # ImportError now, not inside the compiled round
+  key_agreement_costs: list[KeyAgreementCost] = []
 
   def degree(num_clients):
     return mask_degree(num_clients, graph, neighbours, adversarial_rate, dropout_rate)
@@ -572,16 +669,19 @@ def secure_sum(clip: float, bits: int = 16, ring_bits: int = 32, weight_bound: f
            else client_ids.astype(jnp.int32))
     key = secret_key()
     edges = mask_graph(key, cap, degree(cap))
-    masked = mask_updates(key, ids, enc, valid, ring_bits, self_mask, edges)
+    edge_keys = (x25519_edge_keys(edges, cap, key_agreement_costs.append)
+                 if key_agreement == "x25519" else None)
+    masked = mask_updates(key, ids, enc, valid, ring_bits, self_mask, edges, edge_keys)
     if on_view is not None:
       jax.debug.callback(lambda *view: on_view(*(np.asarray(v) for v in view)), masked, ids,
                          valid)
-    total = unmask_sum(key, ids, masked, valid, ring_bits, self_mask, edges)
+    total = unmask_sum(key, ids, masked, valid, ring_bits, self_mask, edges, edge_keys)
     total_w = jnp.sum(w)
     mean = decode(total, clip, bits, ring_bits) * (w_ref / jnp.maximum(total_w, 1e-30))
     template = jax.tree.map(lambda x: x[0], state.updates)
     return unflatten(mean, template), total_w
 
   finalize.degree = degree   # pairwise masks per client for C slots (benchmarks, cost records)
+  finalize.key_agreement_costs = key_agreement_costs   # one per round with "x25519"
   agg = buffered(lambda updates, valid: updates)   # reuse the buffer; finalize is our own
   return agg._replace(finalize=finalize, validate=validate)
