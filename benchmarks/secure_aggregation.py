@@ -1,6 +1,8 @@
-"""Round time and upload bytes of FedAvg on workload W1 with three aggregations: the plain
-weighted mean, pairwise-masking secure aggregation (``secure_sum``) and CKKS homomorphic
-encryption (``ckks_mean``, TenSEAL: the ``he`` extra).
+"""Round time and upload bytes of FedAvg on workload W1 with four aggregations: the plain
+weighted mean, pairwise-masking secure aggregation over the complete graph (``secure_sum``,
+SecAgg: ``secagg``) and over SecAgg+'s sparse Harary graph (``secure_sum(graph="harary")``,
+``secagg_plus``, Bell et al. 2020) and CKKS homomorphic encryption (``ckks_mean``, TenSEAL:
+the ``he`` extra).
 
 W1 (benchmarks/README.md): the 784-200-200-10 MLP (199,210 parameters), 100 examples per client,
 1 local epoch of SGD; every client of the population takes part in every round (population =
@@ -11,21 +13,28 @@ wrap (``16 + ceil(log2 C)`` bits).
 What is measured, per (method, C): the median seconds of a compiled round after a warm-up round
 (``--repeats`` rounds), the bytes one client uploads (plain: float32; secure aggregation: the
 masked vector, :func:`fedjax_sim.aggregators.secure.cost`, key agreement not counted; CKKS: the
-serialized ciphertexts, measured), and for CKKS the host seconds of encryption (all clients one
-after another: a deployment encrypts in parallel, divide by C), of the server's homomorphic sum
-and of decryption, from the aggregator's cost record.
+serialized ciphertexts, measured), for secure aggregation the pairwise masks per client
+(``neighbours``: C - 1, or SecAgg+'s degree for 10% colluding and 10% dropped clients) and the
+PRG words a client generates, and for CKKS the host seconds of encryption (all clients one after
+another, each client's ciphertexts on TenSEAL's thread pool of ``threads``: a deployment
+encrypts in parallel, divide by C), of the server's homomorphic sum and of decryption, from the
+aggregator's cost record.
 
 Threat models differ (module docstrings of ``fedjax_sim.aggregators.secure`` and
 ``.homomorphic``): secure aggregation hides each update from an honest-but-curious server as long
 as no client colludes with it; CKKS hides each update from a server that does not hold the
 secret key (a separate key holder decrypts the sum only).
 
-Costs. Secure aggregation's simulation is ``O(C^2 n)`` (every pairwise mask generated), so C =
-1000 with W1 (2e11 PRG words) is skipped by default (``--secagg-max-cohort``); CKKS encryption is
-~``C * 49`` ciphertexts of N = 8192 per round (a few ms each on one core).
+Costs. The complete graph's simulation generates ``C (C-1)/2`` PRG vectors of n words a round
+(C = 1000 with W1: 1e11 words, ~10 minutes a round on one CPU core), so it is skipped above
+``--secagg-max-cohort`` (100); SecAgg+ generates ``C k / 2`` (k = 48 at C = 1000: 5e9 words).
+CKKS encrypts ``C * 49`` ciphertexts of N = 8192 a round (C = 1000: ~49,000, a few minutes on
+one core, less on TenSEAL's thread pool).
 
-  python benchmarks/secure_aggregation.py                    # C = 10, 100, 1000: a quiet machine
+  python benchmarks/secure_aggregation.py --repeats 1        # C = 10, 100, 1000: a quiet machine
   python benchmarks/secure_aggregation.py --smoke            # C = 3, 1 repeat: checks it runs
+  python benchmarks/secure_aggregation.py --methods secagg secagg_plus --key-agreement x25519
+      # real X25519 pair seeds (the secagg extra): key agreement seconds recorded
 
 Prints JSON lines, writes them to benchmarks/results/secure_aggregation.jsonl (``--out``) and the
 plot to the same name with ``.png``.
@@ -57,20 +66,24 @@ from common import device_info, seconds_per_round, workload  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results", "secure_aggregation.jsonl")
 CLIP, BITS = 1.0, 16
-METHODS = ("plain", "secagg", "ckks")
+METHODS = ("plain", "secagg", "secagg_plus", "ckks")
 
 
-def aggregator(method: str, cohort: int):
+def aggregator(method: str, cohort: int, he_threads: int | None = None,
+               key_agreement: str = "simulated"):
   if method == "plain":
     return fs.aggregators.mean()
-  if method == "secagg":
-    return sa.secure_sum(CLIP, BITS, ring_bits=min(sa.bits_needed(BITS, cohort), 32))
-  return he.ckks_mean()
+  if method in ("secagg", "secagg_plus"):
+    graph = "complete" if method == "secagg" else "harary"
+    return sa.secure_sum(CLIP, BITS, ring_bits=min(sa.bits_needed(BITS, cohort), 32),
+                         graph=graph, key_agreement=key_agreement)
+  return he.ckks_mean(threads=he_threads)
 
 
-def measure(method: str, cohort: int, repeats: int) -> dict:
+def measure(method: str, cohort: int, repeats: int, he_threads: int | None = None,
+            key_agreement: str = "simulated") -> dict:
   data, model, base, _ = workload("W1", cohort)
-  agg = aggregator(method, cohort)
+  agg = aggregator(method, cohort, he_threads, key_agreement)
   algo = dataclasses.replace(base, aggregator=agg, update_transform=transforms.clip_by_norm(CLIP))
   n = fs.tree.num_params(model.init(jax.random.key(0)))
   state = fs.engine.init_state(algo, model.init(jax.random.key(0)), cohort)
@@ -80,9 +93,15 @@ def measure(method: str, cohort: int, repeats: int) -> dict:
   rec = {"bench": "secure_aggregation", "workload": "W1", "method": method, "cohort": cohort,
          "num_params": n, "sec_per_round": sec, "compile_s": compile_s, "repeats": repeats,
          "bytes_up_per_client": 4 * n, **device_info()}
-  if method == "secagg":
-    c = sa.cost(n, cohort, BITS, CLIP)
-    rec.update(bytes_up_per_client=c.bytes_up, ring_bits=c.ring_bits, value_bits=BITS)
+  if method in ("secagg", "secagg_plus"):
+    c = sa.cost(n, cohort, BITS, CLIP, neighbours=agg.finalize.degree(cohort))
+    rec.update(bytes_up_per_client=c.bytes_up, ring_bits=c.ring_bits, value_bits=BITS,
+               neighbours=c.neighbours, prg_words_per_client=c.prg_words_per_client,
+               key_agreement=key_agreement)
+    if key_agreement == "x25519":
+      ka = agg.finalize.key_agreement_costs[-repeats:]   # after the warm-up round's
+      rec.update(key_agreement_s=float(np.median([k.seconds for k in ka])),
+                 key_exchanges=ka[-1].exchanges)
   if method == "ckks":
     session = he.session_of(agg)
     timed = session.costs[-repeats:]          # the warm-up round's record comes first
@@ -92,6 +111,7 @@ def measure(method: str, cohort: int, repeats: int) -> dict:
                ciphertexts_per_client=timed[-1].ciphertexts_per_client,
                encrypt_s=med("encrypt_seconds"), encrypt_s_per_client=med("encrypt_seconds") / cohort,
                sum_s=med("sum_seconds"), decrypt_s=med("decrypt_seconds"),
+               threads=timed[-1].threads,
                poly_modulus_degree=p.poly_modulus_degree,
                coeff_mod_bit_sizes=list(p.coeff_mod_bit_sizes), scale_bits=p.scale_bits)
   return rec
@@ -116,7 +136,8 @@ def plot(records: list[dict], path: str):
     ax.set_ylabel(label)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-  fig.suptitle("W1 (784-200-200-10 MLP): plain mean vs pairwise masking vs CKKS")
+  fig.suptitle("W1 (784-200-200-10 MLP): plain mean vs pairwise masking (SecAgg, SecAgg+) "
+               "vs CKKS")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -127,7 +148,13 @@ def main(argv=None):
   p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
   p.add_argument("--repeats", type=int, default=3, help="timed rounds (after a warm-up)")
   p.add_argument("--secagg-max-cohort", type=int, default=100,
-                 help="skip secure aggregation above this cohort (O(C^2 n) simulation)")
+                 help="skip complete-graph secure aggregation (secagg) above this cohort "
+                      "(O(C^2 n) simulation); secagg_plus always runs")
+  p.add_argument("--key-agreement", default="simulated", choices=sa.KEY_AGREEMENTS,
+                 help="pair seeds of secagg / secagg_plus: simulated, or real X25519 "
+                      "(the secagg extra; its host seconds are part of the round)")
+  p.add_argument("--he-threads", type=int, default=None,
+                 help="TenSEAL thread pool size for CKKS (default: the CPU count)")
   p.add_argument("--smoke", action="store_true", help="C = 3, 1 repeat")
   p.add_argument("--out", default=RESULTS, help="JSON lines file (the plot: same name, .png)")
   a = p.parse_args(argv)
@@ -139,7 +166,7 @@ def main(argv=None):
       if method == "secagg" and cohort > a.secagg_max_cohort:
         print(f"# skipping secagg at C={cohort} (> --secagg-max-cohort)", file=sys.stderr)
         continue
-      rec = measure(method, cohort, a.repeats)
+      rec = measure(method, cohort, a.repeats, a.he_threads, a.key_agreement)
       print(json.dumps(rec), flush=True)
       records.append(rec)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

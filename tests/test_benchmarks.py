@@ -57,11 +57,15 @@ def test_secure_aggregation_smoke(tmp_path):
                        capture_output=True, text=True, env=_env(), timeout=900)
   assert res.returncode == 0, res.stderr[-3000:]
   recs = {r["method"]: r for r in map(json.loads, out.read_text().splitlines())}
-  assert set(recs) == {"plain", "secagg", "ckks"}
+  assert set(recs) == {"plain", "secagg", "secagg_plus", "ckks"}
   n = recs["plain"]["num_params"]
   assert n == 199_210 and recs["plain"]["bytes_up_per_client"] == 4 * n
-  assert recs["secagg"]["bytes_up_per_client"] == -(-recs["secagg"]["ring_bits"] * n // 8)
+  for m in ("secagg", "secagg_plus"):
+    assert recs[m]["bytes_up_per_client"] == -(-recs[m]["ring_bits"] * n // 8)
+    assert recs[m]["neighbours"] == 2                           # C = 3: both graphs complete
+    assert recs[m]["prg_words_per_client"] == 3 * n             # 2 pairwise + 1 self mask
   assert recs["ckks"]["ciphertexts_per_client"] == 49          # 199,210 values / 4096 slots
+  assert recs["ckks"]["threads"] >= 1
   assert recs["ckks"]["bytes_up_per_client"] > 10 * recs["plain"]["bytes_up_per_client"]
   assert all(r["sec_per_round"] > 0 for r in recs.values())
   assert (tmp_path / "sa.png").stat().st_size > 0

@@ -97,7 +97,7 @@ def test_public_key_cannot_decrypt_and_a_wrong_key_is_refused(keys):
   # The server's context really has no secret key (TenSEAL itself refuses).
   ts = he.tenseal()
   with pytest.raises(ValueError, match="secret"):
-    ts.ckks_vector_from(pk.context, ct.chunks[0]).decrypt()
+    ts.ckks_tensor_from(pk.context, ct.chunks[0]).decrypt()
   with pytest.raises(ValueError, match="clip the updates"):
     pk.encrypt(np.array([0.0, 3e6]))
 
@@ -118,6 +118,24 @@ def test_bad_parameters(keys):
     he.ckks_mean(scale_bits=30, key_holder=keys)
   with pytest.raises(ValueError, match="not a homomorphic aggregator"):
     he.session_of(fs.aggregators.mean())
+  for threads in (0, 1.5, True):
+    with pytest.raises(ValueError, match="threads"):
+      he.ckks_mean(threads=threads)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_thread_pool_gives_the_same_sum_and_is_recorded(threads):
+  """A client's ciphertexts are one batched tensor encrypted on TenSEAL's thread pool: the
+  decrypted mean does not depend on the pool size, which the cost record states."""
+  rng = np.random.default_rng(threads)
+  ups = {"v": rng.normal(scale=0.3, size=(6, 9000)).astype(np.float32)}   # 3 ciphertexts
+  w = rng.uniform(1, 5, size=6).astype(np.float32)
+  agg = he.ckks_mean(threads=threads)
+  got, _ = jax.jit(agg.finalize)(_feed(agg, ups, w, k=3))
+  want, _ = jax.jit(fs.aggregators.mean().finalize)(_feed(fs.aggregators.mean(), ups, w, k=3))
+  testing.assert_trees_close(got, want, atol=ATOL)
+  cost, = he.session_of(agg).costs
+  assert cost.threads == threads and cost.ciphertexts_per_client == 3
 
 
 def test_run_with_dp_noise_before_encryption_matches_the_plain_run(ragged_data):

@@ -298,27 +298,43 @@ def test_keyed_aggregators_get_a_fresh_key_and_the_cohort_ids(ragged_data):
   assert len({tuple(sorted(ids[ids < P].tolist())) for _, ids, _ in seen}) > 1
 
 
-def _probe(key, ids, view, ring_bits=32, self_mask=True):
-  """The attack: the server's view minus the masks recomputed from ``key`` (row by row)."""
+@jax.jit
+def _known_view(key, ids, alive, edges):
+  """A view masked the old way (from ``key``), of the known update 0.25 everywhere."""
+  enc = sa.encode(jnp.full((ids.shape[0], 40), 0.25), CLIP, BITS)
+  return enc, sa.mask_updates(key, ids, enc, alive, edges=edges)
+
+
+@jax.jit
+def _probe_edges(key, ids, view, edges):
+  return _probe_masks(key, ids, view, 32, True, edges)
+
+
+def _probe_masks(key, ids, view, ring_bits, self_mask, edges):
+  """The attack: the server's view minus the masks recomputed from ``key`` (row by row), over
+  the mask graph ``edges``."""
   n = view.shape[1]
-  masks = sa.pairwise_masks(key, ids, jnp.ones(ids.shape[0], bool), n, ring_bits)
+  masks = sa.pairwise_masks(key, ids, jnp.ones(ids.shape[0], bool), n, ring_bits, edges)
   if self_mask:
     masks = masks + sa.self_masks(key, ids, n, ring_bits)
-  return np.asarray(sa.to_signed(jnp.asarray(view) - masks, ring_bits), np.int64)
+  return sa.to_signed(view - masks, ring_bits)
 
 
 def _in_value_range(q, bits=BITS):
   return np.abs(q) <= 2 ** (bits - 1) - 1
 
 
-def test_masks_cannot_be_recomputed_from_the_config_and_seed(ragged_data):
+@pytest.mark.parametrize("graph", ["complete", "harary"])
+def test_masks_cannot_be_recomputed_from_the_config_and_seed(ragged_data, graph):
   """The probe of issue 19: knowing the config and the seed, derive every key the run derives
   (the round keys, the aggregation key, folded with every small seed) and subtract the masks
   they give from a client's masked vector. With derived masks that recovers the update exactly
   (checked on a view masked the old way); with secret masks the result is noise over the ring.
-  The trained model is nonetheless bit-identical from run to run."""
+  The trained model is nonetheless bit-identical from run to run. With SecAgg+'s sparse graph
+  the attacker also derives the graph from each candidate key."""
   views = []
-  agg = sa.secure_sum(CLIP, BITS, on_view=lambda m, i, a: views.append((m, i, a)))
+  kw = {} if graph == "complete" else {"graph": "harary", "neighbours": 2}
+  agg = sa.secure_sum(CLIP, BITS, on_view=lambda m, i, a: views.append((m, i, a)), **kw)
   algo = dataclasses.replace(fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16), aggregator=agg,
                              update_transform=transforms.clip_by_norm(CLIP))
   model = fs.models.mlp(8, (16,), 4)
@@ -328,20 +344,23 @@ def test_masks_cannot_be_recomputed_from_the_config_and_seed(ragged_data):
   first = run()
   assert len(views) == rounds
   _, key_rounds = fs.experiment.seed_keys(seed)
+  graph_of = jax.jit(sa.mask_graph, static_argnums=(1, 2))
   for r, (view, ids, alive) in enumerate(views):
     a = int(np.flatnonzero(alive)[0])            # a client whose update the server received
     candidates = [fs.engine.round_keys(jax.random.fold_in(key_rounds, r)).aggregate]
     candidates += [jax.random.fold_in(candidates[0], s) for s in range(4)]
     candidates += [jax.random.fold_in(key_rounds, r), jax.random.key(seed)]
+    cap = view.shape[0]
+    ids = jnp.asarray(ids)
     for key in candidates:
+      edges = graph_of(key, cap, agg.finalize.degree(cap))
       # The attack is sound: on a view masked with this key it recovers the update exactly.
-      enc = sa.encode(jnp.asarray(view, jnp.float32) * 0 + 0.25, CLIP, BITS)   # a known update
-      old_view = sa.mask_updates(key, jnp.asarray(ids), enc, jnp.asarray(alive))
-      np.testing.assert_array_equal(_probe(key, jnp.asarray(ids), old_view)[a],
+      enc, old_view = _known_view(key, ids, jnp.asarray(alive), edges)
+      np.testing.assert_array_equal(np.asarray(_probe_edges(key, ids, old_view, edges))[a],
                                     np.asarray(sa.to_signed(enc[a]), np.int64))
       # On the real view it yields uniform ring elements, not a quantized update (each of the
       # |q| <= 2^15 - 1 levels has probability ~2^-16 per coordinate).
-      got = _probe(key, jnp.asarray(ids), view)[a]
+      got = np.asarray(_probe_edges(key, ids, jnp.asarray(view), edges))[a]
       assert np.mean(_in_value_range(got)) < 0.05, f"round {r}: update recovered"
   # Fresh masks each run, the same model (masks cancel exactly).
   second = run()
@@ -375,3 +394,197 @@ def test_secret_masks_keep_the_sum_exact_and_differ_every_call():
   assert np.all(views[0][[1, 5]] == 0)
   signed = np.asarray(sa.to_signed(jnp.asarray(views[0][[0, 2, 3, 4]]), 24))
   assert np.mean(_in_value_range(signed)) < 0.05
+
+
+# ------------------------------------------------------------------ SecAgg+ (sparse masking)
+def _neighbour_sets(edges, c):
+  nbrs = [set() for _ in range(c)]
+  for a, b in np.asarray(edges).tolist():
+    assert a != b
+    nbrs[a].add(b)
+    nbrs[b].add(a)
+  return nbrs
+
+
+def _connected(nbrs, keep):
+  keep = set(keep)
+  if not keep:
+    return True
+  seen, todo = set(), [min(keep)]
+  while todo:
+    v = todo.pop()
+    if v in seen:
+      continue
+    seen.add(v)
+    todo.extend(u for u in nbrs[v] if u in keep and u not in seen)
+  return seen == keep
+
+
+@pytest.mark.parametrize("c,k", [(5, 2), (9, 4), (10, 8), (33, 6), (101, 22)])
+def test_harary_graph_has_the_promised_degree(c, k):
+  edges = sa.harary_edges(c, k)
+  assert edges.shape == (c * k // 2, 2)
+  assert len({tuple(sorted(e)) for e in edges.tolist()}) == len(edges)     # no edge twice
+  assert all(len(s) == k for s in _neighbour_sets(edges, c))              # k-regular
+  # Relabelled by a random permutation (different per key): still k-regular, another graph.
+  g1, g2 = (np.asarray(sa.mask_graph(jax.random.key(s), c, k)) for s in (1, 2))
+  for g in (g1, g2):
+    assert all(len(s) == k for s in _neighbour_sets(g, c))
+  assert {tuple(sorted(e)) for e in g1.tolist()} != {tuple(sorted(e)) for e in g2.tolist()}
+  # H_{k,C} is k-connected: removing any k - 1 nodes leaves it connected (spot-check).
+  rng = np.random.default_rng(c)
+  nbrs = _neighbour_sets(edges, c)
+  for _ in range(50):
+    gone = set(rng.choice(c, k - 1, replace=False).tolist())
+    assert _connected(nbrs, set(range(c)) - gone)
+  # Degree C - 1 or more is the complete graph.
+  np.testing.assert_array_equal(sa.mask_graph(jax.random.key(0), c, c - 1), sa.complete_edges(c))
+
+
+def test_harary_degree_is_logarithmic_and_keeps_survivors_connected():
+  ks = {c: sa.harary_degree(c) for c in (100, 1000, 10000)}
+  assert all(k % 2 == 0 for k in ks.values())
+  assert ks[100] <= ks[1000] <= ks[10000] < 100          # O(log C): far below C - 1
+  assert ks[10000] - ks[1000] <= 2 * (ks[1000] - ks[100]) + 4
+  assert sa.harary_degree(10) == 4 and sa.harary_degree(5, 0.3, 0.3) == 4   # = C - 1: complete
+  # More adversaries or drop-outs need more neighbours.
+  assert sa.harary_degree(1000, 0.2, 0.1) > ks[1000] and sa.harary_degree(1000, 0.1, 0.3) > ks[1000]
+  # The honest survivors stay connected when 20% of the clients are removed at random (the
+  # defaults: 10% colluding + 10% dropped), whereas a ring (k = 2) falls apart.
+  c, rng = 1000, np.random.default_rng(0)
+  g = _neighbour_sets(sa.mask_graph(jax.random.key(3), c, ks[c]), c)
+  ring = _neighbour_sets(sa.harary_edges(c, 2), c)
+  broken_ring = 0
+  for _ in range(20):
+    keep = set(rng.choice(c, int(0.8 * c), replace=False).tolist())
+    assert _connected(g, keep)
+    broken_ring += not _connected(ring, keep)
+  assert broken_ring == 20
+  for bad in ((-0.1, 0.1), (0.1, 1.0), (0.5, 0.5)):
+    with pytest.raises(ValueError, match="rate"):
+      sa.harary_degree(100, *bad)
+
+
+@pytest.mark.parametrize("c,k", [(6, 2), (13, 4), (40, 6)])
+def test_sparse_masking_sum_is_exact_with_dropouts(c, k):
+  rng = np.random.default_rng(c)
+  ids = jnp.asarray(rng.choice(5000, c, replace=False), jnp.int32)
+  enc = sa.encode(jnp.asarray(rng.normal(scale=0.4, size=(c, 30)), jnp.float32), CLIP, BITS, 24)
+  key = jax.random.key(c)
+  edges = sa.mask_graph(key, c, k)
+  mask = jax.jit(sa.mask_updates, static_argnums=(4, 5))
+  unmask = jax.jit(sa.unmask_sum, static_argnums=(4, 5))
+  for p_drop in (0.0, 0.3, 0.7):
+    alive = jnp.asarray(rng.uniform(size=c) >= p_drop)
+    masked = mask(key, ids, enc, alive, 24, True, edges)
+    np.testing.assert_array_equal(np.asarray(masked)[~np.asarray(alive)], 0)
+    total = unmask(key, ids, masked, alive, 24, True, edges)
+    np.testing.assert_array_equal(np.asarray(sa.to_signed(total, 24), np.int64),
+                                  _signed_sum(enc, alive, 24))
+    # The recovery is needed: the plain sum of the view is not the sum.
+    naive = jnp.sum(masked, 0, dtype=jnp.uint32) & jnp.uint32(2 ** 24 - 1)
+    assert not np.array_equal(naive, total)
+  # Without self masks and drop-outs, the sparse pairwise masks cancel in the plain sum.
+  everyone = jnp.ones(c, bool)
+  m = mask(key, ids, enc, everyone, 24, False, edges)
+  np.testing.assert_array_equal(sa.to_signed(jnp.sum(m, 0, dtype=jnp.uint32), 24),
+                                _signed_sum(enc, everyone, 24))
+
+
+def test_sparse_masks_involve_only_the_neighbours():
+  """Row a of the pairwise masks is the signed sum of the PRG vectors of a's k edges only."""
+  c, k, n = 11, 4, 16
+  ids = jnp.asarray(np.random.default_rng(0).choice(100, c, replace=False), jnp.int32)
+  key = jax.random.key(9)
+  edges = sa.mask_graph(key, c, k)
+  got = np.asarray(sa.pairwise_masks(key, ids, jnp.ones(c, bool), n, 32, edges))
+  nbrs = _neighbour_sets(edges, c)
+  for a in range(c):
+    want = np.zeros(n, np.uint64)
+    for b in nbrs[a]:
+      p = np.asarray(sa._prg(sa._pair_seed(key, ids[a], ids[b]), n, 32), np.uint64)
+      want += p if int(ids[a]) < int(ids[b]) else (2 ** 32 - p)
+    np.testing.assert_array_equal(got[a], (want % 2 ** 32).astype(np.uint32))
+  # The complete graph's row a involves all C - 1 others: different masks.
+  assert not np.array_equal(got, sa.pairwise_masks(key, ids, jnp.ones(c, bool), n, 32))
+
+
+def test_secure_sum_with_sparse_graph_equals_the_complete_graph():
+  rng = np.random.default_rng(8)
+  cap = 12
+  ups = {"v": rng.normal(scale=0.3, size=(cap, 20)).astype(np.float32)}
+  w = rng.uniform(1, 5, size=cap).astype(np.float32)
+  w[[1, 4, 9]] = 0.0                                    # drop-outs
+  dense = sa.secure_sum(CLIP, BITS, ring_bits=24)
+  views = []
+  sparse = sa.secure_sum(CLIP, BITS, ring_bits=24, graph="harary", neighbours=4,
+                         on_view=lambda m, i, a: views.append(m))
+  assert sparse.finalize.degree(cap) == 4 and dense.finalize.degree(cap) == cap - 1
+  assert sa.secure_sum(CLIP, graph="harary").finalize.degree(1000) == sa.harary_degree(1000)
+  one, w1 = jax.jit(dense.finalize)(_feed(dense, ups, w))
+  two, w2 = jax.jit(sparse.finalize)(_feed(sparse, ups, w))
+  jax.effects_barrier()
+  testing.assert_trees_close(two, one, atol=0)           # the same quantized sum, bit for bit
+  assert float(w1) == float(w2)
+  signed = np.asarray(sa.to_signed(jnp.asarray(views[0][w > 0]), 24))
+  assert np.mean(_in_value_range(signed)) < 0.05          # masked beyond the value range
+  # Registered with its options (the command line's [aggregator] table).
+  agg = fs.aggregators.REGISTRY.make("secure_sum", clip=1.0, graph="harary", neighbours=4)
+  assert agg.finalize.degree(cap) == 4
+  c = sa.cost(1000, 1000, 16, 1.0, neighbours=sa.harary_degree(1000))
+  assert c.neighbours == sa.harary_degree(1000) and c.prg_words_per_client == (c.neighbours + 1) * 1000
+  assert sa.cost(1000, 100, 16, 1.0).neighbours == 99
+
+
+def test_sparse_graph_bad_parameters():
+  with pytest.raises(ValueError, match="graph must be one of"):
+    sa.secure_sum(CLIP, graph="ring")
+  with pytest.raises(ValueError, match="needs graph='harary'"):
+    sa.secure_sum(CLIP, neighbours=4)
+  for k in (3, 0, 2.0, True):
+    with pytest.raises(ValueError, match="even integer"):
+      sa.secure_sum(CLIP, graph="harary", neighbours=k)
+  with pytest.raises(ValueError, match="dropout_rate"):
+    sa.secure_sum(CLIP, graph="harary", dropout_rate=1.5)
+  with pytest.raises(ValueError, match="even number of neighbours"):
+    sa.harary_edges(10, 5)
+  with pytest.raises(ValueError, match="even number of neighbours"):
+    sa.harary_edges(10, 10)
+
+
+# ------------------------------------------------------------- X25519 pairwise key agreement
+def test_x25519_key_agreement_gives_fresh_distinct_seeds():
+  pytest.importorskip("cryptography", reason="X25519 key agreement needs the 'secagg' extra")
+  edges = sa.harary_edges(9, 4)
+  one, cost = sa.x25519_seeds(9, edges, 8)
+  two, _ = sa.x25519_seeds(9, edges, 8)
+  assert one.shape == (18, 8) and one.dtype == np.uint8
+  assert len({row.tobytes() for row in one}) == 18          # every pair its own secret
+  assert not np.any(np.all(one == two, axis=1))             # fresh key pairs every call
+  assert cost.num_clients == 9 and cost.exchanges == 36 and cost.seconds > 0
+
+
+@pytest.mark.parametrize("graph", ["complete", "harary"])
+def test_x25519_secure_sum_is_exact_and_records_its_cost(graph):
+  pytest.importorskip("cryptography", reason="X25519 key agreement needs the 'secagg' extra")
+  rng = np.random.default_rng(11)
+  cap = 9
+  ups = {"v": rng.normal(scale=0.3, size=(cap, 25)).astype(np.float32)}
+  w = rng.uniform(1, 5, size=cap).astype(np.float32)
+  w[[0, 5]] = 0.0                                           # drop-outs
+  kw = {} if graph == "complete" else {"graph": "harary", "neighbours": 4}
+  views = []
+  agg = sa.secure_sum(CLIP, BITS, ring_bits=24, key_agreement="x25519",
+                      on_view=lambda m, i, a: views.append(m), **kw)
+  ref = sa.secure_sum(CLIP, BITS, ring_bits=24, **kw)
+  got, _ = jax.jit(agg.finalize)(_feed(agg, ups, w, k=3))
+  want, _ = jax.jit(ref.finalize)(_feed(ref, ups, w, k=3))
+  jax.effects_barrier()
+  testing.assert_trees_close(got, want, atol=0)              # the same exact quantized sum
+  signed = np.asarray(sa.to_signed(jnp.asarray(views[0][w > 0]), 24))
+  assert np.mean(_in_value_range(signed)) < 0.05
+  cost, = agg.finalize.key_agreement_costs
+  k = cap - 1 if graph == "complete" else 4
+  assert cost.num_clients == cap and cost.exchanges == cap * k   # 2 per edge, C k / 2 edges
+  with pytest.raises(ValueError, match="key_agreement must be one of"):
+    sa.secure_sum(CLIP, key_agreement="rsa")

@@ -32,7 +32,10 @@ bytes that would be sent). They run in a host callback (``jax.experimental.io_ca
 the compiled round, after the cohort's fold: the jitted training is the same program as with the
 plain mean; only ``finalize`` crosses to the host. Clients are encrypted one after another on the
 host (a real deployment encrypts in parallel on the devices: per-client time is
-``encrypt_seconds / num_clients``).
+``encrypt_seconds / num_clients``); the ``ceil(n / (N/2))`` ciphertexts of one client form one
+batched TenSEAL ``CKKSTensor``, encrypted, added and (de)serialized on TenSEAL's C++ thread pool
+(``threads``; TenSEAL's Python bindings hold the GIL, so a Python thread pool over the clients
+would run them one at a time anyway).
 
 **Precision.** Values are encoded at scale ``2**scale_bits``; a fresh encryption and a sum of C
 of them decrypt with absolute error around ``1e-8 * sqrt(C)`` per coordinate at the default
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -117,25 +121,46 @@ def check_params(params: CKKSParams):
 
 
 class Ciphertext(NamedTuple):
-  """An encrypted vector as sent on the wire: ``chunks`` are serialized CKKS ciphertexts of
-  ``slots`` values each (the last one partly filled), ``length`` the vector's length and
-  ``fingerprint`` the id of the public key it is encrypted under."""
+  """An encrypted vector as sent on the wire: ``chunks`` are serialized batched CKKS tensors
+  (TenSEAL ``CKKSTensor``, one per chunk; :meth:`PublicKey.encrypt` makes one) holding
+  ``num_ciphertexts`` CKKS ciphertexts of ``slots`` values each (the last one partly filled),
+  ``length`` the vector's length and ``fingerprint`` the id of the public key it is encrypted
+  under."""
   chunks: tuple[bytes, ...]
   length: int
   fingerprint: bytes
+  num_ciphertexts: int = 0
 
   @property
   def nbytes(self) -> int:
     return sum(len(c) for c in self.chunks)
 
 
+def _packed(v: np.ndarray, slots: int) -> tuple[list[float], list[int]]:
+  """``v [n]`` zero-padded to ``k = ceil(n / slots)`` rows of ``slots`` and laid out as a
+  ``[slots, k]`` tensor (row-major list, shape) whose column j is ciphertext j's slots; shape
+  ``[slots]`` when ``k = 1`` (TenSEAL 0.3 mis-decrypts a batched ``[slots, 1]`` tensor)."""
+  k = max(-(-v.size // slots), 1)
+  padded = np.zeros(k * slots, np.float64)
+  padded[:v.size] = v
+  return padded.reshape(k, slots).T.ravel().tolist(), ([slots, k] if k > 1 else [slots])
+
+
+def _threads(threads):
+  """TenSEAL's ``n_threads`` keyword: ``{}`` (its default, the hardware concurrency) or the
+  given count."""
+  return {} if threads is None else {"n_threads": int(threads)}
+
+
 class PublicKey:
   """What clients and the server hold: the public CKKS context. Encrypts and adds; cannot
-  decrypt."""
+  decrypt. ``threads``: TenSEAL's C++ thread pool size for one vector's ciphertexts (default:
+  the hardware concurrency)."""
 
-  def __init__(self, params: CKKSParams, public_bytes: bytes, fingerprint: bytes):
+  def __init__(self, params: CKKSParams, public_bytes: bytes, fingerprint: bytes,
+               threads: int | None = None):
     self.params, self.fingerprint = params, fingerprint
-    self.context = tenseal().context_from(public_bytes)
+    self.context = tenseal().context_from(public_bytes, **_threads(threads))
 
   def encrypt(self, vector: np.ndarray) -> Ciphertext:
     """``vector [n]`` (float) -> its ciphertext, packed ``N/2`` values per CKKS ciphertext."""
@@ -146,48 +171,74 @@ class PublicKey:
       raise ValueError(f"CKKS encryption: a coordinate of magnitude {big:.3g} is not below "
                        f"2**(coeff_mod_bit_sizes[0] - scale_bits) = {self.params.max_value:.3g}; "
                        "it would decrypt wrongly (clip the updates)")
-    k = self.params.slots
-    chunks = tuple(ts.ckks_vector(self.context, v[i:i + k].tolist()).serialize()
-                   for i in range(0, max(v.size, 1), k))
-    return Ciphertext(chunks, v.size, self.fingerprint)
+    # One batched CKKSTensor: TenSEAL encrypts its ciphertexts on its C++ thread pool (its
+    # Python bindings hold the GIL, so a Python thread pool over clients would not help).
+    data, shape = _packed(v, self.params.slots)
+    tensor = ts.ckks_tensor(self.context, ts.plain_tensor(data, shape=shape), batch=True)
+    return Ciphertext((tensor.serialize(),), v.size, self.fingerprint, shape[-1] if
+                      len(shape) > 1 else 1)
 
   def add(self, ciphertexts: list[Ciphertext]) -> Ciphertext:
     """The slot-wise sum of ciphertexts of one length under this key (ciphertexts only)."""
     if not ciphertexts:
       raise ValueError("CKKS sum of no ciphertexts")
-    ts = tenseal()
-    first = ciphertexts[0]
+    total = RunningSum(self)
     for ct in ciphertexts:
-      if ct.fingerprint != self.fingerprint:
-        raise ValueError("CKKS sum: a ciphertext is encrypted under another public key")
-      if ct.length != first.length:
-        raise ValueError(f"CKKS sum: ciphertexts of lengths {first.length} and {ct.length}")
-    out = []
-    for j in range(len(first.chunks)):
-      acc = ts.ckks_vector_from(self.context, first.chunks[j])
-      for ct in ciphertexts[1:]:
-        acc += ts.ckks_vector_from(self.context, ct.chunks[j])
-      out.append(acc.serialize())
-    return Ciphertext(tuple(out), first.length, self.fingerprint)
+      total.add(ct)
+    return total.ciphertext()
 
   def decrypt(self, ciphertext: Ciphertext) -> np.ndarray:
     raise ValueError("CKKS decryption needs the secret key: the public key (held by the clients "
                      "and the server) cannot decrypt; ask the KeyHolder")
 
 
+class RunningSum:
+  """The server's sum of uploads as they arrive (deserialized once each, then dropped: memory
+  for one upload and the sum, not for the cohort's uploads: 16 MB each for W1)."""
+
+  def __init__(self, public_key: PublicKey):
+    self.public_key = public_key
+    self._acc, self._first = None, None
+
+  def add(self, ct: Ciphertext):
+    pk, ts = self.public_key, tenseal()
+    if ct.fingerprint != pk.fingerprint:
+      raise ValueError("CKKS sum: a ciphertext is encrypted under another public key")
+    if self._first is None:
+      self._first = ct
+      self._acc = [ts.ckks_tensor_from(pk.context, c) for c in ct.chunks]
+      return
+    if ct.length != self._first.length:
+      raise ValueError(f"CKKS sum: ciphertexts of lengths {self._first.length} and {ct.length}")
+    for acc, c in zip(self._acc, ct.chunks):
+      acc += ts.ckks_tensor_from(pk.context, c)   # on TenSEAL's thread pool too
+
+  def ciphertext(self) -> Ciphertext:
+    if self._first is None:
+      raise ValueError("CKKS sum of no ciphertexts")
+    return Ciphertext(tuple(a.serialize() for a in self._acc), self._first.length,
+                      self.public_key.fingerprint, self._first.num_ciphertexts)
+
+
 class KeyHolder:
   """Holds a CKKS context with its secret key (made once, e.g. per run).
 
   ``public_key()`` is what clients and the server get; ``decrypt`` refuses ciphertexts made
-  under another key (``ValueError``: decrypting them would give garbage silently).
+  under another key (``ValueError``: decrypting them would give garbage silently). ``threads``:
+  TenSEAL's thread pool size, for this context and its public key (default: the CPU count).
   """
 
-  def __init__(self, params: CKKSParams = CKKSParams()):
+  def __init__(self, params: CKKSParams = CKKSParams(), threads: int | None = None):
     check_params(params)
+    if threads is not None and (isinstance(threads, bool) or
+                                not isinstance(threads, (int, np.integer)) or threads < 1):
+      raise ValueError(f"CKKS threads must be a positive integer or None, got {threads!r}")
     ts = tenseal()
+    self.threads = threads
     self.params = CKKSParams(int(params[0]), tuple(int(b) for b in params[1]), int(params[2]))
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=self.params.poly_modulus_degree,
-                     coeff_mod_bit_sizes=list(self.params.coeff_mod_bit_sizes))
+                     coeff_mod_bit_sizes=list(self.params.coeff_mod_bit_sizes),
+                     **_threads(threads))
     ctx.global_scale = 2.0 ** self.params.scale_bits
     self._secret = ctx
     public = ctx.copy()
@@ -196,7 +247,7 @@ class KeyHolder:
     self.fingerprint = hashlib.sha256(self.public_bytes).digest()[:16]
 
   def public_key(self) -> PublicKey:
-    return PublicKey(self.params, self.public_bytes, self.fingerprint)
+    return PublicKey(self.params, self.public_bytes, self.fingerprint, self.threads)
 
   def decrypt(self, ciphertext: Ciphertext) -> np.ndarray:
     """``float64 [length]``: the decrypted vector."""
@@ -205,8 +256,11 @@ class KeyHolder:
                        f"public key {ciphertext.fingerprint.hex()}, this key holder's is "
                        f"{self.fingerprint.hex()}")
     ts = tenseal()
-    parts = [ts.ckks_vector_from(self._secret, c).decrypt() for c in ciphertext.chunks]
-    return np.concatenate([np.asarray(p, np.float64) for p in parts])[:ciphertext.length]
+    # Each chunk decrypts to [slots, k] (or [slots]): column j is ciphertext j.
+    slots = self.params.slots
+    parts = [np.asarray(ts.ckks_tensor_from(self._secret, c).decrypt().tolist(), np.float64)
+             for c in ciphertext.chunks]
+    return np.concatenate([p.reshape(slots, -1).T.ravel() for p in parts])[:ciphertext.length]
 
 
 class RoundCost(NamedTuple):
@@ -220,6 +274,7 @@ class RoundCost(NamedTuple):
   sum_seconds: float            # the server: deserialize and add every upload
   decrypt_seconds: float        # the key holder
   max_abs_value: float          # largest encrypted coordinate (against params.max_value)
+  threads: int = 0              # TenSEAL's thread pool size (encryption and sums)
 
 
 class Session:
@@ -241,27 +296,42 @@ class Session:
     return self.key_holder.params
 
   def aggregate(self, weighted: np.ndarray, uploaded: np.ndarray) -> np.ndarray:
-    """Encrypts rows ``uploaded`` of ``weighted [cap, n]`` one client at a time, adds the
-    ciphertexts, decrypts the sum; ``float32 [n]`` (zeros when nobody uploaded). Records a
+    """Encrypts rows ``uploaded`` of ``weighted [cap, n]`` one client at a time, adds each
+    upload to the server's running sum as it arrives, decrypts the sum; ``float32 [n]`` (zeros when nobody uploaded). Records a
     :class:`RoundCost` (all zeros but the sizes when nobody uploaded: one record per call)."""
     weighted = np.asarray(weighted, np.float64)
     rows = np.flatnonzero(np.asarray(uploaded))
     n = weighted.shape[1]
     if rows.size == 0:
-      self.costs.append(RoundCost(0, int(n), 0, 0, 4 * int(n), 0.0, 0.0, 0.0, 0.0))
+      self.costs.append(RoundCost(0, int(n), 0, 0, 4 * int(n), 0.0, 0.0, 0.0, 0.0,
+                                  self.threads))
       return np.zeros(n, np.float32)
-    t0 = time.perf_counter()
-    uploads = [self.public_key.encrypt(weighted[i]) for i in rows]
-    t1 = time.perf_counter()
-    total = self.public_key.add(uploads)          # the server: public key, ciphertexts only
+    # Client by client: encrypt (a client), add to the running sum (the server, public key and
+    # ciphertexts only); the upload is dropped once added.
+    total, encrypt_s, sum_s, nbytes = RunningSum(self.public_key), 0.0, 0.0, []
+    for i in rows:
+      t0 = time.perf_counter()
+      upload = self.public_key.encrypt(weighted[i])
+      t1 = time.perf_counter()
+      total.add(upload)
+      t2 = time.perf_counter()
+      encrypt_s, sum_s = encrypt_s + (t1 - t0), sum_s + (t2 - t1)
+      nbytes.append(upload.nbytes)
     t2 = time.perf_counter()
-    out = self.key_holder.decrypt(total)
+    summed = total.ciphertext()
     t3 = time.perf_counter()
+    out = self.key_holder.decrypt(summed)
+    t4 = time.perf_counter()
     self.costs.append(RoundCost(
-        int(rows.size), int(n), len(uploads[0].chunks),
-        int(round(np.mean([u.nbytes for u in uploads]))), 4 * int(n), t1 - t0, t2 - t1, t3 - t2,
-        float(np.max(np.abs(weighted[rows])))))
+        int(rows.size), int(n), upload.num_ciphertexts, int(round(np.mean(nbytes))), 4 * int(n),
+        encrypt_s, sum_s + (t3 - t2), t4 - t3, float(np.max(np.abs(weighted[rows]))),
+        self.threads))
     return out.astype(np.float32)
+
+  @property
+  def threads(self) -> int:
+    """TenSEAL's thread pool size: the key holder's ``threads``, else the CPU count."""
+    return int(self.key_holder.threads or os.cpu_count() or 1)
 
 
 def session_of(aggregator: Aggregator) -> Session:
@@ -276,7 +346,7 @@ def cost_callback(aggregator: Aggregator):
   """A ``run`` callback that puts each round's :class:`RoundCost` into the history (keys
   ``he_num_clients``, ``he_ciphertexts_per_client``, ``he_bytes_up_per_client``,
   ``he_plain_bytes_per_client``, ``he_encrypt_seconds``, ``he_sum_seconds``,
-  ``he_decrypt_seconds``, ``he_max_abs_value`` and the CKKS parameters
+  ``he_decrypt_seconds``, ``he_max_abs_value``, ``he_threads`` and the CKKS parameters
   ``he_poly_modulus_degree``, ``he_scale_bits``). One record per round, in order (also with
   ``rounds_per_call > 1``: the block's records are read one per callback call)."""
   session = session_of(aggregator)
@@ -300,7 +370,7 @@ def cost_callback(aggregator: Aggregator):
 
 def ckks_mean(clip: float | None = None, poly_modulus_degree: int = 8192,
               coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 40, 60), scale_bits: int = 40,
-              key_holder: KeyHolder | None = None) -> Aggregator:
+              key_holder: KeyHolder | None = None, threads: int | None = None) -> Aggregator:
   """Weighted mean through CKKS homomorphic encryption (buffering aggregator; see the module
   docstring for the protocol and the threat model).
 
@@ -318,6 +388,8 @@ def ckks_mean(clip: float | None = None, poly_modulus_degree: int = 8192,
     coeff_mod_bit_sizes: bit sizes of the coefficient modulus primes.
     scale_bits: the encoding scale is ``2**scale_bits``.
     key_holder: the key holder (default: a new one, i.e. fresh keys, per aggregator).
+    threads: TenSEAL's thread pool size for a new key holder (default: the CPU count); a given
+      ``key_holder`` keeps its own.
 
   Memory ``O(C n)`` (the buffer); host work ``O(C n / N)`` ciphertext operations a round.
   """
@@ -328,7 +400,7 @@ def ckks_mean(clip: float | None = None, poly_modulus_degree: int = 8192,
   params = CKKSParams(poly_modulus_degree, tuple(coeff_mod_bit_sizes), scale_bits)
   check_params(params)
   if key_holder is None:
-    key_holder = KeyHolder(params)
+    key_holder = KeyHolder(params, threads)
   elif key_holder.params != CKKSParams(int(params[0]), tuple(int(b) for b in params[1]),
                                        int(params[2])):
     raise ValueError(f"ckks_mean: key_holder has parameters {key_holder.params}, not {params}")
