@@ -9,7 +9,7 @@ RUN_ARGS ?=
 # --dataset digits, YAML configs, History.to_pandas, CKKS aggregation (he) and the Hugging Face
 # adapter (hf). `make test` installs dev (all of them).
 RUN_EXTRAS := datasets,privacy,yaml,pandas,he,hf
-PYTEST  := $(VPY) -m pytest -q -n auto --maxprocesses 4
+PYTEST  := $(VPY) -m pytest -q -n auto --maxprocesses 4 --durations=25
 
 .PHONY: run test test-fast notebooks install install-dev fashion-mnist fortunes data bench \
         device-check fedjax-venv flower-venv clean

@@ -23,3 +23,9 @@ def ragged_data():
   """12 clients of sizes 1..200 (ragged), 8 features, 4 classes, learnable labels."""
   from fedjax_sim import testing
   return testing.ragged_clients()
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked slow run first (stable order otherwise): with several xdist workers, long
+  tests started last leave the other workers idle at the end (longest-first scheduling)."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
