@@ -133,6 +133,12 @@ def test_federated_median_equals_the_centralized_median_to_one_bin():
   h = quality.federated_histogram(dirty, -20.0, 20.0, bins=2000, missing=missing)
   assert h.shape == (5, 2000)
   np.testing.assert_array_equal(h.sum(1), (~missing).sum(0))
+  # per-feature ranges: each feature's own [low, high], resolution (high - low) / bins
+  lo, hi = x.min(0) - 1.0, x.max(0) + 1.0
+  med2 = quality.federated_median(dirty, lo, hi, bins=512, missing=missing)
+  for j in range(5):
+    exact = np.quantile(x[~missing[:, j], j], 0.5, method="inverted_cdf")
+    assert exact - 1e-5 <= med2[j] <= exact + (hi[j] - lo[j]) / 512 + 1e-5
   filled = quality.impute(dirty, missing, med)
   np.testing.assert_array_equal(filled.arrays["x"][missing],
                                 np.broadcast_to(med, x.shape)[missing])

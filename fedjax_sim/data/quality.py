@@ -281,52 +281,67 @@ def federated_mean(data: FederatedData, missing=None, aggregator=None) -> np.nda
   return (s / np.maximum(c, 1.0)).astype(np.float32)
 
 
-def federated_histogram(data: FederatedData, low: float, high: float, bins: int = 1024,
+def _bounds(data, low, high, where):
+  shape = np.asarray(data.arrays["x"]).shape[1:]
+  try:
+    lo = np.broadcast_to(np.asarray(low, np.float64), shape)
+    hi = np.broadcast_to(np.asarray(high, np.float64), shape)
+  except ValueError:
+    raise ValueError(f"{where}: low and high must be scalars or of the features' shape {shape}, "
+                     f"got {np.shape(low)} and {np.shape(high)}") from None
+  if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo < hi)):
+    raise ValueError(f"{where}: need finite low < high (per feature), got low={low}, high={high}")
+  return lo.reshape(-1), hi.reshape(-1)
+
+
+def federated_histogram(data: FederatedData, low, high, bins: int = 1024,
                         missing=None, aggregator=None) -> np.ndarray:
   """``[D, bins]`` counts of the observed values of each of the ``D`` (flattened) features over
-  ``bins`` equal bins of ``[low, high]`` (values outside count in the end bins), summed over
-  clients by one aggregation round (:func:`federated_sum`; counts rounded to integers)."""
+  ``bins`` equal bins of ``[low, high]`` (scalars, or per feature of the features' shape; values
+  outside count in the end bins), summed over clients by one aggregation round
+  (:func:`federated_sum`; counts rounded to integers)."""
   _check_data(data, "federated_histogram")
-  if not (np.isfinite(low) and np.isfinite(high) and low < high):
-    raise ValueError(f"federated_histogram: need finite low < high, got low={low}, high={high}")
+  lo64, hi64 = _bounds(data, low, high, "federated_histogram")
   if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
     raise ValueError(f"federated_histogram: bins must be an integer >= 1, got {bins!r}")
-  d = int(np.prod(np.asarray(data.arrays["x"]).shape[1:]))
-  bins, lo, width = int(bins), np.float32(low), np.float32((high - low) / bins)
+  d = lo64.size
+  bins = int(bins)
+  lo, width = jnp.asarray(lo64, jnp.float32), jnp.asarray((hi64 - lo64) / bins, jnp.float32)
 
   def hist(x, obs, valid, y):
     del valid, y
     xf, of = x.reshape(x.shape[0], d), obs.reshape(x.shape[0], d)
-    b = jnp.clip(jnp.floor((xf - lo) / width), 0, bins - 1).astype(jnp.int32)
+    b = jnp.clip(jnp.floor((xf - lo[None]) / width[None]), 0, bins - 1).astype(jnp.int32)
     feat = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32), b.shape)
     return jnp.zeros((d, bins), jnp.float32).at[feat, b].add(of.astype(jnp.float32))
 
   return np.round(federated_sum(data, hist, missing, aggregator)).astype(np.float64)
 
 
-def federated_quantiles(data: FederatedData, qs, low: float, high: float, bins: int = 1024,
+def federated_quantiles(data: FederatedData, qs, low, high, bins: int = 1024,
                         missing=None, aggregator=None) -> np.ndarray:
   """Per-feature quantiles ``[len(qs), ...]`` of the observed values from the summed per-client
-  histograms over ``bins`` equal bins of ``[low, high]`` (:func:`federated_histogram`; through
-  ``aggregator``, e.g. secure aggregation): each quantile is the upper edge of the bin where the
-  cumulative count reaches it, so it is within one bin width ``(high - low) / bins`` of the exact
-  inverse-CDF quantile (``np.quantile(..., method="inverted_cdf")``) of the values clipped to
-  ``[low, high]``."""
+  histograms over ``bins`` equal bins of ``[low, high]`` (scalars or per feature;
+  :func:`federated_histogram`; through ``aggregator``, e.g. secure aggregation): each quantile
+  is the upper edge of the bin where the cumulative count reaches it, so it is within one bin
+  width ``(high - low) / bins`` of the exact inverse-CDF quantile (``np.quantile(...,
+  method="inverted_cdf")``) of the values clipped to ``[low, high]``."""
   _check_data(data, "federated_quantiles")
   qs = np.atleast_1d(np.asarray(qs, np.float64))
-  if np.any((qs < 0) | (qs > 1)) or not (np.isfinite(low) and np.isfinite(high) and low < high):
-    raise ValueError(f"federated_quantiles: qs must lie in [0, 1] and low < high, got qs={qs}, "
-                     f"low={low}, high={high}")
+  if np.any((qs < 0) | (qs > 1)):
+    raise ValueError(f"federated_quantiles: qs must lie in [0, 1], got qs={qs}")
+  lo, hi = _bounds(data, low, high, "federated_quantiles")
   _check_missing(data, missing, "federated_quantiles")
   total = federated_histogram(data, low, high, bins, missing, aggregator)
   cum = np.cumsum(total, 1) / np.maximum(total.sum(1, keepdims=True), 1.0)
-  edges = low + (np.arange(bins) + 1) * (high - low) / bins
-  idx = np.stack([np.argmax(cum >= q - 1e-12, 1) for q in qs])
+  edges = lo[:, None] + (np.arange(bins) + 1)[None] * ((hi - lo) / bins)[:, None]
+  idx = np.stack([np.argmax(cum >= q - 1e-12, 1) for q in qs])        # [len(qs), D]
+  vals = np.take_along_axis(edges[None], idx[..., None], 2)[..., 0]
   shape = np.asarray(data.arrays["x"]).shape[1:]
-  return edges[idx].reshape((len(qs),) + shape).astype(np.float32)
+  return vals.reshape((len(qs),) + shape).astype(np.float32)
 
 
-def federated_median(data: FederatedData, low: float, high: float, bins: int = 1024,
+def federated_median(data: FederatedData, low, high, bins: int = 1024,
                      missing=None, aggregator=None) -> np.ndarray:
   """Per-feature median of the observed values (``[...]``, the features' shape): the 0.5
   quantile of :func:`federated_quantiles`, within one bin width ``(high - low) / bins`` of the
