@@ -30,13 +30,14 @@ federated statistics, which the server publishes and also applies to the test se
   the norms, from federated quantiles), missing values imputed from federated statistics of the
   observed values (Fashion-MNIST: the mean, as most pixels' median is the stored 0; tabular: the
   median, robust to the outliers), tabular features standardised by the federated median and
-  IQR and clipped to their Tukey fences; training with the generalized cross-entropy
-  (q = 0.7, :func:`fedjax_sim.remedies.generalized_cross_entropy`), robust to the label noise.
+  IQR and clipped to their Tukey fences; cross-entropy.
+* ``cleaned+gce``: as ``cleaned``, trained with the generalized cross-entropy (q = 0.7,
+  :func:`fedjax_sim.remedies.generalized_cross_entropy`), robust to the label noise.
 * ``cleaned+weights``: as ``cleaned`` for the first 20% of the rounds; then each client scores
   its data (:func:`~fedjax_sim.data.quality.client_quality`: declared-missing share, outlier
   share, disagreement of its labels with that global model;
   :func:`~fedjax_sim.data.quality.quality_scores`) and the rest of the rounds run with
-  aggregation weights ``n_i * score_i^2`` (``client_weights``).
+  aggregation weights ``n_i * score_i^2`` (``client_weights``); cross-entropy.
 
 Records: per seed ``{"dataset", "arm", "seed", "accuracy", "loss"}``; summary lines give the mean
 over seeds and the gap to ``clean`` in points. Plot: ``results/data_quality.png``.
@@ -44,6 +45,7 @@ over seeds and the gap to ``clean`` in points. Plot: ``results/data_quality.png`
   python benchmarks/data_quality.py                  # full: both data sets, 3 seeds
   python benchmarks/data_quality.py --only breast_cancer --seeds 10
   python benchmarks/data_quality.py --small          # tiny sizes: checks the script runs
+  python benchmarks/data_quality.py --from a.jsonl b.jsonl   # summaries + plot of earlier runs
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from fedjax_sim import evaluation, remedies  # noqa: E402
 from fedjax_sim.data import quality  # noqa: E402
 
 DATASETS = ("fmnist", "breast_cancer")
-ARMS = ("clean", "dirty", "cleaned", "cleaned+weights")
+ARMS = ("clean", "dirty", "cleaned", "cleaned+gce", "cleaned+weights")
 SPEC = quality.Corruption(client_fraction=0.3, missing_rate=0.2, outlier_rate=0.05,
                           outlier_scale=10.0, label_noise=0.3)
 # dataset: (clients, cohort, rounds, lr, batch, local epochs)
@@ -146,18 +148,13 @@ def prepare(dataset: str, arm: str, clean, dirty, missing, test_x):
   return data, test_x
 
 
-LOSSES = {"gce": lambda: remedies.generalized_cross_entropy(0.7),
-          "sce": lambda: remedies.symmetric_cross_entropy(0.1, 1.0),
-          "ce": lambda: fs.models.core.softmax_cross_entropy}
-
-
-def train(dataset, arm, data, model, seed, small, dirty=None, missing=None, loss="gce"):
+def train(dataset, arm, data, model, seed, small, dirty=None, missing=None):
   clients, cohort, rounds, lr, batch, epochs = CONFIG[dataset]
   if small:
     rounds, cohort = 4, min(cohort, 5)
   algo = fs.algorithms.fedavg(optax.sgd(lr), batch_size=batch, local_epochs=epochs)
-  if arm.startswith("cleaned"):
-    model = dataclasses.replace(model, loss=LOSSES[loss]())
+  if arm == "cleaned+gce":
+    model = dataclasses.replace(model, loss=remedies.generalized_cross_entropy(0.7))
   if arm != "cleaned+weights":
     return fs.run(algo, model, data, rounds=rounds, cohort_size=cohort, seed=seed,
                   progress=False).params, None
@@ -180,12 +177,16 @@ def main(argv=None):
   p.add_argument("--only", choices=DATASETS, action="append")
   p.add_argument("--arms", default=",".join(ARMS))
   p.add_argument("--seeds", type=int, default=3)
-  p.add_argument("--loss", choices=tuple(LOSSES), default="gce",
-                 help="training loss of the cleaned arms (the others use cross-entropy)")
+  p.add_argument("--first-seed", type=int, default=0,
+                 help="run seeds first-seed .. first-seed + seeds - 1 (to add seeds to a run)")
+  p.add_argument("--from", dest="from_", nargs="+", metavar="JSONL",
+                 help="no training: summarise and plot the per-seed records of these files")
   p.add_argument("--small", action="store_true", help="tiny sizes: checks the script runs")
   p.add_argument("--out", default=os.path.join(RESULTS, "data_quality"),
                  help="prefix of the .jsonl and .png files")
   args = p.parse_args(argv)
+  if args.from_:
+    return resummarize(args.from_, args.out)
   arms = args.arms.split(",")
   bad = [a for a in arms if a not in ARMS]
   if bad:
@@ -201,7 +202,7 @@ def main(argv=None):
 
   for dataset in args.only or DATASETS:
     clients = CONFIG[dataset][0] if not args.small else 10
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
       train_set, test, k = load(dataset, seed, args.small)
       parts = fs.partition.iid(train_set["y"], clients, seed=seed)
       clean = fs.FederatedData.from_partition(train_set, parts, num_classes=k)
@@ -212,11 +213,10 @@ def main(argv=None):
       ev = evaluation.make_evaluate(model, 1000)
       for arm in arms:
         data, test_x = prepare(dataset, arm, clean, dirty, missing, test["x"])
-        params, scores = train(dataset, arm, data, model, seed, args.small, dirty, missing,
-                               args.loss)
+        params, scores = train(dataset, arm, data, model, seed, args.small, dirty, missing)
         m = jax.device_get(ev(params, jnp.asarray(test_x), jnp.asarray(test["y"])))
         rec = {"dataset": dataset, "arm": arm, "seed": seed, "clients": clients,
-               "loss_fn": args.loss if arm.startswith("cleaned") else "ce",
+               "loss_fn": "gce" if arm == "cleaned+gce" else "ce",
                "train_examples": int(data.num_examples), "accuracy": float(m["accuracy"]),
                "loss": float(m["loss"])}
         if scores is not None:
@@ -229,6 +229,39 @@ def main(argv=None):
   with open(f"{args.out}.jsonl", "w") as f:
     f.write("\n".join(lines) + "\n")
   plot(results, f"{args.out}.png")
+
+
+def resummarize(paths, out: str) -> None:
+  """Summaries and the plot again from the per-seed records of earlier runs (``--from``), e.g.
+  when seeds were run by several commands."""
+  results: dict = {}
+  for path in paths:
+    for line in open(path):
+      rec = json.loads(line)
+      if "summary" in rec:
+        continue
+      recs = results.setdefault(rec["dataset"], {}).setdefault(rec["arm"], [])
+      if any(r["seed"] == rec["seed"] for r in recs):
+        raise SystemExit(f"{path}: {rec['dataset']} {rec['arm']} seed {rec['seed']} is in more "
+                         "than one record")
+      recs.append(rec)
+  lines = []
+
+  def emit(rec):
+    lines.append(json.dumps(rec))
+    print(lines[-1], flush=True)
+
+  ordered = {}
+  for dataset in [d for d in DATASETS if d in results]:
+    ordered[dataset] = {a: sorted(results[dataset][a], key=lambda r: r["seed"])
+                        for a in ARMS if a in results[dataset]}
+    for recs in ordered[dataset].values():
+      for r in recs:
+        emit(r)
+    summarize(dataset, ordered[dataset], emit)
+  with open(f"{out}.jsonl", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  plot(ordered, f"{out}.png")
 
 
 def summarize(dataset, results, emit):
@@ -245,14 +278,15 @@ def summarize(dataset, results, emit):
 
 def plot(results, path):
   from matplotlib.figure import Figure
-  fig = Figure(figsize=(4.5 * len(results), 3.6))
+  fig = Figure(figsize=(5.5 * len(results), 3.8))
   for i, (dataset, arms) in enumerate(results.items()):
     ax = fig.add_subplot(1, len(results), i + 1)
     names = list(arms)
     means = [100 * np.mean([r["accuracy"] for r in arms[a]]) for a in names]
     stds = [100 * np.std([r["accuracy"] for r in arms[a]]) for a in names]
     ax.bar(range(len(names)), means, yerr=stds, capsize=4,
-           color=["tab:green", "tab:red", "tab:blue", "tab:purple"][:len(names)])
+           color=[{"clean": "tab:green", "dirty": "tab:red", "cleaned": "tab:blue",
+                   "cleaned+gce": "tab:cyan"}.get(a, "tab:purple") for a in names])
     ax.set_xticks(range(len(names)), names, rotation=15)
     lo = min(means) - 5
     ax.set_ylim(max(0, lo), min(100, max(means) + 3))

@@ -119,6 +119,8 @@ def main(argv=None):
   p.add_argument("--only", choices=SETTINGS, action="append")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--first-seed", type=int, default=0,
+                 help="run seeds first-seed .. first-seed + seeds - 1 (to add seeds to a run)")
   p.add_argument("--rounds", type=int, default=100)
   p.add_argument("--clients", type=int, default=100)
   p.add_argument("--cohort", type=int, default=10)
@@ -157,7 +159,7 @@ def main(argv=None):
 
   for setting in args.only or SETTINGS:
     results = {m: [] for m in methods}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
       data = make_data(setting, train, args.clients, seed, subsample)
       for method in methods:
         res = fs.run(algorithm(method, data, args), model, data, rounds=args.rounds,
