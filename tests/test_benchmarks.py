@@ -114,7 +114,7 @@ def test_data_quality_smoke(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   recs = [json.loads(l) for l in (tmp_path / "dq.jsonl").read_text().splitlines()]
   runs = {r["arm"]: r for r in recs if "summary" not in r}
-  assert set(runs) == {"clean", "dirty", "cleaned", "cleaned+weights"}
+  assert set(runs) == {"clean", "dirty", "cleaned", "cleaned+gce", "cleaned+weights"}
   # cleaning drops the flagged outlier examples; the quality scores rank dirty clients lower
   assert runs["cleaned"]["train_examples"] < runs["dirty"]["train_examples"]
   assert runs["cleaned+weights"]["mean_score_dirty"] < runs["cleaned+weights"]["mean_score_clean"]

@@ -272,3 +272,23 @@ def test_cleaning_bad_input_raises():
     quality.drop_examples(data, np.arange(data.num_examples) >= data.sizes[0])
   kept = quality.drop_examples(data, np.arange(data.num_examples) % 2 == 0)
   assert kept.num_examples == (data.num_examples + 1) // 2 and kept.num_clients == 4
+
+
+def test_cleaned_population_weights_and_robust_loss_run_inside_the_scan_over_rounds():
+  data = population(p=10)
+  dirty, missing, _ = quality.corrupt(data, quality.Corruption(0.3, missing_rate=0.2,
+                                                               outlier_rate=0.05,
+                                                               label_noise=0.3), seed=0)
+  fence = quality.norm_fence(dirty, missing)
+  keep = quality.example_norms(dirty, missing) <= fence
+  clean, m = quality.drop_examples(dirty, keep), missing[keep]
+  clean = quality.impute(clean, m, quality.federated_median(clean, -20.0, 20.0, 400, m))
+  w = quality.quality_weights(clean, quality.quality_scores(
+      quality.client_quality(dirty, missing, max_norm=fence)))
+  model = dataclasses.replace(fs.models.logistic_regression(5, 4),
+                              loss=remedies.symmetric_cross_entropy())
+  algo = fs.algorithms.fedavg(optax.sgd(0.3), batch_size=16)
+  out = [fs.run(algo, model, clean, rounds=4, cohort_size=5, client_weights=w, progress=False,
+                rounds_per_call=k).params for k in (1, 4)]
+  for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -8,12 +8,30 @@ pair-flip: class c becomes c + 1 mod K) and duplicated examples (an example repl
 another of the same client, so client sizes stay as they were). Deterministic in ``seed``.
 
 **Cleaning, federated**: each client computes statistics of its own rows; only their SUM over
-clients is used, which is exactly what an aggregation round reveals (and what secure
-aggregation computes: :mod:`fedjax_sim.aggregators.secure`). :func:`federated_mean` imputes
-missing values with the per-feature mean of the observed values; :func:`federated_quantiles`
-gives per-feature quantiles from summed per-client histograms (outlier clipping:
-:func:`clip_features`). The statistics round runs once, before training, on the host: it is
-data preparation, as the label priors of :mod:`fedjax_sim.remedies` are.
+clients is used, which is exactly what an aggregation round reveals. :func:`federated_sum` runs
+that round as one jitted pass (``lax.scan`` over chunks of clients, ``vmap`` within a chunk) whose
+per-client statistics are reduced by an :class:`~fedjax_sim.aggregators.Aggregator`'s streaming
+``accumulate`` / ``finalize``, as a training round's updates are: pass
+:func:`fedjax_sim.aggregators.secure_sum` and the server sees only pairwise-masked vectors and
+their sum (equal to the plain round's up to its fixed-point resolution; integer counts come out
+exactly). On it: :func:`federated_mean` (mean imputation), :func:`federated_histogram`,
+:func:`federated_quantiles` and :func:`federated_median` (median imputation, outlier clipping:
+:func:`clip_features`), :func:`norm_fence` (Tukey's fence of the examples' norms: outlier
+examples, dropped by :func:`drop_examples`).
+
+**Quality scores**: :func:`client_quality` has every client measure its own data in one jitted,
+vmapped pass (:func:`per_client`): declared-missing share, outlier share, and disagreement of its
+labels with the current global model's predictions (a label-noise indicator);
+:func:`quality_scores` combines them into a score in ``[0, 1]`` and :func:`quality_weights` into
+aggregation weights for ``fs.run(..., client_weights=...)``, the weighting every round applies.
+
+The cleaning runs once, before training (data preparation, as the label priors of
+:mod:`fedjax_sim.remedies` are); the cleaned population, the quality weights and the noise-robust
+losses (:func:`fedjax_sim.remedies.generalized_cross_entropy`,
+:func:`fedjax_sim.remedies.symmetric_cross_entropy`) then run inside the compiled rounds
+(``lax.scan`` with ``rounds_per_call``) like any population, weighting and loss. Scores from a
+global model need one: train some rounds, score, continue with ``init_params=`` and the weights
+(``benchmarks/data_quality.py``).
 """
 
 from __future__ import annotations
