@@ -290,8 +290,8 @@ def plot(results, path):
     ax.set_xticks(range(len(names)), names, rotation=15)
     lo = min(means) - 5
     ax.set_ylim(max(0, lo), min(100, max(means) + 3))
-    for j, v in enumerate(means):
-      ax.text(j, v + 0.3, f"{v:.1f}", ha="center", fontsize=8)
+    for j, (v, e) in enumerate(zip(means, stds)):
+      ax.text(j + 0.12, v + e + 0.15, f"{v:.1f}", ha="left", fontsize=8)
     seeds = len(next(iter(arms.values())))
     ax.set_title(f"{dataset}: test accuracy (%), {seeds} seeds", fontsize=9)
   fig.suptitle("30% dirty clients: 20% missing, 5% outliers x10, 30% label noise", fontsize=9)
