@@ -12,7 +12,7 @@ Data sets (no download):
   seed, **20 IID clients** of about 21 patients (100 clients would hold 4 each: a 20% missing
   rate and 5% outliers would then be 0 or 1 example per client), 100 rounds, 10 a round,
   logistic regression, SGD 0.1, batch 8, 2 local epochs. The 142-patient test set makes one
-  patient 0.7 points: read its table with the seeds' spread.
+  patient 0.7 points: read its table with the seeds' spread (the committed results use 10 seeds).
 
 Corruption (:func:`fedjax_sim.data.quality.corrupt`): 30% of the clients are dirty: 20% of
 their feature values missing (declared by a mask, stored as 0), 5% of their examples outliers
