@@ -20,9 +20,9 @@ examples), ``smote`` (in-batch SMOTE on half the examples, no resampling), ``mix
 ``la_client+augment`` (logit adjustment with a data remedy that does not itself rebalance:
 class-balanced resampling and a prior correction would correct the skew twice). Every record
 has test ``accuracy``, ``balanced_accuracy`` (macro), ``worst_class_accuracy`` and
-``per_class_accuracy``; summary
-lines give the mean over seeds and the gain over FedAvg in points. The per-class plot of each
-setting is ``results/imbalance_<setting>.png``.
+``per_class_accuracy``; summary lines give the mean over seeds and the gain over FedAvg (on
+the same seeds) in points. The per-class plot of each setting is
+``results/imbalance_<setting>.png``.
 
   python benchmarks/imbalance.py                 # full: both settings, 3 seeds
                                                  # (results/imbalance.jsonl and .png)
@@ -119,6 +119,8 @@ def main(argv=None):
   p.add_argument("--only", choices=SETTINGS, action="append")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--first-seed", type=int, default=0,
+                 help="run seeds first-seed .. first-seed + seeds - 1 (to add seeds to a run)")
   p.add_argument("--rounds", type=int, default=100)
   p.add_argument("--clients", type=int, default=100)
   p.add_argument("--cohort", type=int, default=10)
@@ -157,7 +159,7 @@ def main(argv=None):
 
   for setting in args.only or SETTINGS:
     results = {m: [] for m in methods}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
       data = make_data(setting, train, args.clients, seed, subsample)
       for method in methods:
         res = fs.run(algorithm(method, data, args), model, data, rounds=args.rounds,
@@ -189,9 +191,12 @@ def summarize(setting: str, results: dict, rounds: int, out: str, emit) -> None:
             "std_balanced_accuracy": float(np.std([r["balanced_accuracy"] for r in recs])),
             "std_worst_class_accuracy": float(np.std([r["worst_class_accuracy"] for r in recs]))}
     if base and method != "fedavg":
+      # paired: FedAvg over the same seeds (a method may have fewer seeds than FedAvg)
+      seeds = {r["seed"] for r in recs}
+      paired = [r for r in base if r["seed"] in seeds] or base
       for k in mean:
         summ[f"gain_{k}_points"] = round(
-            100 * (mean[k] - float(np.mean([r[k] for r in base]))), 2)
+            100 * (mean[k] - float(np.mean([r[k] for r in paired]))), 2)
     emit(summ)
   seeds = max(len(r) for r in results.values())
   fs.history.plot_class_accuracy(

@@ -139,6 +139,28 @@ def generalized_cross_entropy(q: float = 0.7):
   return loss
 
 
+def symmetric_cross_entropy(alpha: float = 0.1, beta: float = 1.0, log_zero: float = -4.0):
+  """The symmetric cross-entropy ``alpha CE + beta RCE`` (Wang, Ma, Chen, Luo, Yi, Bailey,
+  "Symmetric Cross Entropy for Robust Learning with Noisy Labels", ICCV 2019), a loss robust
+  to label noise. ``RCE = -sum_k p_k log q_k`` is the cross-entropy with the roles of the
+  prediction ``p`` and the one-hot label ``q`` swapped, ``log 0`` taken as ``log_zero`` (the
+  paper's ``A = -4``): ``RCE = -log_zero (1 - p_y)``. Defaults are the paper's CIFAR-10 values.
+  Per-example ``(logits [B, K], labels [B]) -> [B]``; use it as a model's loss."""
+  for name, v in (("alpha", alpha), ("beta", beta)):
+    if isinstance(v, bool) or not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
+      raise ValueError(f"symmetric_cross_entropy {name} must be a finite number >= 0, got {v!r}")
+  if isinstance(log_zero, bool) or not (isinstance(log_zero, (int, float))
+                                        and np.isfinite(log_zero) and log_zero < 0):
+    raise ValueError(f"symmetric_cross_entropy log_zero must be a finite number < 0, got "
+                     f"{log_zero!r}")
+  alpha, beta, a = float(alpha), float(beta), float(log_zero)
+
+  def loss(logits, labels):
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    return alpha * -logp + beta * -a * (1.0 - jnp.exp(logp))
+  return loss
+
+
 def add_offsets(logits: jax.Array, offsets: jax.Array) -> jax.Array:
   """``logits [..., K] + offsets [K]``, broadcast explicitly over the leading axes."""
   return logits + jnp.reshape(offsets, (1,) * (logits.ndim - 1) + offsets.shape[-1:])

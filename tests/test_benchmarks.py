@@ -107,3 +107,20 @@ def test_scarce_results_are_read_from_the_last_full_run(tmp_path):
   assert sorted(got) == [("a", 1), ("b", 5)]
   np.testing.assert_allclose(got[("b", 5)], [0.6, 0.7])
   assert tb.results_by_model_k(tmp_path / "missing.jsonl") == {}
+
+
+@pytest.mark.slow
+def test_data_quality_smoke(tmp_path):
+  out = tmp_path / "dq"
+  res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_quality.py"), "--small",
+                        "--only", "breast_cancer", "--out", str(out)],
+                       capture_output=True, text=True, env=_env(), timeout=900)
+  assert res.returncode == 0, res.stderr[-3000:]
+  recs = [json.loads(l) for l in (tmp_path / "dq.jsonl").read_text().splitlines()]
+  runs = {r["arm"]: r for r in recs if "summary" not in r}
+  assert set(runs) == {"clean", "dirty", "cleaned", "cleaned+gce", "cleaned+weights"}
+  # cleaning drops the flagged outlier examples; the quality scores rank dirty clients lower
+  assert runs["cleaned"]["train_examples"] < runs["dirty"]["train_examples"]
+  assert runs["cleaned+weights"]["mean_score_dirty"] < runs["cleaned+weights"]["mean_score_clean"]
+  assert all(0.0 <= r["accuracy"] <= 1.0 for r in runs.values())
+  assert (tmp_path / "dq.png").stat().st_size > 0
