@@ -53,9 +53,13 @@ Issue 18's parts (each to benchmarks/results/transfer_<part>.jsonl, plus .png / 
   (:mod:`fedjax_sim.transfer.semi_supervised`: each client adds the unlabeled examples of its
   share of the pool that the head labels with confidence >= 0.7 or 0.9), 3 seeds.
 * ``--part plot_scarce``: redraws the text and image accuracy-vs-k panels from the JSONL files.
-* ``--part domain_shift``: the target's images inverted; frozen head clean vs shifted, then the
-  first conv layer unfrozen with ``c * CORAL`` / ``c * MMD`` (:mod:`fedjax_sim.transfer.alignment`)
-  vs ``c = 0`` at the same rounds (~20 min).
+* ``--part domain_shift``: the target's images shifted (``--shift``: low contrast, inverted low
+  contrast, Gaussian noise, inverted, gamma); frozen head clean vs shifted, then at the same
+  rounds: the closed-form affine map between the domains from aggregated moments, and a
+  per-feature adapter trained on ``b * g_target + c * align`` (moment matching or CORAL,
+  :mod:`fedjax_sim.transfer.alignment`), from the identity or from the closed-form map, vs
+  ``c = 0``; ``--ds-conv0`` adds the first attempt (first conv layer unfrozen with CORAL / MMD;
+  slow). ~20 min per shift on 2 busy cores.
 
 Every figure is printed as a JSON line and appended to benchmarks/results/transfer.jsonl::
 
@@ -66,6 +70,7 @@ Every figure is printed as a JSON line and appended to benchmarks/results/transf
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -366,17 +371,52 @@ def labelled_clients(pool, clients: int, k: int, seed: int):
   return [np.sort(picked[i * per:(i + 1) * per]) for i in range(clients)], per
 
 
+@functools.lru_cache(maxsize=None)
+def _evaluator(model):
+  """``fs.evaluation.make_evaluate(model)``, compiled once per model object."""
+  return fs.evaluation.make_evaluate(model)
+
+
+def _federated_head(model, fed, lr, *, rounds, cohort, epochs, seed, evals=(), batch_size=None,
+                    server_opt=None):
+  """The federated training set-up of the scarce_*, semi_text, source_selection* and
+  domain_shift parts.
+
+  FedAvg of ``model`` on the clients ``fed``: client SGD at ``lr``, ``epochs`` local epochs,
+  batches of ``batch_size`` (default the largest client's size, at most 10), ``server_opt``
+  (default plain averaging); ``rounds`` rounds of ``cohort`` clients sampled from ``seed``.
+
+  Returns:
+    ``(params, [accuracy on each (x, y) of evals])``.
+  """
+  bs = min(int(fed.max_client_size), 10) if batch_size is None else batch_size
+  algo = (fs.algorithms.fedavg(optax.sgd(lr), batch_size=bs, local_epochs=epochs)
+          if server_opt is None else
+          fs.algorithms.fedavg(optax.sgd(lr), server_opt, batch_size=bs, local_epochs=epochs))
+  r = fs.run(algo, model, fed, rounds=rounds, cohort_size=cohort, seed=seed, progress=False,
+             eval_every=rounds)
+  ev = _evaluator(model)
+  return r.params, [float(ev(r.params, x, y)["accuracy"]) for x, y in evals]
+
+
+def _best(scores: dict):
+  """The key of the highest score (ties: the smallest key, e.g. the smaller learning rate)."""
+  return max(scores, key=lambda a: (scores[a], -a))
+
+
+@functools.lru_cache(maxsize=None)
+def _logreg(dim: int, num_classes: int):
+  return fs.models.logistic_regression(dim, num_classes)
+
+
 def _fed_logreg(x, y, parts, val, test, num_classes, lr, args, seed):
+  """A federated logistic regression on features ``x`` (the scarce_text recipe): accuracy on
+  the rows ``val`` and ``test``."""
   fed = fs.FederatedData.from_partition({"x": x, "y": y}, parts, num_classes=num_classes)
-  model = fs.models.logistic_regression(x.shape[1], num_classes)
-  per = int(fed.max_client_size)
-  algo = fs.algorithms.fedavg(optax.sgd(lr), batch_size=min(per, 10),
-                              local_epochs=args.scarce_epochs)
-  r = fs.run(algo, model, fed, rounds=args.scarce_rounds, cohort_size=args.scarce_cohort,
-             seed=seed, progress=False, eval_every=args.scarce_rounds, eval_data=None)
-  ev = fs.evaluation.make_evaluate(model)
-  return (float(ev(r.params, x[val], y[val])["accuracy"]),
-          float(ev(r.params, x[test], y[test])["accuracy"]), r)
+  _, accs = _federated_head(_logreg(x.shape[1], num_classes), fed, lr, rounds=args.scarce_rounds,
+                            cohort=args.scarce_cohort, epochs=args.scarce_epochs, seed=seed,
+                            evals=[(x[val], y[val]), (x[test], y[test])])
+  return accs[0], accs[1]
 
 
 def _central_logreg(x, y, rows, test, num_classes, lr, epochs, seed):
@@ -419,7 +459,7 @@ def scarce_text(args, out):
       scores = {}
       for lr in args.scarce_lrs:
         scores[lr] = _fed_logreg(x, labels, parts, val, test, k_classes, lr, args, 0)[0]
-      best[(name, k)] = max(scores, key=lambda lr: (scores[lr], -lr))
+      best[(name, k)] = _best(scores)
       emit({"experiment": "scarce_text", "stage": "lr_tuning", "model": name, "k": k,
             "labels_per_client": per, "val_accuracy_by_lr": {str(a): round(b, 4)
                                                              for a, b in scores.items()},
@@ -450,11 +490,11 @@ def scarce_text(args, out):
     emit({"experiment": "scarce_text", "stage": "gap", "k": k,
           "minilm_minus_tfidf_points": round(100 * float(gap), 2),
           "goal_met_15_points": bool(gap >= 0.15) if k == 5 else None}, out)
-  plot_scarce(summary, args.ks, Path(args.out).with_suffix(".png"),
-              "fortunes topics, 100 clients: accuracy vs labels per client")
+  plot_accuracy_vs_k(summary, args.ks, Path(args.out).with_suffix(".png"),
+                     "fortunes topics, 100 clients: accuracy vs labels per client")
 
 
-def plot_scarce(summary, ks, path, title):
+def plot_accuracy_vs_k(summary, ks, path, title):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -495,12 +535,9 @@ def _fed_fit(model, arrays, parts, evals, lr, args, seed, num_classes):
   ``model`` on the clients ``parts`` (index arrays into ``arrays``); accuracy on each of
   ``evals`` (dicts of ``x``, ``y``)."""
   fed = fs.FederatedData.from_partition(arrays, parts, num_classes=num_classes)
-  algo = fs.algorithms.fedavg(optax.sgd(lr), batch_size=min(int(fed.max_client_size), 10),
-                              local_epochs=args.si_epochs)
-  r = fs.run(algo, model, fed, rounds=args.si_rounds, cohort_size=args.si_cohort, seed=seed,
-             progress=False, eval_every=args.si_rounds)
-  ev = fs.evaluation.make_evaluate(model)
-  return [float(ev(r.params, d["x"], d["y"])["accuracy"]) for d in evals]
+  return _federated_head(model, fed, lr, rounds=args.si_rounds, cohort=args.si_cohort,
+                         epochs=args.si_epochs, seed=seed,
+                         evals=[(d["x"], d["y"]) for d in evals])[1]
 
 
 def scarce_image(args, out):
@@ -582,7 +619,7 @@ def scarce_image(args, out):
   parts0, _ = labelled_clients(np.arange(args.si_pool), args.si_clients, args.si_tune_k, 0)
   for name, (model, arrays, v, t, lrs) in models.items():
     scores = {lr: _fed_fit(model, arrays, parts0, [v], lr, args, 0, nc)[0] for lr in lrs}
-    best[name] = max(scores, key=lambda a: (scores[a], -a))
+    best[name] = _best(scores)
     emit({"experiment": "scarce_image", "stage": "lr_tuning", "model": name,
           "k": args.si_tune_k,
           "val_accuracy_by_lr": {str(a): round(b, 4) for a, b in scores.items()},
@@ -691,14 +728,12 @@ def semi_text(args, out):
   z = ((emb - mu) / sd).astype(np.float32)
   nc = len(TOPICS)
   arrays = {"x": z, "y": labels}
-  model = fs.models.logistic_regression(z.shape[1], nc)
-  ev = fs.evaluation.make_evaluate(model)
+  model = _logreg(z.shape[1], nc)
+  ev = _evaluator(model)
 
   def train(fed, lr, seed):
-    algo = fs.algorithms.fedavg(optax.sgd(lr), batch_size=min(int(fed.max_client_size), 10),
-                                local_epochs=args.scarce_epochs)
-    return fs.run(algo, model, fed, rounds=args.scarce_rounds, cohort_size=args.scarce_cohort,
-                  seed=seed, progress=False, eval_every=args.scarce_rounds).params
+    return _federated_head(model, fed, lr, rounds=args.scarce_rounds, cohort=args.scarce_cohort,
+                           epochs=args.scarce_epochs, seed=seed)[0]
 
   for k, lr in args.semi_ks:
     acc = {"labels_only": []}
@@ -805,19 +840,12 @@ def source_selection(args, out):
       est["leep"] = tfy.leep(transfer.feature_cache(probs, c.encoder_params, target))
     val_f = transfer.feature_cache(c.encoder_apply, c.encoder_params, val_d)
     test_f = transfer.feature_cache(c.encoder_apply, c.encoder_params, test_d)
-    head = fs.models.logistic_regression(feats.arrays["x"].shape[1], 5)
-    ev = fs.evaluation.make_evaluate(head)
-    by_lr = {}
-    for lr in args.sel_lrs:
-      algo = fs.algorithms.fedavg(optax.sgd(lr), batch_size=10, local_epochs=args.sel_epochs)
-      accs = []
-      for seed in range(args.sel_seeds):
-        res = fs.run(algo, head, feats, rounds=args.sel_rounds, cohort_size=args.sel_cohort,
-                     seed=seed, progress=False, eval_every=args.sel_rounds)
-        accs.append((float(ev(res.params, val_f["x"], val_f["y"])["accuracy"]),
-                     float(ev(res.params, test_f["x"], test_f["y"])["accuracy"])))
-      by_lr[lr] = np.asarray(accs)
-    lr = max(by_lr, key=lambda a: by_lr[a][:, 0].mean())
+    head = _logreg(feats.arrays["x"].shape[1], 5)
+    by_lr = {lr: np.asarray([_federated_head(
+        head, feats, lr, rounds=args.sel_rounds, cohort=args.sel_cohort, epochs=args.sel_epochs,
+        seed=seed, batch_size=10, evals=[(val_f["x"], val_f["y"]), (test_f["x"], test_f["y"])])[1]
+        for seed in range(args.sel_seeds)]) for lr in args.sel_lrs}
+    lr = _best({a: b[:, 0].mean() for a, b in by_lr.items()})
     row = {"experiment": "source_selection", "stage": "candidate", "candidate": name,
            "feature_dim": int(feats.arrays["x"].shape[1]),
            **{f"{m}": round(e.score, 5) for m, e in est.items()},
@@ -932,10 +960,10 @@ def source_selection_text(args, out):
       accs = []
       for seed in range(args.sel_seeds):
         p, _ = labelled_clients(pool, args.sel_clients, args.sel_k, seed)
-        v, t, _ = _fed_logreg(x, labels, p, val, test, nc, lr, args, seed)
+        v, t = _fed_logreg(x, labels, p, val, test, nc, lr, args, seed)
         accs.append((v, t))
       by_lr[lr] = np.asarray(accs)
-    lr = max(by_lr, key=lambda a: by_lr[a][:, 0].mean())
+    lr = _best({a: b[:, 0].mean() for a, b in by_lr.items()})
     row = {"experiment": "source_selection_text", "stage": "candidate", "candidate": name,
            "feature_dim": int(x.shape[1]),
            **{m: round(r.estimates[name].score, 5) for m, r in rankings.items()},
@@ -977,13 +1005,10 @@ def _head_accuracy(z, parts, labels, evals, args, seed, num_classes=5):
   """A federated linear head on cached features ``z`` (the domain_shift head recipe): accuracy
   on each ``(x, y)`` of ``evals``."""
   fed = fs.FederatedData.from_partition({"x": z, "y": labels}, parts, num_classes=num_classes)
-  model = fs.models.logistic_regression(z.shape[1], num_classes)
-  algo = fs.algorithms.fedavg(optax.sgd(args.head_lr), optax.sgd(1.0, momentum=0.5),
-                              batch_size=10, local_epochs=args.head_epochs)
-  r = fs.run(algo, model, fed, rounds=args.ds_rounds, cohort_size=args.ds_cohort, seed=seed,
-             progress=False, eval_every=args.ds_rounds)
-  ev = fs.evaluation.make_evaluate(model)
-  return [float(ev(r.params, x, y)["accuracy"]) for x, y in evals]
+  return _federated_head(_logreg(z.shape[1], num_classes), fed, args.head_lr,
+                         rounds=args.ds_rounds, cohort=args.ds_cohort, epochs=args.head_epochs,
+                         seed=seed, evals=evals, batch_size=10,
+                         server_opt=optax.sgd(1.0, momentum=0.5))[1]
 
 
 def domain_shift(args, out):
