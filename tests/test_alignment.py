@@ -58,6 +58,31 @@ def test_source_moments_federated_equal_centralized():
   assert a.count == b.count == 90
 
 
+def test_moment_loss_matches_numpy_and_affine_map_zeroes_it():
+  src, tgt = _feats(4, 70, shift=1.0), _feats(5, 40, shift=-2.0, scale=3.0)
+  s64, t64 = src.astype(np.float64), tgt.astype(np.float64)
+  want = (np.mean((s64.mean(0) - t64.mean(0)) ** 2)
+          + np.mean((s64.var(0, ddof=1) - t64.var(0, ddof=1)) ** 2))
+  mom = alignment.source_moments(src)
+  padded = np.concatenate([tgt, 50 + _feats(6, 8)])
+  mask = np.arange(48) < 40
+  got = float(alignment.make_align("moments", mom)(jnp.asarray(padded), jnp.asarray(mask)))
+  assert abs(got - want) / want < 1e-5
+  # the closed-form map: NumPy's per-feature standardize-then-recolour, federated target moments
+  fed = fs.FederatedData.from_partition({"x": tgt}, [np.arange(0, 13), np.arange(13, 40)])
+  scale, shift = alignment.affine_map(mom, alignment.source_moments(fed), eps=0.0)
+  ref = (t64 - t64.mean(0)) / t64.std(0, ddof=1) * s64.std(0, ddof=1) + s64.mean(0)
+  mapped = tgt * scale + shift
+  np.testing.assert_allclose(mapped, ref, rtol=1e-4, atol=1e-4)
+  assert float(alignment.moment_loss(mom.mean, np.diag(mom.cov), mapped)) < 1e-6
+  # it undoes a per-feature affine shift of the same distribution exactly
+  a, b = np.linspace(0.5, 2.0, 5).astype(np.float32), np.arange(5, dtype=np.float32)
+  scale, shift = alignment.affine_map(mom, alignment.source_moments(src * a + b), eps=0.0)
+  np.testing.assert_allclose((src * a + b) * scale + shift, src, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="features"):
+    alignment.affine_map(mom, alignment.source_moments(_feats(0, d=3)))
+
+
 class Enc(nn.Module):
   @nn.compact
   def __call__(self, x):

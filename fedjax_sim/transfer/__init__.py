@@ -9,7 +9,8 @@ One module per concern:
 * :mod:`~fedjax_sim.transfer.pretraining`: centralized pretraining on a source task, encoder
   checkpoints.
 * :mod:`~fedjax_sim.transfer.joint`: the joint objective ``a * f_source + b * g_target
-  + c * align``; :mod:`~fedjax_sim.transfer.alignment`: its domain-alignment terms (CORAL, MMD).
+  + c * align``; :mod:`~fedjax_sim.transfer.alignment`: its domain-alignment terms (CORAL, MMD,
+  moment matching) and the closed-form affine map between domains from aggregated moments.
 * :mod:`~fedjax_sim.transfer.transferability`: federated estimates of which source encoder to
   pick (LogME, LEEP, H-score).
 * :mod:`~fedjax_sim.transfer.semi_supervised`: confident pseudo-labels of the clients' unlabeled

@@ -13,9 +13,16 @@ enters only as *aggregated moments* (no source example is needed on a target cli
   shares ``mean phi(source) [R]``. With ``kernel="linear"`` it is the squared distance of the
   feature means (the source shares its mean ``[D]``).
 
+* Moment matching (``"moments"``): the mean over features of the squared differences of the
+  per-feature means and variances, ``sum_d [(mu_S - mu_T)_d^2 + (var_S - var_T)_d^2] / D``.
+
 Both are computed from the source features' moments: :func:`source_moments` gives them from a
 centralized array or, federatedly, from source clients' per-client sums aggregated like updates
-(:func:`fedjax_sim.transfer.transferability.aggregate_statistics`).
+(:func:`fedjax_sim.transfer.transferability.aggregate_statistics`). The same function gives the
+target clients' aggregated moments, and :func:`affine_map` the closed-form mapping between the
+domains that zeroes the moment-matching term: ``f -> scale * f + shift`` per feature, the
+simplest "mapping between domains" (it costs the target clients one round of sums, no labels and
+no training).
 """
 
 from __future__ import annotations
@@ -127,10 +134,41 @@ def mmd_loss(source_embedding: jax.Array, target: jax.Array, mask: jax.Array | N
   return jnp.sum((jnp.asarray(source_embedding, jnp.float32) - mu_t) ** 2)
 
 
+def affine_map(source: Moments, target: Moments, eps: float = 1e-6):
+  """Closed-form per-feature map ``f -> scale * f + shift`` taking the target features' mean and
+  variance to the source's: ``scale = sd_S / sd_T``, ``shift = mu_S - scale * mu_T`` (each
+  ``[D]``; ``sd`` from the diagonal of the unbiased covariances, ``eps`` added to ``sd_T``).
+
+  It is the exact minimiser of the ``"moments"`` alignment over per-feature affine maps (the
+  mapped target moments equal the source's) and, for features whose target distribution is an
+  affine, per-feature transform of the source's, it undoes the shift. Like AdaBN (Li et al.
+  2016), but from aggregated moments of federated clients rather than a batch.
+  """
+  if np.shape(source.mean) != np.shape(target.mean):
+    raise ValueError(f"affine_map: source moments have {np.shape(source.mean)} features, target "
+                     f"{np.shape(target.mean)}")
+  if not eps >= 0:
+    raise ValueError(f"affine_map needs eps >= 0, got {eps}")
+  sd_s = np.sqrt(np.maximum(np.diag(np.asarray(source.cov, np.float64)), 0.0))
+  sd_t = np.sqrt(np.maximum(np.diag(np.asarray(target.cov, np.float64)), 0.0))
+  scale = sd_s / (sd_t + eps)
+  shift = np.asarray(source.mean, np.float64) - scale * np.asarray(target.mean, np.float64)
+  return scale.astype(np.float32), shift.astype(np.float32)
+
+
+def moment_loss(source_mean: jax.Array, source_var: jax.Array, target: jax.Array,
+                mask: jax.Array | None = None):
+  """``mean_d [(mu_S - mu_T)_d^2 + (var_S - var_T)_d^2]`` for target features ``[B, D]`` (the
+  unbiased variances of the unmasked rows), against the source's mean and variance ``[D]``."""
+  mu, cov, _ = masked_moments(target, mask)
+  return (jnp.mean((jnp.asarray(source_mean, jnp.float32) - mu) ** 2)
+          + jnp.mean((jnp.asarray(source_var, jnp.float32) - jnp.diag(cov)) ** 2))
+
+
 def make_align(kind: str, moments: Moments, rff: RandomFourierFeatures | None = None) -> AlignFn:
   """An ``align(features [B, D], mask [B]) -> scalar`` term for
   :func:`fedjax_sim.transfer.joint_objective_model`: ``"coral"``, ``"mmd"`` (needs
-  ``rff`` and ``moments.rff_mean``) or ``"mmd_linear"``."""
+  ``rff`` and ``moments.rff_mean``), ``"mmd_linear"`` or ``"moments"``."""
   if kind == "coral":
     cov = jnp.asarray(moments.cov, jnp.float32)
     return lambda f, mask: coral_loss(cov, f, mask)
@@ -143,4 +181,9 @@ def make_align(kind: str, moments: Moments, rff: RandomFourierFeatures | None = 
   if kind == "mmd_linear":
     mu = jnp.asarray(moments.mean, jnp.float32)
     return lambda f, mask: mmd_loss(mu, f, mask)
-  raise ValueError(f"unknown alignment {kind!r}; choose 'coral', 'mmd' or 'mmd_linear'")
+  if kind == "moments":
+    mu = jnp.asarray(moments.mean, jnp.float32)
+    var = jnp.asarray(np.diag(moments.cov), jnp.float32)
+    return lambda f, mask: moment_loss(mu, var, f, mask)
+  raise ValueError(f"unknown alignment {kind!r}; choose 'coral', 'mmd', 'mmd_linear' or "
+                   f"'moments'")
