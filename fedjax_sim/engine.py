@@ -8,8 +8,11 @@ One call of the function built by :func:`make_round` runs a whole round as one X
                  -> delta [K,...]; non-finite clients -> weight 0; aggregator.accumulate
   ──► aggregator.finalize -> pseudo-gradient ──► server optimizer -> ServerState
 
-Cost follows the clients' real work: S (from the largest client) only sizes the index tables;
-a chunk of similar clients runs its own busiest client's steps (:func:`cohort_layout`). Peak
+Cost follows the clients' real work: S (from the largest client) only sizes the index tables
+(their shuffles are computed at the chunk's own bound: :func:`~fedjax_sim.data.federated.
+batch_indices`); a chunk of similar clients runs its own busiest client's steps
+(:func:`cohort_layout`), in phases of halving width so that one long client does not keep
+finished slots stepping (:func:`phase_widths`). Peak
 memory follows the chunk size K, not the cohort size C. Data lives on the device as flat
 arrays (:class:`DeviceData`) and is passed as an argument (never closed over, so it is not
 baked into the program as a constant).
@@ -425,6 +428,7 @@ def make_cohort_fold(algorithm: Algorithm, model: Model, *, max_client_size: int
       xs, ys = data.examples(cids, rows)
 
     def phase_body(w: int):
+      """Loop body stepping the first ``w`` slots; its carry holds only those ``w`` clients."""
       wctx, wcids, wrows, wmask = head(ctx, w), cids[:w], rows[:w], mask[:w]
       if not per_step:
         wxs, wys = xs[:w], ys[:w]
@@ -437,25 +441,29 @@ def make_cohort_fold(algorithm: Algorithm, model: Model, *, max_client_size: int
         else:
           bx, by = (jax.lax.dynamic_index_in_dim(a, t, axis=1, keepdims=False)
                     for a in (wxs, wys))
-        if w == k:
-          return v_step(carry, Batch(bx, by, m), wctx, t)
-        part = v_step(jax.tree.map(lambda a: a[:w], carry), Batch(bx, by, m), wctx, t)
-        return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, 0, axis=0),
-                            carry, part)
+        return v_step(carry, Batch(bx, by, m), wctx, t)
       return body
 
+    def narrow_phase(carry, start, end, w: int):
+      """Steps ``[start, end)`` of the first ``w`` slots: their carry is sliced out once, stepped
+      at width w, and written back once (not per step)."""
+      part = jax.lax.fori_loop(start, end, phase_body(w), jax.tree.map(lambda a: a[:w], carry))
+      return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, 0, axis=0),
+                          carry, part)
+
     widths = phase_widths(k)
-    carry, start = v_init(ctx), jnp.int32(0)
-    for i, w in enumerate(widths):
-      end = suffix[widths[i + 1]] if i + 1 < len(widths) else suffix[0]
-      end = jnp.maximum(end, start)
-      if w == k:
-        carry = jax.lax.fori_loop(start, end, phase_body(w), carry)
-      else:   # skipped outright when empty, so an equal-size chunk pays nothing for the phases
-        carry = jax.lax.cond(end > start,
-                             lambda c, s=start, e=end, f=phase_body(w): jax.lax.fori_loop(s, e, f, c),
+    ends = [suffix[w] for w in widths[1:]] + [suffix[0]]   # non-decreasing
+    carry = jax.lax.fori_loop(0, ends[0], phase_body(k), v_init(ctx))
+
+    def narrow_phases(carry):
+      for i, w in enumerate(widths[1:], start=1):
+        carry = jax.lax.cond(ends[i] > ends[i - 1],
+                             lambda c, s=ends[i - 1], e=ends[i], w=w: narrow_phase(c, s, e, w),
                              lambda c: c, carry)
-      start = end
+      return carry
+
+    if len(widths) > 1:   # skipped outright when the chunk's clients end together (equal sizes)
+      carry = jax.lax.cond(ends[-1] > ends[0], narrow_phases, lambda c: c, carry)
     return v_final(carry, ctx)
 
   def template(params, aux, stores, hparams):

@@ -5,6 +5,7 @@ import os
 import struct
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -644,3 +645,30 @@ def test_fortunes_installed(monkeypatch):
   texts, labels = datasets.fortunes(max_per_topic=50)
   assert len(texts) == 250 and np.bincount(labels).tolist() == [50] * 5
   assert all(t and "\n" not in t for t in texts)
+
+
+@pytest.mark.parametrize("work", [
+    fs.data.federated.LocalWork(8, local_epochs=2),
+    fs.data.federated.LocalWork(8, local_epochs=None, local_steps=5),
+    fs.data.federated.LocalWork(8, local_epochs=3, shuffle=False)])
+def test_batch_indices_cost_follows_the_largest_client_of_the_call(work):
+  """Tables are computed at the smallest bound holding the call's largest client, and equal the
+  tables at the population's bound in every unmasked entry (same rows, same mask, same steps)."""
+  from fedjax_sim.data import federated as fd
+  key = jax.random.key(4)
+  sizes = jnp.asarray([13, 1, 0, 40, 7], jnp.int32)
+  offsets = jnp.asarray([0, 13, 14, 14, 54], jnp.int32)
+  ids = jnp.asarray([3, 0, 9, 2, 5], jnp.int32)
+  rows, mask = fd.batch_indices(key, ids, offsets, sizes, work, 5000)
+  keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(ids)
+  ref_rows, ref_mask = jax.vmap(lambda k, o, n: fd._client_indices(k, o, n, work, 5000))(
+      keys, offsets, sizes)
+  assert rows.shape == ref_rows.shape and rows.dtype == jnp.int32
+  np.testing.assert_array_equal(mask, ref_mask)
+  np.testing.assert_array_equal(np.where(mask, rows, -1), np.where(ref_mask, ref_rows, -1))
+  # and the shuffle is a permutation of each client's own rows, once per epoch
+  m, r = np.asarray(mask), np.asarray(rows)
+  for i, (o, n) in enumerate(zip(np.asarray(offsets), np.asarray(sizes))):
+    got = np.sort(r[i][m[i]])
+    if work.local_steps is None:
+      np.testing.assert_array_equal(got, np.sort(np.tile(np.arange(o, o + n), work.local_epochs)))

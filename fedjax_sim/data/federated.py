@@ -12,6 +12,7 @@ compiled round, next to local training, one chunk of clients at a time.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -142,9 +143,31 @@ def batch_indices(key: jax.Array, client_ids: jax.Array, offsets: jax.Array, siz
     ``rows [C, S, B]`` int32 rows of the flat arrays and ``mask [C, S, B]`` bool.
   """
   keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(client_ids)
-  rows, mask = jax.vmap(lambda k, o, n: _client_indices(k, o, n, work, max_client_size))(
-      keys, offsets, sizes)
-  return rows.astype(jnp.int32), mask
+  full = work.steps_per_epoch(max_client_size)
+
+  def at(steps: int):
+    """The tables computed for clients of at most ``steps * B`` examples, padded to ``S``."""
+    rows, mask = jax.vmap(lambda k, o, n: _client_indices(
+        k, o, n, work, min(steps * work.batch_size, max_client_size)))(keys, offsets, sizes)
+    if work.local_steps is None and steps < full:   # pad each epoch's block to `full` steps
+      c, b, e = rows.shape[0], work.batch_size, work.local_epochs
+      pad = ((0, 0), (0, 0), (0, full - steps), (0, 0))
+      rows = jnp.pad(rows.reshape(c, e, steps, b), pad, mode="edge").reshape(c, e * full, b)
+      mask = jnp.pad(mask.reshape(c, e, steps, b), pad).reshape(c, e * full, b)
+    return rows.astype(jnp.int32), mask
+
+  # Shuffling costs O(bound) per client, so a population's largest client would make every
+  # client pay for its size. The tables are computed at the smallest bound in a ladder (powers
+  # of 4 steps) that holds this call's largest client: a client's shuffle only depends on its own
+  # rows (uniforms are drawn per position, ``jax_threefry_partitionable``), so the tables'
+  # non-padding entries are the same at every bound (only masked padding differs).
+  # Up to 16 batches a client, the ladder's switch would cost more than the shuffles it saves.
+  ladder = [4 ** j for j in range(32) if 4 ** j < full] + [full]
+  if full <= 16:
+    return at(full)
+  need = -(-jnp.max(sizes) // work.batch_size)
+  return jax.lax.switch(jnp.searchsorted(jnp.asarray(ladder), need),
+                        [functools.partial(at, s) for s in ladder])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
