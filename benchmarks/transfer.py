@@ -494,23 +494,31 @@ def scarce_text(args, out):
                      "fortunes topics, 100 clients: accuracy vs labels per client")
 
 
+def _accuracy_vs_k_axes(ax, summary, ks, title, xlabel, ylabel, legend_size):
+  """Mean +- std accuracy (%) vs k on ``ax``, one line per model of ``summary``
+  (``{(model, k): per-seed accuracies}``; a model missing some k is drawn where it has data)."""
+  for name in sorted({n for n, _ in summary}):
+    have = [k for k in ks if (name, k) in summary]
+    m = np.array([summary[(name, k)].mean() for k in have]) * 100
+    s = np.array([summary[(name, k)].std() for k in have]) * 100
+    ax.errorbar(have, m, yerr=s, marker="o", capsize=3, label=name)
+  ax.set_xscale("log")
+  ax.set_xticks(ks)
+  ax.set_xticklabels([str(k) for k in ks])
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=legend_size)
+
+
 def plot_accuracy_vs_k(summary, ks, path, title):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for name in sorted({n for n, _ in summary}):
-    m = np.array([summary[(name, k)].mean() for k in ks]) * 100
-    s = np.array([summary[(name, k)].std() for k in ks]) * 100
-    ax.errorbar(ks, m, yerr=s, marker="o", capsize=3, label=name)
-  ax.set_xscale("log")
-  ax.set_xticks(ks)
-  ax.set_xticklabels([str(k) for k in ks])
-  ax.set_xlabel("labelled examples per client (k)")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  _accuracy_vs_k_axes(ax, summary, ks, title, "labelled examples per client (k)",
+                      "test accuracy (%)", 8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -692,19 +700,8 @@ def plot_scarce_both(image_summary, ks, path, text_jsonl):
                                  ("images: Fashion-MNIST upper-body classes", image_summary)) if s]
   fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
   for ax, (title, summary) in zip(axes[0], panels):
-    for name in sorted({n for n, _ in summary}):
-      have = [k for k in ks if (name, k) in summary]
-      m = np.array([summary[(name, k)].mean() for k in have]) * 100
-      s = np.array([summary[(name, k)].std() for k in have]) * 100
-      ax.errorbar(have, m, yerr=s, marker="o", capsize=3, label=name)
-    ax.set_xscale("log")
-    ax.set_xticks(ks)
-    ax.set_xticklabels([str(k) for k in ks])
-    ax.set_xlabel("labelled examples per client (k), 100 clients")
-    ax.set_ylabel("federated test accuracy (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _accuracy_vs_k_axes(ax, summary, ks, title, "labelled examples per client (k), 100 clients",
+                        "federated test accuracy (%)", 7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -193,11 +193,7 @@ def plot_histories(histories: Mapping[str, History], path: str | Path | None = N
     ax.legend(fontsize=8)
   if title:
     fig.suptitle(title, fontsize=11)
-  fig.tight_layout()
-  if path is not None:   # atomically, in the format of the file name's suffix
-    with files.atomic_open(path) as f:
-      fig.savefig(f, dpi=120, format=Path(path).suffix[1:] or None)
-  return fig
+  return _finish(fig, path)
 
 
 def plot_class_accuracy(per_class: Mapping[str, Any], path: str | Path | None = None,
@@ -241,11 +237,7 @@ def plot_class_accuracy(per_class: Mapping[str, Any], path: str | Path | None = 
   ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
   if title:
     ax.set_title(title, fontsize=11)
-  fig.tight_layout()
-  if path is not None:
-    with files.atomic_open(path) as f:
-      fig.savefig(f, dpi=120, format=Path(path).suffix[1:] or None)
-  return fig
+  return _finish(fig, path)
 
 
 def plot_label_distribution(data, path: str | Path | None = None, kind: str = "bar",
@@ -321,6 +313,12 @@ def plot_label_distribution(data, path: str | Path | None = None, kind: str = "b
                 else "client")
   if title:
     ax.set_title(title, fontsize=11)
+  return _finish(fig, path)
+
+
+def _finish(fig, path):
+  """Lays ``fig`` out, saves it to ``path`` if given (atomically, in the format of the file
+  name's suffix) and returns it: the tail of every plot here."""
   fig.tight_layout()
   if path is not None:
     with files.atomic_open(path) as f:
