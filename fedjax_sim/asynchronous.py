@@ -230,7 +230,7 @@ def init_state(config: AsyncConfig, params: PyTree, data: engine.DeviceData,
 
 
 def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_client_size: int,
-                     chunk_size: int | None = None):
+                     chunk_size: int | None = None, min_client_size: int = 0):
   """Builds ``step(state: AsyncState, data: DeviceData, key) -> (AsyncState, StepOutput)``
   (not jitted): wait for the next K arrivals, train them, apply one server update.
 
@@ -239,6 +239,8 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
     model: the model.
     population: number of clients P in ``data`` (``>= concurrency``).
     max_client_size: largest client (fixes the static number of local steps S).
+    min_client_size: smallest client (0: unknown); prunes compiled code no step can use
+      (:func:`fedjax_sim.engine.step_widths`).
     chunk_size: arrivals trained per vmapped chunk (default
       :func:`fedjax_sim.engine.default_chunk_size`); peak memory follows it.
   """
@@ -251,7 +253,7 @@ def make_server_step(config: AsyncConfig, model: Model, *, population: int, max_
   k = math.ceil(kk / num_chunks)
   padded = num_chunks * k
   fold = engine.make_cohort_fold(a, model, max_client_size=max_client_size, chunk_size=k,
-                                 shared_params=False)
+                                 shared_params=False, min_client_size=min_client_size)
   agg = a.aggregator
   agg.validate(kk)
 
@@ -441,7 +443,8 @@ def build(config: AsyncConfig, model: Model, train_data: FederatedData, *,
                                               client_weights, algorithm=config.algorithm)
   data = engine.to_device(train_data, weights)
   step = make_server_step(config, model, population=train_data.num_clients,
-                          max_client_size=train_data.max_client_size, chunk_size=chunk_size)
+                          max_client_size=train_data.max_client_size, chunk_size=chunk_size,
+                          min_client_size=getattr(train_data, "min_client_size", 0))
 
   def init(key_init):
     key_params, key_sim = jax.random.split(key_init)

@@ -341,6 +341,21 @@ def phase_widths(k: int) -> tuple[int, ...]:
   return (k,) + tuple(1 << j for j in reversed(range(below))) if k > 1 else (k,)
 
 
+def step_widths(k: int, work: LocalWork, min_client_size: int, max_client_size: int,
+                het: heterogeneity.Heterogeneity | None = None) -> tuple[int, ...]:
+  """The widths a chunk of ``k`` clients is compiled to step at: :func:`phase_widths`, or only
+  ``(k,)`` when every non-empty client provably takes the same number of local steps (fixed
+  ``local_steps``, or epochs over clients of equal batch counts, with no heterogeneity to mask
+  steps). Then the narrow phases could only ever serve a partly padded chunk, whose padding
+  slots are no-op steps anyway, so compiling them buys nothing. ``min_client_size`` 0 means
+  unknown (all widths)."""
+  if het is None and min_client_size > 0 and (
+      work.local_steps is not None
+      or work.steps_per_epoch(min_client_size) == work.steps_per_epoch(max_client_size)):
+    return (k,)
+  return phase_widths(k)
+
+
 class FoldOutput(NamedTuple):
   """What :func:`make_cohort_fold`'s fold returns for its share of a cohort.
 
@@ -358,7 +373,7 @@ class FoldOutput(NamedTuple):
 
 def make_cohort_fold(algorithm: Algorithm, model: Model, *, max_client_size: int, chunk_size: int,
                      heterogeneity: heterogeneity.Heterogeneity | None = None,
-                     shared_params: bool = True):
+                     shared_params: bool = True, min_client_size: int = 0):
   """THE cohort fold, shared by the synchronous round and the asynchronous simulation:
   chunks of K clients -> batches -> ``vmap`` of the client program over the chunk, stepped as
   many times as the chunk's busiest client needs -> update transform -> finite mask ->
@@ -371,11 +386,15 @@ def make_cohort_fold(algorithm: Algorithm, model: Model, *, max_client_size: int
   ``params`` (``shared_params=True``), or, with ``shared_params=False``, from
   ``params[version[c] % H]`` of a ring of H models (leaves ``[H, ...]``: asynchronous clients
   start from the version they downloaded). ``weight_scale [chunks, K]`` multiplies the
-  aggregation weights (asynchronous staleness). Not jitted.
+  aggregation weights (asynchronous staleness). ``min_client_size`` (0: unknown) is the smallest
+  client's size: when every non-empty client then takes the same number of steps (and no
+  heterogeneity masks any), chunks step at width K only (:func:`step_widths`), which compiles
+  one copy of the client step instead of log2(K) + 1. Not jitted.
   """
   work = algorithm.work
   het = heterogeneity
   k = chunk_size
+  widths = step_widths(k, work, min_client_size, max_client_size, het)
   program = algorithm.client(model, algorithm.client_optimizer)
   agg, transform = algorithm.aggregator, algorithm.update_transform
   ctx_axes = ClientContext(client_id=0, global_params=None if shared_params else 0, state=0,
@@ -451,7 +470,6 @@ def make_cohort_fold(algorithm: Algorithm, model: Model, *, max_client_size: int
       return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, 0, axis=0),
                           carry, part)
 
-    widths = phase_widths(k)
     ends = [suffix[w] for w in widths[1:]] + [suffix[0]]   # non-decreasing
     carry = jax.lax.fori_loop(0, ends[0], phase_body(k), v_init(ctx))
 
@@ -483,7 +501,7 @@ def make_cohort_fold(algorithm: Algorithm, model: Model, *, max_client_size: int
       cids, cvalid, cscale, cver = chunk_in
       sizes = jnp.where(cvalid, data.client_sizes(cids), 0)
       rows, mask = batch_indices(keys.batch, cids, data.client_offsets(cids), sizes, work,
-                                 max_client_size)
+                                 max_client_size, min_client_size)
       lr_scale, straggler, dropped = jnp.ones(k, jnp.float32), jnp.zeros_like(cvalid), \
           jnp.zeros_like(cvalid)
       if het is not None:
@@ -570,7 +588,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
                max_client_size: int, chunk_size: int | None = None,
                mesh: jax.sharding.Mesh | None = None,
                heterogeneity: heterogeneity.Heterogeneity | None = None,
-               cohort_sampling: str = "uniform"):
+               cohort_sampling: str = "uniform", min_client_size: int = 0):
   """Builds ``round_fn(state, data: DeviceData, key) -> (ServerState, RoundOutput)`` (not jitted).
 
   Args:
@@ -593,6 +611,9 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
     cohort_sampling: ``"uniform"`` (default) or ``"size"``: clients drawn with probability
       proportional to their example counts (successive sampling without replacement; pair it
       with ``weighting="uniform"`` for an unbiased average, as the FedProx paper does).
+    min_client_size: the smallest client's size (0: unknown). Only prunes compiled code that no
+      round can use (:func:`step_widths`, :func:`~fedjax_sim.data.federated.batch_indices`):
+      results are the same with 0.
 
   The state must come from :func:`init_state` (it holds the per-client state stores).
   """
@@ -611,7 +632,7 @@ def make_round(algorithm: Algorithm, model: Model, *, population: int, cohort_si
   agg = algorithm.aggregator
   agg.validate(cohort_size)
   fold = make_cohort_fold(algorithm, model, max_client_size=max_client_size, chunk_size=k,
-                          heterogeneity=het)
+                          heterogeneity=het, min_client_size=min_client_size)
 
   def fold_share(params, aux, stores, hparams, data, keys, ids, valid):
     """One device's share: ids/valid ``[1, num_chunks, k]`` -> FoldOutput with a leading [1]."""

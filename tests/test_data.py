@@ -672,3 +672,23 @@ def test_batch_indices_cost_follows_the_largest_client_of_the_call(work):
     got = np.sort(r[i][m[i]])
     if work.local_steps is None:
       np.testing.assert_array_equal(got, np.sort(np.tile(np.arange(o, o + n), work.local_epochs)))
+
+
+@pytest.mark.parametrize("work", [
+    fs.data.federated.LocalWork(8, local_epochs=2),
+    fs.data.federated.LocalWork(8, local_epochs=None, local_steps=5)])
+def test_batch_indices_min_client_size_only_prunes_bounds(work):
+  """A population's smallest size prunes the shuffle bounds no call can pick: the tables equal
+  those of an unknown minimum in every unmasked entry, for clients of that size and above and
+  for an all-padding call."""
+  from fedjax_sim.data import federated as fd
+  key = jax.random.key(7)
+  for sizes in ([600, 0, 450, 800], [450, 450, 0, 0], [0, 0, 0, 0]):
+    sizes = jnp.asarray(sizes, jnp.int32)
+    offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(sizes)[:-1]])
+    ids = jnp.asarray([2, 0, 5, 1], jnp.int32)
+    ref_rows, ref_mask = fd.batch_indices(key, ids, offsets, sizes, work, 5000)
+    rows, mask = fd.batch_indices(key, ids, offsets, sizes, work, 5000, min_client_size=450)
+    assert rows.shape == ref_rows.shape
+    np.testing.assert_array_equal(mask, ref_mask)
+    np.testing.assert_array_equal(np.where(mask, rows, -1), np.where(ref_mask, ref_rows, -1))

@@ -218,6 +218,44 @@ def test_phase_widths_halve_down_to_one():
   assert fs.engine.phase_widths(9) == (9, 8, 4, 2, 1)
 
 
+def test_step_widths_compile_one_width_when_every_client_takes_the_same_steps():
+  lw = fs.data.federated.LocalWork
+  het = fs.heterogeneity.Heterogeneity(straggler_fraction=0.5)
+  assert fs.engine.step_widths(8, lw(10, local_epochs=None, local_steps=5), 3, 500) == (8,)
+  assert fs.engine.step_widths(8, lw(10, local_epochs=2), 95, 100) == (8,)      # 10 batches each
+  assert fs.engine.step_widths(8, lw(10, local_epochs=2), 90, 100) == (8, 4, 2, 1)
+  assert fs.engine.step_widths(8, lw(10, local_epochs=2), 0, 100) == (8, 4, 2, 1)   # unknown
+  assert fs.engine.step_widths(8, lw(10, local_epochs=None, local_steps=5), 3, 500,
+                               het) == (8, 4, 2, 1)
+
+
+@pytest.mark.slow
+def test_fold_with_known_min_size_equals_the_fold_without():
+  """Equal step counts compile only width K (and fewer shuffle bounds); the results, including a
+  partly padded chunk and a chunk of one real client, are exactly those of the full fold."""
+  data = testing.ragged_clients((77, 78, 80, 79, 77, 80))   # 20 batches of 4 each
+  model = _mlp()
+  params = model.init(jax.random.key(0))
+  dev = fs.engine.to_device(data)
+  keys = fs.engine.round_keys(jax.random.key(5))
+  ids = jnp.asarray([[3, 0, 5, 1], [2, 4, 0, 0], [1, 0, 0, 0]], jnp.int32)
+  valid = jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], bool)
+  for work in ({"local_epochs": 1}, {"local_epochs": None, "local_steps": 3}):
+    algo = fs.algorithms.fedavg(optax.sgd(0.05), batch_size=4, **work)
+    state = fs.engine.init_state(algo, params, data.num_clients)
+    assert fs.engine.step_widths(4, algo.work, data.min_client_size, data.max_client_size) == (4,)
+    outs = []
+    for least in (0, data.min_client_size):
+      fold = fs.engine.make_cohort_fold(algo, model, max_client_size=data.max_client_size,
+                                        chunk_size=4, min_client_size=least)
+      outs.append(jax.jit(fold)(state.params, state.aux, state.clients, state.hparams, dev, keys,
+                                ids, valid))
+    for name in ("loss_sum", "steps", "weight"):
+      np.testing.assert_array_equal(outs[0].clients[name], outs[1].clients[name])
+    for a, b in zip(jax.tree.leaves(outs[0].aggregate), jax.tree.leaves(outs[1].aggregate)):
+      np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow
 def test_fold_is_independent_of_slot_order():
   """Phases of halving width assume a chunk's busiest clients come first; an unsorted chunk

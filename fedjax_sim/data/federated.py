@@ -126,7 +126,7 @@ def local_steps(work: LocalWork, sizes: jax.Array) -> jax.Array:
 
 
 def batch_indices(key: jax.Array, client_ids: jax.Array, offsets: jax.Array, sizes: jax.Array,
-                  work: LocalWork, max_client_size: int):
+                  work: LocalWork, max_client_size: int, min_client_size: int = 0):
   """Per-client shuffled example rows for one round of local training.
 
   Args:
@@ -138,6 +138,8 @@ def batch_indices(key: jax.Array, client_ids: jax.Array, offsets: jax.Array, siz
     sizes: ``[C]`` number of examples per client (0 for padding clients).
     work: batch size and local epochs/steps.
     max_client_size: static bound on ``sizes`` (fixes the number of steps S).
+    min_client_size: static lower bound on the non-zero ``sizes`` (0: unknown). Only prunes the
+      compiled shuffle bounds that no call can use (a population of equal sizes compiles one).
 
   Returns:
     ``rows [C, S, B]`` int32 rows of the flat arrays and ``mask [C, S, B]`` bool.
@@ -163,7 +165,11 @@ def batch_indices(key: jax.Array, client_ids: jax.Array, offsets: jax.Array, siz
   # non-padding entries are the same at every bound (only masked padding differs).
   # Up to 16 batches a client, the ladder's switch would cost more than the shuffles it saves.
   ladder = [4 ** j for j in range(32) if 4 ** j < full] + [full]
-  if full <= 16:
+  # Bounds below the smallest client's batches serve only all-padding calls, which any bound
+  # serves: keep the smallest bound that holds the smallest client, and those above it.
+  least = -(-max(int(min_client_size), 0) // work.batch_size)
+  ladder = [s for s in ladder if s >= least]
+  if full <= 16 or len(ladder) == 1:
     return at(full)
   need = -(-jnp.max(sizes) // work.batch_size)
   return jax.lax.switch(jnp.searchsorted(jnp.asarray(ladder), need),
@@ -375,6 +381,10 @@ class FederatedData:
   @property
   def max_client_size(self) -> int:
     return int(self.sizes.max())
+
+  @property
+  def min_client_size(self) -> int:
+    return int(self.sizes.min())
 
   def client(self, p: int) -> dict[str, np.ndarray]:
     """Client ``p``'s examples (by position, not by id)."""
