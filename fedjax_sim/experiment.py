@@ -125,22 +125,58 @@ def build(algorithm: Algorithm, model: Model, train_data, *, cohort_size: int,
 
 # --- driving an experiment: blocks of rounds, records, evaluation, progress ---------------------
 
-class CompiledBlocks:
-  """One compiled program per distinct block length of a jitted ``block_fn(state, data, key, rs)``
-  (a ``lax.scan`` over the rounds ``rs``); ``seconds`` is the total compile time so far."""
+def arg_signature(tree) -> tuple:
+  """What a compiled program is specialised to in its arguments: the pytree structure and each
+  leaf's abstract value (shape, dtype, weak type) and sharding."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((jax.typeof(a), getattr(a, "sharding", None)) for a in leaves)
 
-  def __init__(self, block_jit, put: Callable[[Any], Any] = lambda t: t):
-    self._jit, self._put, self._cache = block_jit, put, {}
+
+# Compiled block programs of recent runs, shared by runs whose block is the same program: the
+# key (from :func:`fedjax_sim.run`) names every object and static number ``make_round`` closes
+# over, and holds those objects so their ids stay theirs. A loop of ``fs.run`` over seeds,
+# client weights, init params or hparams (all arguments of the program, not constants in it), or
+# a resumed run, then compiles once. Entries are dropped least recently used first.
+BLOCK_CACHE_SIZE = 8
+_BLOCK_PROGRAMS: dict = {}
+
+
+def shared_programs(key: tuple, pinned: tuple) -> dict:
+  """The program cache of runs with ``key`` (created empty on first use); ``pinned`` are the
+  objects whose ids ``key`` holds."""
+  entry = _BLOCK_PROGRAMS.pop(key, None) or (pinned, {})
+  _BLOCK_PROGRAMS[key] = entry   # most recently used last
+  while len(_BLOCK_PROGRAMS) > BLOCK_CACHE_SIZE:
+    del _BLOCK_PROGRAMS[next(iter(_BLOCK_PROGRAMS))]
+  return entry[1]
+
+
+def clear_block_cache() -> None:
+  """Forgets the compiled programs :func:`fedjax_sim.run` keeps for later runs."""
+  _BLOCK_PROGRAMS.clear()
+
+
+class CompiledBlocks:
+  """One compiled program per distinct block length (and argument signature) of a jitted
+  ``block_fn(state, data, key, rs)`` (a ``lax.scan`` over the rounds ``rs``); ``seconds`` is the
+  compile time this object spent. ``programs`` (default a fresh dict) holds the programs: a
+  dict from :func:`shared_programs` shares them with earlier runs of the same block."""
+
+  def __init__(self, block_jit, put: Callable[[Any], Any] = lambda t: t,
+               programs: dict | None = None):
+    self._jit, self._put = block_jit, put
+    self._cache = {} if programs is None else programs
     self.seconds = 0.0
 
   def __call__(self, length: int, state, data, key):
     """The compiled program for blocks of ``length`` rounds (compiled on first use)."""
-    if length not in self._cache:
+    sig = (length, arg_signature((state, data, key)))
+    if sig not in self._cache:
       t0 = time.perf_counter()
-      self._cache[length] = self._jit.lower(
+      self._cache[sig] = self._jit.lower(
           state, data, key, self._put(jnp.zeros(length, jnp.int32))).compile()
       self.seconds += time.perf_counter() - t0
-    return self._cache[length]
+    return self._cache[sig]
 
   def run(self, state, data, key, first: int, last: int):
     """Runs rounds ``first..last`` as one block: ``(state, outputs [last - first + 1, ...],

@@ -18,7 +18,7 @@ from fedjax_sim.asynchronous import AsyncConfig, run_async
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.data.procedural import ProceduralPopulation
 from fedjax_sim.experiment import (CompiledBlocks, build as build_experiment, drive, seed_keys,
-                                   warn_divergence)
+                                   shared_programs, warn_divergence)
 from fedjax_sim.heterogeneity import Heterogeneity
 from fedjax_sim.history import History
 from fedjax_sim.models.core import Model, label_dtype
@@ -34,6 +34,11 @@ class RunResult:
     state: final :class:`~fedjax_sim.server.ServerState`.
     history: per-round metrics (:class:`~fedjax_sim.history.History`).
     compile_seconds: time to compile the round (not included in ``seconds`` of the history).
+      0 when an earlier run compiled the same program: runs with the same ``algorithm``,
+      ``model`` and ``heterogeneity`` objects, cohort and chunk sizes, on a population of the
+      same sizes, share their compiled rounds (seeds, init params, client weights and hparams
+      are arguments of the program; :func:`fedjax_sim.experiment.clear_block_cache` forgets
+      them). Like ``jax.jit``, the cache assumes those objects do not change.
     overrides: deliberate changes of the experiment accepted on resume (``resume="override"``):
       ``[{"round": r, "changes": [...]}]`` (``r``: the checkpoint's round), kept in the
       checkpoints; ``[]`` for none.
@@ -241,7 +246,15 @@ def run(algorithm: Algorithm | AsyncConfig, model: Model, train_data: FederatedD
   put = (lambda t: distributed.replicate(t, mesh)) if multi else (lambda t: t)  # noqa: E731
   # Multi-process: replicated outputs, so every process can read the state and metrics.
   jit_kw = {"out_shardings": distributed.replicated(mesh)} if multi else {}
-  blocks = CompiledBlocks(jax.jit(exp.block, **jit_kw), put)
+  # Everything the block program closes over (see engine.make_round), so that a later run with
+  # the same objects and sizes reuses its compiled programs (experiment.shared_programs).
+  cache_key = ("sync", id(algorithm), id(model), id(heterogeneity), mesh, multi,
+               train_data.num_clients, train_data.max_client_size,
+               getattr(train_data, "min_client_size", 0), cohort_size, chunk_size,
+               cohort_sampling, jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
+               jax.config.jax_threefry_partitionable)
+  blocks = CompiledBlocks(jax.jit(exp.block, **jit_kw), put, shared_programs(
+      cache_key, (algorithm, model, heterogeneity)))
   start = len(records) + 1
   blocks(min(rounds_per_call, max(rounds - start + 1, 1)), state, data, key_rounds)
   evaluate = eval_xy = None

@@ -2,6 +2,7 @@
 
 import warnings
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -81,3 +82,30 @@ def test_communication_is_recorded():
   np.testing.assert_array_equal(h["bytes_down_per_client"], 4 * n)
   np.testing.assert_array_equal(h["bytes_up"], 4 * n * h["num_counted"])
   np.testing.assert_array_equal(h["bytes_down"], 4 * n * 5)
+
+
+def test_a_second_run_of_the_same_objects_reuses_the_compiled_round():
+  """fs.run with the same algorithm, model and population sizes reuses the compiled block
+  (compile_seconds 0) and gives exactly what a fresh compile gives, for another seed, other client
+  weights and other init params; a different population size or a new algorithm object
+  compiles."""
+  data, _, model = _setup()
+  algo = fs.algorithms.fedavg(optax.sgd(0.1), batch_size=16)
+  kw = dict(rounds=3, cohort_size=5, progress=False)
+  fs.experiment.clear_block_cache()
+  first = fs.run(algo, model, data, seed=0, **kw)
+  assert first.compile_seconds > 0
+  w = np.linspace(1.0, 3.0, data.num_clients)
+  reused = fs.run(algo, model, data, seed=1, client_weights=w, init_params=first.params, **kw)
+  assert reused.compile_seconds == 0
+  fs.experiment.clear_block_cache()
+  fresh = fs.run(algo, model, data, seed=1, client_weights=w, init_params=first.params, **kw)
+  assert fresh.compile_seconds > 0
+  for a, b in zip(jax.tree.leaves(reused.params), jax.tree.leaves(fresh.params)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(reused.history["train_loss"], fresh.history["train_loss"])
+  smaller = fs.FederatedData.from_partition(
+      {k: v[:1000] for k, v in data.arrays.items()},
+      fs.partition.iid(data.arrays["y"][:1000], 20, seed=0), num_classes=10)
+  assert fs.run(algo, model, smaller, **kw).compile_seconds > 0
+  assert fs.run(algo.replace(), model, data, **kw).compile_seconds > 0

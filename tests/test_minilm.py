@@ -38,3 +38,21 @@ def test_too_long_text_is_a_clear_error(encoder):
   assert encoder.encode([long], truncate=True).shape == (1, 384)
   with pytest.raises(ValueError, match="position table"):
     minilm.MiniLMEncoder.load(max_length=513)
+
+
+def test_cached_prefix_and_trainable_tail_equal_the_whole_encoder(encoder):
+  """Token states after block j (cached once, mask packed as the last channel) through the tail
+  split at j give the encoder's embeddings, for every split point."""
+  from fedjax_sim import transfer
+  texts = ["short text", "a much longer sentence " * 8, "Another one, with punctuation!"]
+  full = transfer.text_features(encoder, texts, max_tokens=24, batch_size=2, buckets=(8, 16))
+  lengths = encoder.tokenize(texts)[1].sum(1)
+  assert lengths.max() > 24   # one text is cut
+  for j in (0, 5, 6):
+    x = transfer.text_features(encoder, texts, max_tokens=24, batch_size=2, buckets=(8, 16),
+                               upto=j)
+    assert x.shape == (3, 24, encoder.module.cfg.hidden + 1)
+    np.testing.assert_array_equal(x[:, :, -1].sum(1), np.minimum(lengths, 24))
+    tail_apply, tail_params = minilm.split_tail(encoder.params, j, encoder.module.cfg)
+    assert sorted(tail_params) == [f"layer_{i}" for i in range(j, 6)]
+    np.testing.assert_allclose(np.asarray(tail_apply(tail_params, x)), full, atol=2e-5)

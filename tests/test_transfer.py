@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -182,3 +183,30 @@ def test_joint_objective_with_a_positive_moves_toward_the_source_task(ragged_dat
                               joint.params["encoder_trainable"]) > 1e-3
   # the reported metrics stay the target task's
   assert joint.history["train_loss"][-1] < joint.history["train_loss"][0]
+
+
+def test_minilm_split_tail_equals_the_whole_module_and_trains_only_the_tail():
+  """A small random MiniLM: prefix (``upto=j``) + tail (:func:`minilm.split_tail`) equals the
+  whole module at every split point, and a partially frozen model on the packed prefix states
+  sends exactly the tail's blocks plus the head."""
+  from fedjax_sim.transfer import minilm
+  cfg = minilm.BertConfig(vocab_size=50, hidden=16, layers=3, heads=2, intermediate=32,
+                          max_positions=12)
+  module = minilm.MiniLM(cfg)
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 50, (4, 10)), jnp.int32)
+  mask = jnp.asarray(np.arange(10)[None, :] < np.array([[10], [3], [7], [1]]))
+  params = module.init(jax.random.key(0), ids, mask)["params"]
+  full = module.apply({"params": params}, ids, mask)
+  for j in range(cfg.layers + 1):
+    h = module.apply({"params": params}, ids, mask, upto=j)
+    x = jnp.concatenate([h, mask[..., None].astype(h.dtype)], axis=-1)
+    tail_apply, tail_params = minilm.split_tail(params, j, cfg)
+    np.testing.assert_allclose(tail_apply(tail_params, x), full, atol=1e-5)
+  with pytest.raises(ValueError, match="start must lie in"):
+    minilm.split_tail(params, 4, cfg)
+  tail_apply, tail_params = minilm.split_tail(params, 2, cfg)
+  model = transfer.partially_frozen_model(tail_apply, tail_params, nn.Dense(3), (10, 17), 3,
+                                          trainable=lambda path: path.startswith("layer_2"))
+  p = model.init(jax.random.key(1))
+  assert set(p["encoder_trainable"]) == set(transfer.unfreeze.param_paths(tail_params))
+  assert model.apply(p, x).shape == (4, 3)

@@ -63,24 +63,60 @@ class BertLayer(nn.Module):
     return nn.LayerNorm(c.eps, name="output_ln")(h + nn.Dense(c.hidden, name="output")(ff))
 
 
+def mean_pool(h, mask):
+  """Sentence-transformers' pooling: ``h [B, T, H]``, ``mask [B, T]`` -> the L2-normalised mean
+  of the unmasked token states ``[B, H]``."""
+  m = mask[..., None].astype(h.dtype)
+  pooled = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+  return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+
 class MiniLM(nn.Module):
   """``(token_ids [B, T] int32, attention_mask [B, T] bool) -> embeddings [B, 384]``, L2-normalised
-  mean of the last layer's token states over unmasked tokens."""
+  mean of the last layer's token states over unmasked tokens.
+
+  ``upto`` (default: all layers) stops after that many transformer blocks and returns the
+  token states ``[B, T, H]`` instead (no pooling): the frozen prefix of a partially unfrozen
+  encoder (:func:`split_tail`)."""
   cfg: BertConfig = BertConfig()
 
   @nn.compact
-  def __call__(self, ids, mask):
+  def __call__(self, ids, mask, upto: int | None = None):
     c = self.cfg
     pos = jnp.arange(ids.shape[1])[None, :]
     h = (nn.Embed(c.vocab_size, c.hidden, name="word")(ids)
          + nn.Embed(c.max_positions, c.hidden, name="position")(pos)
          + nn.Embed(c.type_vocab, c.hidden, name="token_type")(jnp.zeros_like(ids)))
     h = nn.LayerNorm(c.eps, name="embeddings_ln")(h)
-    for i in range(c.layers):
+    for i in range(c.layers if upto is None else upto):
       h = BertLayer(c, name=f"layer_{i}")(h, mask)
-    m = mask[..., None].astype(h.dtype)
-    pooled = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
-    return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+    return mean_pool(h, mask) if upto is None else h
+
+
+def split_tail(params: Any, start: int, cfg: BertConfig = BertConfig()):
+  """The trainable tail of a MiniLM split after block ``start`` (0 <= start <= cfg.layers).
+
+  Returns ``(tail_apply, tail_params)``: ``tail_params = {"layer_i": ...}`` for the blocks
+  ``start..L-1`` (taken from ``params``), and ``tail_apply(tail_params, x) -> [B, H]`` runs them
+  and pools like the full model. ``x [B, T, H + 1]`` packs the frozen prefix's token states
+  (``MiniLM(cfg).apply(..., upto=start)``) with the attention mask as the last channel (1.0 /
+  0.0), as :func:`fedjax_sim.transfer.text_features` with ``upto=start`` caches them: one array
+  per example, so a :class:`~fedjax_sim.FederatedData` holds it and
+  :func:`fedjax_sim.transfer.partially_frozen_model` trains the tail on it. The prefix runs
+  once per example instead of once per step (on a 6-block MiniLM split at 5, a step costs one
+  block's forward and backward pass)."""
+  if not 0 <= start <= cfg.layers:
+    raise ValueError(f"start must lie in [0, {cfg.layers}] (the encoder's blocks), got {start}")
+  layers = [BertLayer(cfg) for _ in range(start, cfg.layers)]
+  names = [f"layer_{i}" for i in range(start, cfg.layers)]
+
+  def tail_apply(tail_params, x):
+    h, mask = x[..., :cfg.hidden], x[..., cfg.hidden] > 0.5
+    for name, layer in zip(names, layers):
+      h = layer.apply({"params": tail_params[name]}, h, mask)
+    return mean_pool(h, mask)
+
+  return tail_apply, {n: params[n] for n in names}
 
 
 def package_dir() -> Path:
