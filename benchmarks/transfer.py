@@ -52,6 +52,10 @@ Issue 18's parts (each to benchmarks/results/transfer_<part>.jsonl, plus .png / 
 * ``--part semi_text``: the scarce_text MiniLM head at k = 1 and 5, then one self-training step
   (:mod:`fedjax_sim.transfer.semi_supervised`: each client adds the unlabeled examples of its
   share of the pool that the head labels with confidence >= 0.7 or 0.9), 3 seeds.
+* ``--part unfreeze_text``: the text target's third model, MiniLM partially unfrozen (its last
+  block federated with the head; the frozen prefix's token states cached once), against the
+  frozen head and TF-IDF at one smaller protocol (20 rounds of 10 clients, 2 local epochs), k in
+  {1, 5, 20}, 3 seeds, lrs tuned at k = 5 (~15 min on 2 busy cores).
 * ``--part plot_scarce``: redraws the text and image accuracy-vs-k panels from the JSONL files.
 * ``--part domain_shift``: the target's images shifted (``--shift``: low contrast, inverted low
   contrast, Gaussian noise, inverted, gamma); frozen head clean vs shifted, then at the same
@@ -378,11 +382,12 @@ def _evaluator(model):
 
 
 def _federated_head(model, fed, lr, *, rounds, cohort, epochs, seed, evals=(), batch_size=None,
-                    server_opt=None):
+                    server_opt=None, client_opt=None):
   """The federated training set-up of the scarce_*, semi_text, source_selection* and
   domain_shift parts.
 
-  FedAvg of ``model`` on the clients ``fed``: client SGD at ``lr``, ``epochs`` local epochs,
+  FedAvg of ``model`` on the clients ``fed``: client SGD at ``lr`` (or ``client_opt``),
+  ``epochs`` local epochs,
   batches of ``batch_size`` (default the largest client's size, at most 10), ``server_opt``
   (default plain averaging); ``rounds`` rounds of ``cohort`` clients sampled from ``seed``.
 
@@ -390,9 +395,9 @@ def _federated_head(model, fed, lr, *, rounds, cohort, epochs, seed, evals=(), b
     ``(params, [accuracy on each (x, y) of evals])``.
   """
   bs = min(int(fed.max_client_size), 10) if batch_size is None else batch_size
-  algo = (fs.algorithms.fedavg(optax.sgd(lr), batch_size=bs, local_epochs=epochs)
-          if server_opt is None else
-          fs.algorithms.fedavg(optax.sgd(lr), server_opt, batch_size=bs, local_epochs=epochs))
+  opt = optax.sgd(lr) if client_opt is None else client_opt
+  algo = (fs.algorithms.fedavg(opt, batch_size=bs, local_epochs=epochs) if server_opt is None
+          else fs.algorithms.fedavg(opt, server_opt, batch_size=bs, local_epochs=epochs))
   r = fs.run(algo, model, fed, rounds=rounds, cohort_size=cohort, seed=seed, progress=False,
              eval_every=rounds)
   ev = _evaluator(model)
@@ -402,6 +407,22 @@ def _federated_head(model, fed, lr, *, rounds, cohort, epochs, seed, evals=(), b
 def _best(scores: dict):
   """The key of the highest score (ties: the smallest key, e.g. the smaller learning rate)."""
   return max(scores, key=lambda a: (scores[a], -a))
+
+
+def _tune(score, lrs, extend: int = 2) -> dict:
+  """``{lr: score(lr)}`` over the grid ``lrs``, extended by factors of 3 past whichever end the
+  best lr sits on (at most ``extend`` times), so a chosen lr is never at the grid's edge unless
+  the extension stopped improving."""
+  scores = {lr: score(lr) for lr in lrs}
+  for _ in range(extend):
+    best, lo, hi = _best(scores), min(scores), max(scores)
+    if len(scores) < 2 or best not in (lo, hi):
+      break
+    nxt = float(f"{hi * 3 if best == hi else lo / 3:.3g}")
+    scores[nxt] = score(nxt)
+    if scores[nxt] <= scores[best]:   # no better past the edge: stop
+      break
+  return dict(sorted(scores.items()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -584,9 +605,11 @@ def scarce_image(args, out):
       "rotation_unlabeled_target": (module4, *rotations(pool["x"][:args.si_pretrain_examples]),
                                     1),
   }
+  wanted = lambda model_name: not args.si_only or model_name in args.si_only  # noqa: E731
   encoders = {}
   for name, (module, x, y, epochs) in recipes.items():
-    if name not in args.si_encoders:
+    if name not in args.si_encoders or not any(
+        wanted(m) for m in (f"head_{name}", f"unfrozen_dense0_{name}")):
       continue
     model = fs.models.core.from_flax(module, (28, 28, 1), module.num_classes, name="cnn")
     t = time.perf_counter()
@@ -620,13 +643,14 @@ def scarce_image(args, out):
           trainable=lambda path: path.startswith("cnn/Dense_0"))
       models[f"unfrozen_dense0_{name}"] = (unfrozen, pool, val, test_d, args.si_cnn_lrs)
   models["cnn_scratch"] = (fs.models.cnn((28, 28, 1), nc), pool, val, test_d, args.si_cnn_lrs)
+  models = {n: m for n, m in models.items() if wanted(n)}
 
   # client lr tuned per model once, at k = args.si_tune_k, on the validation split (seed 0), and
   # used at every k: CPU time does not allow a grid per k (the text part tunes per k)
   best, summary = {}, {}
   parts0, _ = labelled_clients(np.arange(args.si_pool), args.si_clients, args.si_tune_k, 0)
   for name, (model, arrays, v, t, lrs) in models.items():
-    scores = {lr: _fed_fit(model, arrays, parts0, [v], lr, args, 0, nc)[0] for lr in lrs}
+    scores = _tune(lambda lr: _fed_fit(model, arrays, parts0, [v], lr, args, 0, nc)[0], lrs)
     best[name] = _best(scores)
     emit({"experiment": "scarce_image", "stage": "lr_tuning", "model": name,
           "k": args.si_tune_k,
@@ -648,11 +672,15 @@ def scarce_image(args, out):
             "federated_test_accuracy_per_seed": [round(a, 4) for a in accs],
             "params_per_client_round": transfer.num_params(model.init(jax.random.key(0)))},
            out)
+  if not args.small:   # with the rows of earlier runs of this protocol (--si-only reruns)
+    summary = {**results_by_model_k(args.out), **summary}
   for k in args.ks:
+    if ("cnn_scratch", k) not in summary:
+      continue
     scratch = summary[("cnn_scratch", k)].mean()
     emit({"experiment": "scarce_image", "stage": "gap", "k": k,
           **{f"{n}_minus_scratch_points": round(100 * float(summary[(n, k)].mean() - scratch), 2)
-             for n in models if n != "cnn_scratch"}}, out)
+             for n, kk in summary if kk == k and n != "cnn_scratch"}}, out)
   plot_scarce_both(summary, args.ks, Path(args.out).with_suffix(".png"),
                    RESULTS.with_name("transfer_scarce_text.jsonl"))
 
@@ -665,19 +693,27 @@ def remap_other(y):
   return m[y]
 
 
+def _protocol(section: list[dict]):
+  """A run's protocol: its ``data`` row (sizes, rounds, cohort, epochs, seeds) as JSON."""
+  data = [r for r in section if r.get("stage") == "data"]
+  return json.dumps(data[0], sort_keys=True) if data else None
+
+
 def results_by_model_k(path) -> dict:
   """``{(model, k): per-seed test accuracies}`` of the ``result`` rows of the last full-size run
-  (from the last ``meta`` line with ``small: false`` to the next ``meta`` line) in a scarce_*
-  JSONL file; {} if there is none."""
+  (a section runs from a ``meta`` line with ``small: false`` to the next ``meta`` line) in a
+  scarce_* JSONL file, completed by earlier full-size runs of the same protocol (the same
+  ``data`` row): a run of some models only (``--si-only``) replaces their rows and keeps the
+  others'. Rows of a run with another protocol are never mixed in. {} if there is none."""
   rows = [json.loads(line) for line in Path(path).read_text().splitlines()] \
       if Path(path).is_file() else []
-  metas = [i for i, r in enumerate(rows) if r.get("experiment") == "meta"]
-  full = [i for i in metas if not rows[i]["small"]]
-  if not full:
+  metas = [i for i, r in enumerate(rows) if r.get("experiment") == "meta"] + [len(rows)]
+  sections = [rows[a:b] for a, b in zip(metas, metas[1:]) if not rows[a]["small"]]
+  if not sections:
     return {}
-  end = min([i for i in metas if i > full[-1]], default=len(rows))
+  same = [sec for sec in sections if _protocol(sec) == _protocol(sections[-1])]
   return {(r["model"], r["k"]): np.asarray(r["federated_test_accuracy_per_seed"])
-          for r in rows[full[-1]:end] if r.get("stage") == "result"}
+          for sec in same for r in sec if r.get("stage") == "result"}
 
 
 def plot_scarce(args, out):
@@ -715,6 +751,12 @@ def unfreeze_text(args, out):
   ``scarce_text``, which the unfrozen block's cost on CPU does not allow), client lr tuned per
   model on the validation split at ``k = args.ut_tune_k`` (seed 0).
 
+  The unfrozen model's clients step the head with SGD at the frozen head's tuned lr and the block
+  with Adam (lr tuned; the optimizer state starts afresh every round). With plain SGD the block
+  diverged at every lr tried (1e-4 to 0.3): the gradients of its output LayerNorm are ~1e4
+  times the others' (the standardization divides by per-feature sds of ~0.05, and three features
+  of the pooled embedding are constant on this data), so no single SGD lr suits both.
+
   The frozen prefix (embeddings + blocks 0-4) runs once per text: its token states are cached
   with the mask packed as the last channel (:func:`fedjax_sim.transfer.text_features` with
   ``upto=5``) and the clients train :func:`fedjax_sim.transfer.minilm.split_tail` + head
@@ -733,7 +775,9 @@ def unfreeze_text(args, out):
       enc, texts, args.max_tokens, upto=start))
   t_prefix = time.perf_counter() - t
   pool, val, test = scarce_split(labels)
-  mu, sd = emb[pool].mean(0), emb[pool].std(0) + 1e-6
+  # floored sds: a constant feature (three are, here) would multiply the block's gradients by 1e6
+  mu, sd = emb[pool].mean(0), emb[pool].std(0)
+  sd = np.maximum(sd, 0.1 * sd.mean())
   tail_apply, tail_params = minilm.split_tail(enc.params, start, cfg)
   enc_params = {"tail": tail_params, "mu": mu, "sd": sd}
   unfrozen = transfer.partially_frozen_model(
@@ -754,16 +798,21 @@ def unfreeze_text(args, out):
   def fit(name, parts, lr, seed, rows):
     model, x, _ = models[name]
     fed = fs.FederatedData.from_partition({"x": x, "y": labels}, parts, num_classes=nc)
+    opt = None
+    if name.startswith("minilm_unfrozen"):   # lr is the block's Adam lr
+      opt = optax.multi_transform(
+          {"head": optax.sgd(best["minilm_head"]), "encoder_trainable": optax.adam(lr)},
+          lambda params: {k: k for k in params})
     t0 = time.perf_counter()
     accs = _federated_head(model, fed, lr, rounds=args.ut_rounds, cohort=args.ut_cohort,
-                           epochs=args.ut_epochs, seed=seed,
+                           epochs=args.ut_epochs, seed=seed, client_opt=opt,
                            evals=[(x[r], labels[r]) for r in rows])[1]
     return accs, time.perf_counter() - t0
 
   best, summary = {}, {}
   parts0, _ = labelled_clients(pool, args.scarce_clients, args.ut_tune_k, 0)
   for name, (model, _, lrs) in models.items():
-    scores = {lr: fit(name, parts0, lr, 0, [val])[0][0] for lr in lrs}
+    scores = _tune(lambda lr: fit(name, parts0, lr, 0, [val])[0][0], lrs)
     best[name] = _best(scores)
     emit({"experiment": "unfreeze_text", "stage": "lr_tuning", "model": name,
           "k": args.ut_tune_k, "val_accuracy_by_lr": {str(a): round(b, 4)
@@ -781,6 +830,8 @@ def unfreeze_text(args, out):
       emit({"experiment": "unfreeze_text", "stage": "result", "model": name, "k": k,
             "labels_per_client": per, "labels_total": per * args.scarce_clients,
             "client_lr": best[name], "seeds": args.seeds,
+            **({"client_lr_is": "the block's Adam lr", "head_sgd_lr": best["minilm_head"]}
+               if name.startswith("minilm_unfrozen") else {}),
             "federated_test_accuracy": round(float(np.mean(accs)), 4),
             "federated_test_accuracy_sd": round(float(np.std(accs, ddof=1)), 4)
             if args.seeds > 1 else None,
@@ -1296,6 +1347,9 @@ def main(argv=None):
   ap.add_argument("--workdir", default="/tmp/fedjax_sim_transfer")
   ap.add_argument("--si-standardize", choices=("source", "target_pool"), default="target_pool",
                   help="scarce_image: whose feature statistics standardize the frozen encoder")
+  ap.add_argument("--si-only", nargs="+", default=(), metavar="MODEL",
+                  help="scarce_image: run only these models (e.g. cnn_scratch); the plot and gaps "
+                       "take the others from earlier runs of the same protocol in --out")
   ap.add_argument("--si-full", action="store_true",
                   help="scarce_image at the issue's full size (a quiet machine or a GPU)")
   args = ap.parse_args(argv)
@@ -1376,8 +1430,8 @@ def main(argv=None):
   args.ut_ks = (1, 5, 20) if full else (5,)
   args.ut_tune_k = 5
   args.ut_head_lrs = (0.03, 0.1, 0.3, 1.0) if full else (0.1,)
-  args.ut_unfrozen_lrs = (0.01, 0.03, 0.1, 0.3) if full else (0.03,)
-  args.ut_tfidf_lrs = (1.0, 3.0, 10.0, 30.0) if full else (10.0,)
+  args.ut_unfrozen_lrs = (1e-5, 1e-4, 1e-3) if full else (1e-4,)   # the block's Adam lr
+  args.ut_tfidf_lrs = (3.0, 10.0, 30.0, 100.0, 300.0) if full else (10.0,)
   args.semi_ks = ((1, 0.3), (5, 0.1))   # (k, client lr chosen by scarce_text)
   args.semi_thresholds = (0.7, 0.9)
   if args.part == "plot_scarce":   # draws from the committed results, writes no JSONL

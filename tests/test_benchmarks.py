@@ -109,6 +109,24 @@ def test_scarce_results_are_read_from_the_last_full_run(tmp_path):
   assert tb.results_by_model_k(tmp_path / "missing.jsonl") == {}
 
 
+def test_scarce_results_complete_a_partial_rerun_with_its_protocol_only(tmp_path):
+  """A rerun of some models replaces their rows and keeps the others' from earlier runs of the
+  same protocol (the same ``data`` row), never rows of another protocol."""
+  tb = _transfer_benchmark()
+  small_p, big_p = {"stage": "data", "rounds": 15}, {"stage": "data", "rounds": 30}
+  res = lambda m, acc: {"stage": "result", "model": m, "k": 1,  # noqa: E731
+                        "federated_test_accuracy_per_seed": [acc]}
+  rows = [{"experiment": "meta", "small": False}, small_p, res("a", 0.1), res("c", 0.2),
+          {"experiment": "meta", "small": False}, big_p, res("a", 0.3), res("b", 0.4),
+          {"experiment": "meta", "small": False}, big_p, res("b", 0.5)]
+  path = tmp_path / "r.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows))
+  got = tb.results_by_model_k(path)
+  assert sorted(got) == [("a", 1), ("b", 1)]            # c ran under the other protocol only
+  np.testing.assert_allclose(got[("a", 1)], [0.3])      # kept from the earlier run
+  np.testing.assert_allclose(got[("b", 1)], [0.5])      # replaced by the rerun
+
+
 @pytest.mark.slow
 def test_data_quality_smoke(tmp_path):
   out = tmp_path / "dq"
