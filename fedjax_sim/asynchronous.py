@@ -524,7 +524,7 @@ def run_async(config: AsyncConfig, model: Model, train_data: FederatedData, *,
   blocks = CompiledBlocks(jax.jit(exp.block))
   evaluate = eval_xy = None
   if eval_arrays is not None:
-    evaluate = evaluation.make_evaluate(model, eval_batch_size)
+    evaluate = evaluation.run_evaluate(model, eval_batch_size)
     eval_xy = (jnp.asarray(eval_arrays["x"]),
                jnp.asarray(eval_arrays["y"], label_dtype(model)))
   blocks(min(rounds_per_call, rounds), state, data, key_steps)

@@ -6,6 +6,8 @@ clients (10th/50th/90th percentiles) and the worst clients.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -100,6 +102,14 @@ def _check_metrics(metrics) -> dict[str, Metric]:
       raise ValueError(f"metrics[{name!r}] must be a fedjax_sim.evaluation.Metric, got "
                        f"{type(m).__name__}")
   return dict(metrics)
+
+
+@functools.lru_cache(maxsize=8)
+def run_evaluate(model: Model, batch_size: int = 1000):
+  """:func:`make_evaluate` ``(model, batch_size)``, kept for the last few models: the
+  evaluation of :func:`fedjax_sim.run` compiles once per model and evaluation set shape, not once
+  per run (a Model is immutable and hashed by identity)."""
+  return make_evaluate(model, batch_size)
 
 
 def make_evaluate(model: Model, batch_size: int = 1000,

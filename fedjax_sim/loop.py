@@ -259,7 +259,7 @@ def run(algorithm: Algorithm | AsyncConfig, model: Model, train_data: FederatedD
   blocks(min(rounds_per_call, max(rounds - start + 1, 1)), state, data, key_rounds)
   evaluate = eval_xy = None
   if eval_arrays is not None:
-    evaluate = evaluation.make_evaluate(model, eval_batch_size)
+    evaluate = evaluation.run_evaluate(model, eval_batch_size)
     eval_xy = put((jnp.asarray(eval_arrays["x"]),
                    jnp.asarray(eval_arrays["y"], label_dtype(model))))
 
