@@ -643,7 +643,8 @@ def scarce_image(args, out):
           trainable=lambda path: path.startswith("cnn/Dense_0"))
       models[f"unfrozen_dense0_{name}"] = (unfrozen, pool, val, test_d, args.si_cnn_lrs)
   models["cnn_scratch"] = (fs.models.cnn((28, 28, 1), nc), pool, val, test_d, args.si_cnn_lrs)
-  models = {n: m for n, m in models.items() if wanted(n)}
+  models = {n: m if args.si_lrs is None else (*m[:4], tuple(args.si_lrs))
+            for n, m in models.items() if wanted(n)}
 
   # client lr tuned per model once, at k = args.si_tune_k, on the validation split (seed 0), and
   # used at every k: CPU time does not allow a grid per k (the text part tunes per k)
@@ -656,6 +657,8 @@ def scarce_image(args, out):
           "k": args.si_tune_k,
           "val_accuracy_by_lr": {str(a): round(b, 4) for a, b in scores.items()},
           "chosen_lr": best[name]}, out)
+  if args.si_tune_only:
+    return
   for k in args.ks:
     for name, (model, arrays, v, t, lrs) in models.items():
       lr = best[name]
@@ -1350,6 +1353,10 @@ def main(argv=None):
   ap.add_argument("--si-only", nargs="+", default=(), metavar="MODEL",
                   help="scarce_image: run only these models (e.g. cnn_scratch); the plot and gaps "
                        "take the others from earlier runs of the same protocol in --out")
+  ap.add_argument("--si-tune-only", action="store_true",
+                  help="scarce_image: stop after the lr tuning (e.g. to check a grid's edge)")
+  ap.add_argument("--si-lrs", type=float, nargs="+", default=None,
+                  help="scarce_image: the lr grid of every model run (default per model)")
   ap.add_argument("--si-full", action="store_true",
                   help="scarce_image at the issue's full size (a quiet machine or a GPU)")
   args = ap.parse_args(argv)
