@@ -114,8 +114,10 @@ def emit(record: dict):
 
 def seconds_per_round(algo, model, state, data, *, population: int, cohort: int,
                       max_client_size: int, repeats: int = 5, chunk_size: int | None = None,
-                      mesh=None, info: dict | None = None) -> tuple[float, float]:
+                      mesh=None, info: dict | None = None,
+                      min_client_size: int = 0) -> tuple[float, float]:
   """(median s/round after a warm-up round, compile seconds) of the compiled round.
+  ``min_client_size``: the population's smallest client, as ``fs.run`` passes it (0: unknown).
 
   ``info``, if given, receives the compiled program's ``temp_gb`` (XLA's scratch memory for one
   round: activations, batches; a deterministic figure, unlike timings) and ``argument_gb``."""
@@ -123,7 +125,7 @@ def seconds_per_round(algo, model, state, data, *, population: int, cohort: int,
   t = time.perf_counter()
   rf = jax.jit(engine.make_round(algo, model, population=population, cohort_size=cohort,
                                  max_client_size=max_client_size, chunk_size=chunk_size,
-                                 mesh=mesh)).lower(state, data, jax.random.key(0)).compile()
+                                 mesh=mesh, min_client_size=min_client_size)).lower(state, data, jax.random.key(0)).compile()
   compile_s = time.perf_counter() - t
   if info is not None:
     mem = rf.memory_analysis()

@@ -47,6 +47,7 @@ def one(spec: str, rounds: int, chunk_size: int | None, baseline_max_clients: in
   dev = engine.to_device(data)
   sec, compile_s = seconds_per_round(
       algo, model, state, dev, population=c, cohort=c, max_client_size=data.max_client_size,
+      min_client_size=data.min_client_size,
       repeats=rounds, chunk_size=chunk_size,
       mesh=engine.client_mesh() if jax.device_count() > 1 else None)
   rec = {"workload": name, "clients": c, "engine": "vectorized", "devices": jax.device_count(),
