@@ -126,10 +126,14 @@ def build(algorithm: Algorithm, model: Model, train_data, *, cohort_size: int,
 # --- driving an experiment: blocks of rounds, records, evaluation, progress ---------------------
 
 def arg_signature(tree) -> tuple:
-  """What a compiled program is specialised to in its arguments: the pytree structure and each
-  leaf's abstract value (shape, dtype, weak type) and sharding."""
+  """What a compiled block is specialised to in its arguments: the pytree structure and each
+  leaf's shape and dtype. Not weak types or shardings: the state a block returns differs from
+  the initial state in both (on a mesh it comes back replicated), and the program compiled for
+  the first takes both, as it always has within a run (runs on one mesh share the mesh: it is
+  in their key). Keying on them compiled every multi-device run twice."""
   leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple((jax.typeof(a), getattr(a, "sharding", None)) for a in leaves)
+  avals = [jax.typeof(a) for a in leaves]
+  return treedef, tuple((v.shape, v.dtype) for v in avals)
 
 
 # Compiled block programs of recent runs, shared by runs whose block is the same program: the

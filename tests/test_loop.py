@@ -95,6 +95,13 @@ def test_a_second_run_of_the_same_objects_reuses_the_compiled_round():
   fs.experiment.clear_block_cache()
   first = fs.run(algo, model, data, seed=0, **kw)
   assert first.compile_seconds > 0
+  # one program for the whole run: the state a round returns (other weak types; replicated on a
+  # mesh) must not look like new arguments
+  (_, programs), = fs.experiment._BLOCK_PROGRAMS.values()
+  assert len(programs) == 1
+  sig = fs.experiment.arg_signature
+  assert sig({"r": jax.numpy.asarray(1)}) == sig({"r": jax.numpy.int32(1)})   # weak vs strong
+  assert sig({"r": jax.numpy.zeros(2)}) != sig({"r": jax.numpy.zeros(3)})
   w = np.linspace(1.0, 3.0, data.num_clients)
   reused = fs.run(algo, model, data, seed=1, client_weights=w, init_params=first.params, **kw)
   assert reused.compile_seconds == 0
