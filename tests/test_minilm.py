@@ -56,3 +56,6 @@ def test_cached_prefix_and_trainable_tail_equal_the_whole_encoder(encoder):
     tail_apply, tail_params = minilm.split_tail(encoder.params, j, encoder.module.cfg)
     assert sorted(tail_params) == [f"layer_{i}" for i in range(j, 6)]
     np.testing.assert_allclose(np.asarray(tail_apply(tail_params, x)), full, atol=2e-5)
+  for bad in (7, -1, 2.5):
+    with pytest.raises(ValueError, match="upto must be an integer"):
+      transfer.text_features(encoder, texts, upto=bad)

@@ -25,7 +25,11 @@ def text_features(encoder, texts, max_tokens: int = 64, batch_size: int = 64,
   the original order; padding never changes an embedding (masked mean pooling).
   """
   texts = list(texts)
-  hidden = encoder.module.cfg.hidden
+  hidden, layers = encoder.module.cfg.hidden, encoder.module.cfg.layers
+  if upto is not None and (isinstance(upto, bool) or not isinstance(upto, int)
+                           or not 0 <= upto <= layers):
+    raise ValueError(f"upto must be an integer in [0, {layers}] (the encoder's blocks), "
+                     f"got {upto!r}")
   if not texts:
     return np.zeros((0, hidden) if upto is None else (0, 1, hidden + 1), np.float32)
   ids, mask = encoder.tokenize(texts, truncate=True)
