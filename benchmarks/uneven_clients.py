@@ -146,7 +146,7 @@ def time_case(sizes, rounds: int, chunk_size: int | None) -> dict:
   info = {}
   sec, compile_s = seconds_per_round(
       algo, model, state, dev, population=c, cohort=c, max_client_size=data.max_client_size,
-      min_client_size=getattr(data, "min_client_size", 0),
+      min_client_size=data.min_client_size,
       repeats=rounds, chunk_size=chunk_size, info=info,
       mesh=engine.client_mesh() if jax.device_count() > 1 else None)
   return {"sec_per_round": sec, "compile_sec": compile_s, "peak_rss_gb": peak_rss_gb(), **info}

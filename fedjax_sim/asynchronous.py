@@ -444,7 +444,7 @@ def build(config: AsyncConfig, model: Model, train_data: FederatedData, *,
   data = engine.to_device(train_data, weights)
   step = make_server_step(config, model, population=train_data.num_clients,
                           max_client_size=train_data.max_client_size, chunk_size=chunk_size,
-                          min_client_size=getattr(train_data, "min_client_size", 0))
+                          min_client_size=train_data.min_client_size)
 
   def init(key_init):
     key_params, key_sim = jax.random.split(key_init)

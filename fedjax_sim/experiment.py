@@ -110,7 +110,7 @@ def build(algorithm: Algorithm, model: Model, train_data, *, cohort_size: int,
                                max_client_size=train_data.max_client_size, chunk_size=chunk_size,
                                mesh=mesh, heterogeneity=heterogeneity,
                                cohort_sampling=cohort_sampling,
-                               min_client_size=getattr(train_data, "min_client_size", 0))
+                               min_client_size=train_data.min_client_size)
 
   def init(key, run_hparams=None):
     params = init_params if init_params is not None else model.init(key)

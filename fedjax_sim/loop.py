@@ -250,7 +250,7 @@ def run(algorithm: Algorithm | AsyncConfig, model: Model, train_data: FederatedD
   # the same objects and sizes reuses its compiled programs (experiment.shared_programs).
   cache_key = ("sync", id(algorithm), id(model), id(heterogeneity), mesh, multi,
                train_data.num_clients, train_data.max_client_size,
-               getattr(train_data, "min_client_size", 0), cohort_size, chunk_size,
+               train_data.min_client_size, cohort_size, chunk_size,
                cohort_sampling, jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision,
                jax.config.jax_threefry_partitionable)
   blocks = CompiledBlocks(jax.jit(exp.block, **jit_kw), put, shared_programs(

@@ -54,6 +54,9 @@ class ProceduralPopulation:
   # A client's examples are generated all at once (one PRNG call), so the round asks for a
   # chunk's [K, S, B] rows in one call rather than step by step (which would regenerate them).
   gather_per_step = False
+  # Sizes come from size_fn per cohort; no smallest size is known ahead (0: unknown, so the
+  # engine compiles every phase width and shuffle bound).
+  min_client_size = 0
 
   # --- the accessors the engine uses (all O(cohort)) ------------------------------------------
   def client_sizes(self, client_ids: jax.Array) -> jax.Array:
